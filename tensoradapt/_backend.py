@@ -1,0 +1,162 @@
+"""Backend dispatch: the one place that knows about array libraries.
+
+Every public entry point of the core calls :func:`namespace` on its array arguments and then
+uses only the returned array-API namespace ``xp``.  There is no global backend state: the
+namespace is inferred from the inputs on every call, so NumPy, CuPy, torch tensors and
+``array_api_strict`` arrays all work with the same code.
+
+Host-side constants (random buffers, small Hadamard blocks) are built with NumPy and moved to
+the caller's backend, dtype and device with :func:`from_host`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+__all__ = [
+    "check_floating",
+    "compute_dtype",
+    "device_of",
+    "from_host",
+    "namespace",
+    "to_numpy",
+]
+
+
+def _backend_name(x: Any) -> str:
+    """A short human-readable name of the library an array comes from."""
+    module = type(x).__module__.split(".")[0]
+    return f"{module}.{type(x).__name__}"
+
+
+def _flatten_named(arrays: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """Expand ``name=[a, b]`` into ``("name[0]", a), ("name[1]", b)``; drop ``None`` values."""
+    out: list[tuple[str, Any]] = []
+    for name, value in arrays.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if item is not None:
+                    out.append((f"{name}[{i}]", item))
+        else:
+            out.append((name, value))
+    return out
+
+
+def namespace(**arrays: Any) -> Any:
+    """Return the array-API namespace shared by the named array arguments.
+
+    Parameters
+    ----------
+    **arrays
+        The arrays of one public call, by argument name.  A value may be a list or tuple of
+        arrays (it is checked element by element) or ``None`` (ignored).
+
+    Returns
+    -------
+    xp
+        An array-API compatible namespace (``array_api_compat.numpy`` for NumPy arrays,
+        ``array_api_compat.torch`` for torch tensors, the library itself for ``array_api_strict``).
+
+    Raises
+    ------
+    TypeError
+        If an argument is not an array, or if the arguments come from different array libraries
+        (the message names the arguments and their libraries).
+    ValueError
+        If the arrays live on different devices.
+    """
+    named = _flatten_named(arrays)
+    if not named:
+        raise TypeError("expected at least one array argument, got none")
+    for name, value in named:
+        if not array_api_compat.is_array_api_obj(value):
+            raise TypeError(
+                f"{name} must be an array (NumPy, CuPy, torch or any array-API library), "
+                f"got {type(value).__name__}"
+            )
+    try:
+        xp = array_api_compat.array_namespace(*(v for _, v in named))
+    except TypeError:
+        detail = ", ".join(f"{n}: {_backend_name(v)}" for n, v in named)
+        raise TypeError(
+            f"all arrays of one call must come from the same array library; got {detail}"
+        ) from None
+    devices = [(n, array_api_compat.device(v)) for n, v in named]
+    first_name, first_device = devices[0]
+    for name, dev in devices[1:]:
+        if dev != first_device:
+            raise ValueError(
+                f"all arrays of one call must be on the same device; {first_name} is on "
+                f"{first_device!r} but {name} is on {dev!r}"
+            )
+    return xp
+
+
+def device_of(x: Any) -> Any:
+    """The device an array lives on (``array_api_compat.device``)."""
+    return array_api_compat.device(x)
+
+
+def check_floating(xp: Any, arrays: Iterable[tuple[str, Any]], *, same_dtype: bool = True) -> Any:
+    """Check that arrays have a real floating dtype, all the same; return that dtype.
+
+    Raises
+    ------
+    TypeError
+        Naming the first argument whose dtype is not real floating, or the first pair whose
+        dtypes differ (the core never promotes silently).
+    """
+    dtype = None
+    first = None
+    for name, x in arrays:
+        if x is None:
+            continue
+        if not xp.isdtype(x.dtype, "real floating"):
+            raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
+        if dtype is None:
+            dtype, first = x.dtype, name
+        elif same_dtype and x.dtype != dtype:
+            raise TypeError(
+                f"all arrays of one call must share a dtype; {first} is {dtype} but {name} is "
+                f"{x.dtype} (cast explicitly; the core never promotes silently)"
+            )
+    return dtype
+
+
+def compute_dtype(xp: Any, dtype: Any) -> Any:
+    """The dtype used for internal computation: float32 for 16-bit floats, else ``dtype``."""
+    if xp.finfo(dtype).bits < 32:
+        return xp.float32
+    return dtype
+
+
+def from_host(xp: Any, host: np.ndarray, *, dtype: Any = None, device: Any = None) -> Any:
+    """Move a NumPy host array to namespace ``xp`` with the given dtype and device.
+
+    The values are converted exactly when ``dtype`` can represent them (all buffers of this
+    library are built so that they can: ±1 signs, int64 indices, float32 Gaussians).
+    """
+    arr = xp.asarray(np.ascontiguousarray(host), device=device)
+    if dtype is not None and arr.dtype != dtype:
+        arr = xp.astype(arr, dtype)
+    return arr
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Copy any supported array to a NumPy array on the host (for tests and reporting)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if array_api_compat.is_torch_array(x):
+        return x.detach().cpu().numpy()
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    try:
+        return np.asarray(x)
+    except Exception:  # array_api_strict and other DLPack producers
+        return np.from_dlpack(x)
