@@ -11,7 +11,7 @@ the caller's backend, dtype and device with :func:`from_host`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import array_api_compat
@@ -22,6 +22,7 @@ __all__ = [
     "compute_dtype",
     "device_of",
     "from_host",
+    "indexed",
     "namespace",
     "to_numpy",
 ]
@@ -33,19 +34,9 @@ def _backend_name(x: Any) -> str:
     return f"{module}.{type(x).__name__}"
 
 
-def _flatten_named(arrays: Mapping[str, Any]) -> list[tuple[str, Any]]:
-    """Expand ``name=[a, b]`` into ``("name[0]", a), ("name[1]", b)``; drop ``None`` values."""
-    out: list[tuple[str, Any]] = []
-    for name, value in arrays.items():
-        if value is None:
-            continue
-        if isinstance(value, (list, tuple)):
-            for i, item in enumerate(value):
-                if item is not None:
-                    out.append((f"{name}[{i}]", item))
-        else:
-            out.append((name, value))
-    return out
+def indexed(name: str, values: Iterable[Any]) -> dict[str, Any]:
+    """``{"name[0]": a, "name[1]": b, …}`` for passing a sequence of arrays to :func:`namespace`."""
+    return {f"{name}[{i}]": value for i, value in enumerate(values)}
 
 
 def namespace(**arrays: Any) -> Any:
@@ -54,8 +45,8 @@ def namespace(**arrays: Any) -> Any:
     Parameters
     ----------
     **arrays
-        The arrays of one public call, by argument name.  A value may be a list or tuple of
-        arrays (it is checked element by element) or ``None`` (ignored).
+        The arrays of one public call, by argument name (use :func:`indexed` for a sequence of
+        arrays); ``None`` values are ignored.
 
     Returns
     -------
@@ -71,7 +62,7 @@ def namespace(**arrays: Any) -> Any:
     ValueError
         If the arrays live on different devices.
     """
-    named = _flatten_named(arrays)
+    named = [(name, value) for name, value in arrays.items() if value is not None]
     if not named:
         raise TypeError("expected at least one array argument, got none")
     for name, value in named:

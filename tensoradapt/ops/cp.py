@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .._backend import check_floating, device_of, namespace
+from .._backend import check_floating, device_of, indexed, namespace
 from ._multilinear import khatri_rao
 
 __all__ = ["cp_to_tensor", "cp_vjp"]
@@ -24,7 +24,7 @@ def _validate(weights: Any, factors: Sequence[Any]) -> tuple[Any, int]:
         raise TypeError(
             f"factors must be a non-empty list or tuple of 2-D arrays, got {factors!r:.80}"
         )
-    xp = namespace(weights=weights, factors=list(factors))
+    xp = namespace(weights=weights, **indexed("factors", factors))
     check_floating(xp, [("weights", weights)] + [(f"factors[{m}]", a) for m, a in enumerate(factors)])
     for m, a in enumerate(factors):
         if a.ndim != 2:
@@ -128,7 +128,7 @@ def cp_vjp(weights: Any | None, factors: Sequence[Any], cotangent: Any) -> tuple
     """
     xp, rank = _validate(weights, factors)
     check_floating(xp, [("factors[0]", factors[0]), ("cotangent", cotangent)])
-    namespace(factors=list(factors), cotangent=cotangent)
+    namespace(**indexed("factors", factors), cotangent=cotangent)
     dims = tuple(a.shape[0] for a in factors)
     if tuple(cotangent.shape) != dims:
         raise ValueError(

@@ -22,11 +22,12 @@ Every map is a re-indexing, so each adjoint is its inverse: :meth:`Grouping.to_t
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .._backend import check_floating, namespace
+from .._backend import check_floating, indexed, namespace
 from .._frozen import Frozen
 from .._validate import check_int, check_shape
 
@@ -46,7 +47,7 @@ def concat_targets(arrays: Sequence[Any]) -> Any:
     :func:`split_targets`."""
     if not isinstance(arrays, (list, tuple)) or len(arrays) == 0:
         raise TypeError(f"arrays must be a non-empty list or tuple of arrays, got {arrays!r:.80}")
-    xp = namespace(arrays=list(arrays))
+    xp = namespace(**indexed("arrays", arrays))
     check_floating(xp, [(f"arrays[{i}]", a) for i, a in enumerate(arrays)])
     return xp.concat([xp.reshape(a, (-1,)) for a in arrays])
 
@@ -142,7 +143,7 @@ class Grouping(Frozen):
             start += sizes[i]
         members = tuple(
             tuple(i for i in order if offsets[i] < hi and offsets[i] + sizes[i] > lo)
-            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+            for lo, hi in itertools.pairwise(bounds)
         )
         if layout == "stack":
             self._check_stack(shapes, members)
@@ -162,7 +163,9 @@ class Grouping(Frozen):
             lists = []
             for g, group in enumerate(grouping):
                 if isinstance(group, (str, bytes)) or not isinstance(group, Sequence) or not group:
-                    raise ValueError(f"grouping[{g}] must be a non-empty list of target indices, got {group!r}")
+                    raise ValueError(
+                        f"grouping[{g}] must be a non-empty list of target indices, got {group!r}"
+                    )
                 lists.append([check_int(f"grouping[{g}][{j}]", i, minimum=0) for j, i in enumerate(group)])
             flat = sorted(i for group in lists for i in group)
             if flat != list(range(count)):
@@ -180,7 +183,7 @@ class Grouping(Frozen):
                 "(stack groups hold whole weights)"
             )
         bounds = _array_split_bounds(count, parts)
-        return [list(range(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+        return [list(range(lo, hi)) for lo, hi in itertools.pairwise(bounds)]
 
     @staticmethod
     def _check_stack(shapes: tuple[tuple[int, ...], ...], members: tuple[tuple[int, ...], ...]) -> None:
@@ -208,7 +211,7 @@ class Grouping(Frozen):
     @property
     def sizes(self) -> tuple[int, ...]:
         """``N_g``, the entries of ``ΔW_all`` that each group produces."""
-        return tuple(hi - lo for lo, hi in zip(self.bounds[:-1], self.bounds[1:], strict=True))
+        return tuple(hi - lo for lo, hi in itertools.pairwise(self.bounds))
 
     @property
     def total(self) -> int:
@@ -240,13 +243,15 @@ class Grouping(Frozen):
         xp = namespace(delta=delta)
         check_floating(xp, [("delta", delta)])
         if delta.ndim != 1 or delta.shape[0] != self.total:
-            raise ValueError(f"delta must be 1-D with N = {self.total} entries, got shape {tuple(delta.shape)}")
-        return [delta[lo:hi] for lo, hi in zip(self.bounds[:-1], self.bounds[1:], strict=True)]
+            raise ValueError(
+                f"delta must be 1-D with N = {self.total} entries, got shape {tuple(delta.shape)}"
+            )
+        return [delta[lo:hi] for lo, hi in itertools.pairwise(self.bounds)]
 
     def merge(self, parts: Sequence[Any]) -> Any:
         """Adjoint (and inverse) of :meth:`split`: concatenate the group vectors."""
         self._check_parts(parts, vectors=True)
-        xp = namespace(parts=list(parts))
+        xp = namespace(**indexed("parts", parts))
         return xp.concat(list(parts))
 
     def _check_parts(self, parts: Any, vectors: bool = False) -> None:
@@ -282,7 +287,7 @@ class Grouping(Frozen):
         for g, part in chosen.items():
             if tuple(part.shape) != self.group_shape(g):
                 raise ValueError(f"group {g} must have shape {self.group_shape(g)}, got {tuple(part.shape)}")
-        xp = namespace(outputs=list(chosen.values()))
+        xp = namespace(**{f"outputs[{g}]": v for g, v in chosen.items()})
         check_floating(xp, [(f"outputs[{g}]", v) for g, v in chosen.items()])
         if self.layout == "stack":
             return [self._stack_slice(xp, chosen, i) for i in wanted]
@@ -316,11 +321,13 @@ class Grouping(Frozen):
     def from_targets(self, cotangents: Sequence[Any]) -> list[Any]:
         """Adjoint of :meth:`to_targets`: per-target ``W̄_i`` → per-group output cotangents."""
         if not isinstance(cotangents, (list, tuple)) or len(cotangents) != len(self.shapes):
-            raise ValueError(f"expected a list of {len(self.shapes)} target cotangents, got {cotangents!r:.80}")
+            raise ValueError(
+                f"expected a list of {len(self.shapes)} target cotangents, got {cotangents!r:.80}"
+            )
         for i, (c, shape) in enumerate(zip(cotangents, self.shapes, strict=True)):
             if tuple(c.shape) != shape:
                 raise ValueError(f"cotangents[{i}] must have the target shape {shape}, got {tuple(c.shape)}")
-        xp = namespace(cotangents=list(cotangents))
+        xp = namespace(**indexed("cotangents", cotangents))
         check_floating(xp, [(f"cotangents[{i}]", c) for i, c in enumerate(cotangents)])
         if self.layout == "stack":
             return [
@@ -328,4 +335,4 @@ class Grouping(Frozen):
                 for group in self.members
             ]
         delta = xp.concat([xp.reshape(cotangents[i], (-1,)) for i in self.order])
-        return [delta[lo:hi] for lo, hi in zip(self.bounds[:-1], self.bounds[1:], strict=True)]
+        return [delta[lo:hi] for lo, hi in itertools.pairwise(self.bounds)]

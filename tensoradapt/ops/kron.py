@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .._backend import check_floating, namespace
+from .._backend import check_floating, indexed, namespace
 
 __all__ = ["kron", "kron_shape", "kron_vjp"]
 
@@ -23,7 +23,7 @@ __all__ = ["kron", "kron_shape", "kron_vjp"]
 def _validate(tensors: Sequence[Any]) -> tuple[Any, list[tuple[int, ...]]]:
     if not isinstance(tensors, (list, tuple)) or len(tensors) == 0:
         raise TypeError(f"tensors must be a non-empty list or tuple of arrays, got {tensors!r:.80}")
-    xp = namespace(tensors=list(tensors))
+    xp = namespace(**indexed("tensors", tensors))
     check_floating(xp, [(f"tensors[{k}]", t) for k, t in enumerate(tensors)])
     for k, t in enumerate(tensors):
         if t.ndim < 1:
@@ -102,7 +102,7 @@ def kron_vjp(tensors: Sequence[Any], cotangent: Any) -> list[Any]:
     binary tree, so ``X̄`` itself is read by two contractions whatever K is.
     """
     xp, shapes = _validate(tensors)
-    namespace(tensors=list(tensors), cotangent=cotangent)
+    namespace(**indexed("tensors", tensors), cotangent=cotangent)
     check_floating(xp, [("tensors[0]", tensors[0]), ("cotangent", cotangent)])
     out_shape = kron_shape(shapes)
     if tuple(cotangent.shape) != out_shape:

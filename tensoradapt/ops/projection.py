@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from .. import buffers
-from .._frozen import Frozen
 from .._backend import check_floating, compute_dtype, device_of, from_host, namespace
+from .._frozen import Frozen
 from .._validate import check_int
 from .fwht import fwht_last
 

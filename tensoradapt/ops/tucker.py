@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .._backend import check_floating, namespace
+from .._backend import check_floating, indexed, namespace
 from ._multilinear import mode_product, project_modes
 
 __all__ = ["tucker_to_tensor", "tucker_vjp"]
@@ -21,7 +21,7 @@ __all__ = ["tucker_to_tensor", "tucker_vjp"]
 def _validate(core: Any, factors: Sequence[Any]) -> Any:
     if not isinstance(factors, (list, tuple)):
         raise TypeError(f"factors must be a list or tuple of 2-D arrays, got {type(factors).__name__}")
-    xp = namespace(core=core, factors=list(factors))
+    xp = namespace(core=core, **indexed("factors", factors))
     check_floating(xp, [("core", core)] + [(f"factors[{m}]", a) for m, a in enumerate(factors)])
     if core.ndim < 1:
         raise ValueError("core must have at least one mode, got a 0-D array")
