@@ -131,9 +131,11 @@ def from_host(xp: Any, host: np.ndarray, *, dtype: Any = None, device: Any = Non
     """Move a NumPy host array to namespace ``xp`` with the given dtype and device.
 
     The values are converted exactly when ``dtype`` can represent them (all buffers of this
-    library are built so that they can: ±1 signs, int64 indices, float32 Gaussians).
+    library are built so that they can: ±1 signs, int64 indices, float32 Gaussians).  The result
+    never aliases ``host`` (a zero-copy import of a read-only NumPy array would give the caller
+    a writable view of this library's cached buffers).
     """
-    arr = xp.asarray(np.ascontiguousarray(host), device=device)
+    arr = xp.asarray(np.ascontiguousarray(host), device=device, copy=True)
     if dtype is not None and arr.dtype != dtype:
         arr = xp.astype(arr, dtype)
     return arr

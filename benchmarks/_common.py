@@ -1,0 +1,143 @@
+"""Shared helpers of the benchmark scripts: timing, machine description, JSON output.
+
+Not part of the library.  The scripts in this folder import it as a sibling module, so run them
+as ``python benchmarks/<script>.py`` (their folder is then first on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def best_time(
+    fn: Callable[[], Any], *, min_time: float, min_reps: int, max_time: float
+) -> dict[str, float | int]:
+    """Best wall time of ``fn()`` (seconds), after one untimed warm-up call.
+
+    Calls are repeated until at least ``min_reps`` calls *and* at least ``min_time`` seconds of
+    calls have been timed; a call so slow that ``min_reps`` of them would exceed ``max_time``
+    stops once ``max_time`` seconds and two calls are reached.  Each call is timed on its own
+    with :func:`time.perf_counter`; the minimum is reported (the median is kept as a noise
+    indicator).
+    """
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        times.append(t1 - t0)
+        spent = t1 - start
+        if spent >= min_time and len(times) >= min_reps:
+            break
+        if spent >= max_time and len(times) >= 2:
+            break
+    return {"best_s": min(times), "median_s": statistics.median(times), "reps": len(times)}
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count, memory, caches and library versions of this machine."""
+    import numpy as np
+
+    cpuinfo = _read("/proc/cpuinfo")
+    model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
+    flags = re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.M)
+    simd = sorted(
+        f for f in (flags.group(1).split() if flags else []) if f in {"avx2", "avx512f", "fma"}
+    )
+    meminfo = _read("/proc/meminfo")
+    mem = re.search(r"^MemTotal:\s*(\d+)\s*kB", meminfo, re.M)
+    caches = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        level, kind = _read(str(index / "level")).strip(), _read(str(index / "type")).strip()
+        size = _read(str(index / "size")).strip()
+        if level and size:
+            caches[f"L{level}{'d' if kind == 'Data' else 'i' if kind == 'Instruction' else ''}"] = size
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": model.group(1).strip() if model else platform.processor(),
+        "cpu_simd_flags": simd,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "caches_cpu0": caches,
+        "mem_total_gib": round(int(mem.group(1)) / 2**20, 1) if mem else None,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        info["numpy_blas"] = f"{blas.get('name')} {blas.get('version')}"
+    except Exception as exc:
+        info["numpy_blas"] = f"unknown ({exc})"
+    for name in ("scipy", "tensorly", "tensoradapt", "array_api_compat"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception:
+            info[name] = None
+    try:
+        import torch
+
+        config = torch.__config__.show()
+        blas_info = re.search(r"BLAS_INFO=(\w+)", config)
+        info["torch"] = torch.__version__
+        info["torch_blas"] = blas_info.group(1) if blas_info else None
+        info["torch_threads"] = torch.get_num_threads()
+    except Exception:
+        info["torch"] = None
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        if var in os.environ:
+            info[var] = os.environ[var]
+    return info
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as indented JSON, creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+
+
+def fmt_ms(seconds: float | None) -> str:
+    """Milliseconds with three significant digits (``–`` for a missing value)."""
+    if seconds is None:
+        return "–"
+    ms = seconds * 1e3
+    if ms >= 100:
+        return f"{ms:.0f}"
+    if ms >= 10:
+        return f"{ms:.1f}"
+    if ms >= 1:
+        return f"{ms:.2f}"
+    return f"{ms:.3g}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    """A ratio as ``1.23×`` (``–`` for a missing value)."""
+    if value is None:
+        return "–"
+    return f"{value:.2f}×" if value < 10 else f"{value:.1f}×" if value < 100 else f"{value:.0f}×"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
