@@ -12,10 +12,34 @@ ops
     Fastfood, FWHT).
 buffers
     Reproducible fixed random buffers (signs, permutations, Gaussians).
+presets
+    LoRA, LoKr, KronA, LoHa, LoTR, LoNKr, LoRTA, dense, and projections on any of them.
+testing
+    Hypothesis strategies and a reduction checker (needs ``hypothesis``; imported on request).
+
+The SuperLoRA generator is :class:`SuperLoRA` (configured by :class:`SuperLoRAConfig`);
+:func:`count_params` and :func:`budget` count parameters from shapes alone.
 """
 
-from . import buffers, ops
+from . import buffers, ops, presets
 from ._version import __version__
+from .budget import BudgetEntry, budget, count_params
+from .config import SuperLoRAConfig
+from .factorize import factorization
 from .ops.fold import fold_shape, fold_side
+from .superlora import SuperLoRA
 
-__all__ = ["__version__", "buffers", "fold_shape", "fold_side", "ops"]
+__all__ = [
+    "BudgetEntry",
+    "SuperLoRA",
+    "SuperLoRAConfig",
+    "__version__",
+    "budget",
+    "buffers",
+    "count_params",
+    "factorization",
+    "fold_shape",
+    "fold_side",
+    "ops",
+    "presets",
+]

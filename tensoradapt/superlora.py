@@ -1,0 +1,475 @@
+r"""``SuperLoRA(config, shapes)``: the ΔW generator over all targeted weights and its VJP.
+
+The plan is built from shapes only (nothing is materialised until :meth:`SuperLoRA.init` or
+:meth:`SuperLoRA.delta`), so parameter counts of 7B-model configurations are instant.  For each
+group ``g`` (spec Part II §2)::
+
+    X_g = X_{g,1} ⊗ … ⊗ X_{g,K}          (or X_{g,1} ⊙ X_{g,2} for unit="hadamard")
+    z_g = Cut_{n_g}(X_g)                 (the first n_g row-major entries)
+    y_g = s_g · F_g(z_g)                 (F = identity, Shuffle or Fastfood)
+    ΔW_i = the entries of target i in concat_g(y_g)
+
+and the VJP runs the same chain backwards with each operator's analytic adjoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+
+from . import buffers
+from ._backend import check_floating, device_of, from_host, indexed, namespace
+from .config import SuperLoRAConfig
+from .factorize import factorization, split_side
+from .ops import (
+    Fastfood,
+    Grouping,
+    Shuffle,
+    cp_to_tensor,
+    cp_vjp,
+    kron,
+    kron_vjp,
+    tucker_to_tensor,
+    tucker_vjp,
+)
+from .ops.fold import fold_side
+
+__all__ = ["GroupPlan", "SplitPlan", "SuperLoRA"]
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """One factor ``X_{g,k}`` of a group: its kind, output shape, ranks and fixed modes."""
+
+    kind: str  # "tucker" | "cp" | "identity" | "dense"
+    shape: tuple[int, ...]
+    ranks: tuple[int, ...]
+    fixed_modes: tuple[int, ...] = ()
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Trainable arrays of this split by local name (``core``, ``weights``, ``factor{m}``, ``dense``)."""
+        if self.kind == "dense":
+            return {"dense": self.shape}
+        out: dict[str, tuple[int, ...]] = {}
+        if self.kind == "tucker":
+            out["core"] = self.ranks
+        elif self.kind == "cp":
+            out["weights"] = (self.ranks[0],)
+        for m, (d, r) in enumerate(zip(self.shape, self.ranks, strict=True)):
+            if m not in self.fixed_modes:
+                out[f"factor{m}"] = (d, r)
+        return out
+
+    @property
+    def num_params(self) -> int:
+        return sum(math.prod(s) for s in self.parameter_shapes().values())
+
+    @property
+    def zero_block(self) -> str:
+        """The one block zeroed at init so that the product starts at 0 (spec Part I §10)."""
+        return {"tucker": "core", "cp": "weights", "dense": "dense"}.get(self.kind, "factor0")
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """Sizes and splits of one group."""
+
+    index: int
+    size: int  # N_g, entries of ΔW_all this group produces
+    n: int  # n_g, entries generated before the projection
+    shape: tuple[int, ...]  # the generator's output shape (product of the split shapes)
+    splits: tuple[SplitPlan, ...]
+    scale: float
+
+    @property
+    def num_params(self) -> int:
+        return sum(s.num_params for s in self.splits)
+
+    @property
+    def padding(self) -> int:
+        """Generated entries discarded by the cut."""
+        return math.prod(self.shape) - self.n
+
+
+def _layer_groups(names: Sequence[str]) -> list[list[int]]:
+    """Consecutive targets with the same parent module name form one group."""
+    groups: list[list[int]] = []
+    last = None
+    for i, name in enumerate(names):
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        if groups and parent == last:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+        last = parent
+    return groups
+
+
+class SuperLoRA:
+    r"""The SuperLoRA generator for an ordered list of target weight shapes.
+
+    Parameters
+    ----------
+    config : SuperLoRAConfig
+    shapes : sequence of shapes
+        Target weight shapes ``(o_i, n_i, …)`` in target order.
+    names : sequence of str, optional
+        Target names (module paths); needed for ``grouping="layer"`` (consecutive targets with
+        the same parent module form one group) and used by :meth:`describe`.
+
+    Attributes
+    ----------
+    config, shapes, grouping : the inputs and the :class:`~tensoradapt.ops.Grouping` plan
+    groups : tuple of GroupPlan
+    """
+
+    def __init__(self, config: SuperLoRAConfig, shapes: Sequence[Sequence[int]],
+                 names: Sequence[str] | None = None) -> None:
+        if not isinstance(config, SuperLoRAConfig):
+            raise TypeError(f"config must be a SuperLoRAConfig, got {type(config).__name__}")
+        grouping_spec: Any = config.grouping
+        if names is not None:
+            names = [str(n) for n in names]
+            if len(names) != len(shapes):
+                raise ValueError(f"names has {len(names)} entries but shapes has {len(shapes)}")
+        if grouping_spec == "layer":
+            if names is None:
+                raise ValueError("grouping='layer' needs the target names (names=[...]) to find the layers")
+            grouping_spec = _layer_groups(names)
+        self.config = config
+        self.names = tuple(names) if names is not None else None
+        self.grouping = Grouping(shapes, grouping_spec, layout=config.layout)
+        self.shapes = self.grouping.shapes
+        self.groups = tuple(self._plan_group(g) for g in range(self.grouping.num_groups))
+        self._operators: dict[Any, Any] = {}
+
+    # ------------------------------------------------------------------ planning
+    def _fold_shape(self, g: int, n: int) -> tuple[int, ...]:
+        cfg, members = self.config, self.grouping.members[g]
+        if cfg.layout == "stack":
+            return self.grouping.group_shape(g)
+        if cfg.fold == "cubic":
+            return (fold_side(n, cfg.order),) * cfg.order
+        if cfg.fold in ("matrix", "layers"):
+            whole = self.grouping.bounds[g + 1] - self.grouping.bounds[g] == sum(
+                math.prod(self.shapes[i]) for i in members)
+            if not whole:
+                raise ValueError(f"fold={cfg.fold!r} needs whole-weight groups; group {g} cuts a weight "
+                                 "(use grouping='weight', 'layer' or membership lists)")
+            mats = [(self.shapes[i][0], math.prod(self.shapes[i][1:])) for i in members]
+            if cfg.fold == "matrix":
+                if len(members) != 1:
+                    raise ValueError(f"fold='matrix' needs one weight per group; group {g} has targets "
+                                     f"{list(members)}")
+                return mats[0]
+            if len(set(mats)) != 1:
+                raise ValueError(f"fold='layers' stacks weights of one shape; group {g} has shapes "
+                                 f"{[self.shapes[i] for i in members]}")
+            return (len(members), *mats[0])
+        shape = tuple(cfg.fold)
+        if math.prod(shape) < n:
+            raise ValueError(f"fold shape {shape} holds {math.prod(shape)} entries, fewer than the "
+                             f"n_g = {n} entries of group {g}")
+        return shape
+
+    def _plan_group(self, g: int) -> GroupPlan:
+        cfg = self.config
+        size = self.grouping.sizes[g]
+        n = size if cfg.layout == "stack" else cfg.projected_size(size)
+        shape = self._fold_shape(g, n)
+        scale = cfg.effective_scale
+        ranks = cfg.ranks
+        if cfg.core == "dense":
+            splits: tuple[SplitPlan, ...] = (SplitPlan("dense", shape, ()),) if cfg.splits == 1 else ()
+        if cfg.fixed_identity_modes:
+            for m in cfg.fixed_identity_modes:
+                if ranks[m] != shape[m]:
+                    raise ValueError(f"fixed identity mode {m} needs rank[{m}] = the fold size {shape[m]} "
+                                     f"(group {g}), got {ranks[m]}")
+        if cfg.splits == 1 and cfg.core != "dense":
+            splits = (SplitPlan(cfg.core, shape, ranks, cfg.fixed_identity_modes),)
+        elif cfg.splits > 1 and cfg.fold == "matrix":
+            splits, scale = self._plan_matrix_splits(shape, scale)
+        elif cfg.splits > 1:
+            splits = self._plan_cubic_splits(shape)
+        out_shape = splits[0].shape if cfg.unit == "hadamard" else _kron_shape([s.shape for s in splits])
+        return GroupPlan(g, size, n, out_shape, splits, scale)
+
+    def _unit(self, shape: tuple[int, ...]) -> SplitPlan:
+        cfg = self.config
+        if cfg.core == "dense":
+            return SplitPlan("dense", shape, ())
+        return SplitPlan(cfg.core, shape, cfg.ranks)
+
+    def _plan_cubic_splits(self, shape: tuple[int, ...]) -> tuple[SplitPlan, ...]:
+        cfg = self.config
+        f = cfg.dense_side
+        sides = [split_side(d, cfg.splits, f) for d in shape]
+        first = [SplitPlan("dense", (f,) * cfg.order, ())] if f is not None else []
+        rest = [self._unit(tuple(sides)) for _ in range(cfg.splits - len(first))]
+        return tuple(first + rest)
+
+    def _plan_matrix_splits(self, shape: tuple[int, ...], scale: float) -> tuple[tuple[SplitPlan, ...], float]:
+        cfg = self.config
+        rank = cfg.ranks[0]
+        o, n = shape
+        if cfg.unit == "hadamard":
+            return (SplitPlan("identity", shape, (rank, rank)),) * 2, scale
+        factor = cfg.dense_side if cfg.dense_side is not None else -1
+        a, c = factorization(o, factor)
+        b, e = factorization(n, factor)
+        if cfg.decompose_both and rank < max(a, b) / 2:
+            first = SplitPlan("identity", (a, b), (rank, rank))
+        else:
+            first = SplitPlan("dense", (a, b), ())
+        if rank < max(c, e) / 2 and cfg.core != "dense":
+            second = SplitPlan(cfg.core, (c, e), (rank, rank))
+        else:  # LyCORIS: a full second block, and alpha := rank (scale 1) when alpha is used
+            second = SplitPlan("dense", (c, e), ())
+            if cfg.alpha is not None:
+                scale = 1.0
+        return (first, second), scale
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def num_params(self) -> int:
+        """Trainable parameters (fixed buffers and identity factors excluded)."""
+        return sum(g.num_params for g in self.groups)
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every trainable array's name (``g{g}.split{k}.{block}``, ``k`` from 1) and shape."""
+        out = {}
+        for group in self.groups:
+            for k, split in enumerate(group.splits, start=1):
+                for name, shape in split.parameter_shapes().items():
+                    out[f"g{group.index}.split{k}.{name}"] = shape
+        return out
+
+    # ------------------------------------------------------------------ fixed maps
+    def _projection(self, g: int | None) -> Any:
+        cfg = self.config
+        key = g
+        if key not in self._operators:
+            if g is None:  # the global shuffle over all of ΔW_all
+                op = Shuffle(self.grouping.total, cfg.seed, group=self.grouping.num_groups)
+            elif cfg.projection == "shuffle":
+                op = Shuffle(self.groups[g].size, cfg.seed, group=g)
+            else:
+                op = Fastfood(self.groups[g].n, self.groups[g].size, cfg.seed, group=g,
+                              order=cfg.fastfood_order)
+            self._operators[key] = op
+        return self._operators[key]
+
+    def _group_projection(self, g: int) -> Any:
+        cfg = self.config
+        if cfg.projection == "none" or (cfg.projection == "shuffle" and cfg.shuffle_scope == "global"):
+            return None
+        return self._projection(g)
+
+    # ------------------------------------------------------------------ init
+    def init(self, seed: int = 0, xp: Any = None, dtype: Any = None, device: Any = None, *,
+             zero: bool = True) -> dict[str, Any]:
+        """Trainable parameters as a flat ``{name: array}`` dict.
+
+        With ``zero=True`` (default) exactly one block of every product is zero, so ``ΔW = 0`` at
+        step 0 with a non-zero gradient (spec Part I §10): the last split's core (Tucker), ``λ``
+        (CP), mode-0 factor (identity core) or tensor (dense); every other block is Gaussian
+        with standard deviation ``1/√d`` for a ``(d, r)`` factor, ``1/√(last side)`` for a dense
+        split and 1 for a core.  Values come from :mod:`tensoradapt.buffers`, so the same seed gives
+        the same parameters on every backend.  ``zero=False`` makes every block random (tests).
+
+        Parameters
+        ----------
+        seed : int
+        xp : module, optional
+            Array library (``numpy``, ``torch``, ``cupy``, ``array_api_strict``…); default NumPy.
+        dtype : dtype, optional
+            Default ``xp.float32``.
+        device : optional
+            Device of the arrays (backend-specific).
+        """
+        if xp is None:
+            import numpy as xp
+        space = array_api_compat.array_namespace(xp.zeros(1))
+        dtype = dtype if dtype is not None else space.float32
+        out = {}
+        for group in self.groups:
+            last = len(group.splits)
+            for k, split in enumerate(group.splits, start=1):
+                for name, shape in split.parameter_shapes().items():
+                    full = f"g{group.index}.split{k}.{name}"
+                    size = math.prod(shape)
+                    if zero and k == last and name == split.zero_block:
+                        host = buffers.gaussian(size, seed, 0, "init." + full) * 0.0
+                    else:
+                        if name.startswith("factor") or name == "dense":
+                            std = 1.0 / math.sqrt(shape[0] if name.startswith("factor") else shape[-1])
+                        else:
+                            std = 1.0
+                        host = buffers.gaussian(size, seed, 0, "init." + full) * std
+                    out[full] = from_host(space, host.reshape(shape), dtype=dtype, device=device)
+        return out
+
+    # ------------------------------------------------------------------ forward
+    def _check_params(self, params: Mapping[str, Any]) -> Any:
+        if not isinstance(params, Mapping):
+            raise TypeError(f"params must be a mapping of name -> array, got {type(params).__name__}")
+        expected = self.parameter_shapes()
+        missing = sorted(set(expected) - set(params))
+        extra = sorted(set(params) - set(expected))
+        if missing or extra:
+            raise ValueError(f"params do not match the plan: missing {missing[:5]}, unexpected {extra[:5]}")
+        for name, shape in expected.items():
+            if tuple(params[name].shape) != shape:
+                raise ValueError(f"params[{name!r}] must have shape {shape}, got {tuple(params[name].shape)}")
+        xp = namespace(**params)
+        check_floating(xp, list(params.items()))
+        return xp
+
+    def _split_forward(self, xp: Any, split: SplitPlan, p: Mapping[str, Any]) -> Any:
+        if split.kind == "dense":
+            return p["dense"]
+        factors = self._factors(xp, split, p)
+        if split.kind == "tucker":
+            return tucker_to_tensor(p["core"], factors)
+        return cp_to_tensor(p["weights"] if split.kind == "cp" else None, factors)
+
+    def _factors(self, xp: Any, split: SplitPlan, p: Mapping[str, Any]) -> list[Any]:
+        out = []
+        for m, d in enumerate(split.shape):
+            if m in split.fixed_modes:
+                ref = next(iter(p.values()))
+                out.append(xp.eye(d, dtype=ref.dtype, device=device_of(ref)))
+            else:
+                out.append(p[f"factor{m}"])
+        return out
+
+    @staticmethod
+    def _local(params: Mapping[str, Any], g: int, k: int) -> dict[str, Any]:
+        prefix = f"g{g}.split{k}."
+        return {name[len(prefix):]: v for name, v in params.items() if name.startswith(prefix)}
+
+    def _group_output(self, xp: Any, group: GroupPlan, params: Mapping[str, Any]) -> Any:
+        parts = [self._split_forward(xp, s, self._local(params, group.index, k))
+                 for k, s in enumerate(group.splits, start=1)]
+        if len(parts) == 1:
+            tensor = parts[0]
+        elif self.config.unit == "hadamard":
+            tensor = parts[0] * parts[1]
+        else:
+            tensor = kron(parts)
+        if self.config.layout == "stack":
+            return tensor * group.scale
+        z = xp.reshape(tensor, (-1,))[: group.n]
+        op = self._group_projection(group.index)
+        y = z if op is None else op.apply(z)
+        return y * group.scale
+
+    def delta(self, params: Mapping[str, Any]) -> list[Any]:
+        """``[ΔW_1, …, ΔW_S]``, each with its target's shape, on the params' backend and device."""
+        return self.delta_for(params, range(len(self.shapes)))
+
+    def delta_for(self, params: Mapping[str, Any], indices: Sequence[int]) -> list[Any]:
+        """``ΔW_i`` for the given target indices only, computing just the groups they need."""
+        xp = self._check_params(params)
+        indices = list(indices)
+        if self.config.projection == "shuffle" and self.config.shuffle_scope == "global":
+            outputs = [self._group_output(xp, group, params) for group in self.groups]
+            shuffled = self._projection(None).apply(xp.concat(outputs))
+            return self.grouping.to_targets(self.grouping.split(shuffled), targets=indices)
+        needed = self.grouping.groups_for(indices)
+        outputs = {g: self._group_output(xp, self.groups[g], params) for g in needed}
+        return self.grouping.to_targets(outputs, targets=indices)
+
+    # ------------------------------------------------------------------ VJP
+    def vjp(self, params: Mapping[str, Any], cotangents: Sequence[Any]) -> dict[str, Any]:
+        """Gradients ``∂L/∂θ`` (same keys as ``params``) given ``W̄_i = ∂L/∂ΔW_i`` for every target."""
+        xp = self._check_params(params)
+        if not isinstance(cotangents, (list, tuple)) or len(cotangents) != len(self.shapes):
+            raise ValueError(f"cotangents must be a list of {len(self.shapes)} arrays (one per target)")
+        namespace(**indexed("cotangents", cotangents), **params)
+        group_cots = self.grouping.from_targets(list(cotangents))
+        if self.config.projection == "shuffle" and self.config.shuffle_scope == "global":
+            merged = self._projection(None).adjoint(xp.concat(group_cots))
+            group_cots = self.grouping.split(merged)
+        grads: dict[str, Any] = {}
+        for group, cot in zip(self.groups, group_cots, strict=True):
+            grads.update(self._group_vjp(xp, group, params, cot * group.scale))
+        return grads
+
+    def _group_vjp(self, xp: Any, group: GroupPlan, params: Mapping[str, Any], cot: Any) -> dict[str, Any]:
+        if self.config.layout != "stack":
+            op = self._group_projection(group.index)
+            z_cot = cot if op is None else op.adjoint(cot)
+            total = math.prod(group.shape)
+            if total > group.n:
+                z_cot = xp.concat([z_cot, xp.zeros((total - group.n,), dtype=z_cot.dtype,
+                                                   device=device_of(z_cot))])
+            cot = xp.reshape(z_cot, group.shape)
+        locals_ = [self._local(params, group.index, k) for k in range(1, len(group.splits) + 1)]
+        parts = [self._split_forward(xp, s, p) for s, p in zip(group.splits, locals_, strict=True)]
+        if len(parts) == 1:
+            part_cots = [cot]
+        elif self.config.unit == "hadamard":
+            part_cots = [cot * parts[1], cot * parts[0]]
+        else:
+            part_cots = kron_vjp(parts, cot)
+        grads = {}
+        for k, (split, p, c) in enumerate(zip(group.splits, locals_, part_cots, strict=True), start=1):
+            for name, value in self._split_vjp(xp, split, p, c).items():
+                grads[f"g{group.index}.split{k}.{name}"] = value
+        return grads
+
+    def _split_vjp(self, xp: Any, split: SplitPlan, p: Mapping[str, Any], cot: Any) -> dict[str, Any]:
+        if split.kind == "dense":
+            return {"dense": cot}
+        factors = self._factors(xp, split, p)
+        if split.kind == "tucker":
+            core_grad, factor_grads = tucker_vjp(p["core"], factors, cot)
+            out = {"core": core_grad}
+        else:
+            weights_grad, factor_grads = cp_vjp(p["weights"] if split.kind == "cp" else None, factors, cot)
+            out = {"weights": weights_grad} if split.kind == "cp" else {}
+        for m, grad in enumerate(factor_grads):
+            if m not in split.fixed_modes:
+                out[f"factor{m}"] = grad
+        return out
+
+    # ------------------------------------------------------------------ reporting
+    def describe(self) -> str:
+        """A text table: groups, members, generator shapes, split shapes, padding, ρ and params."""
+        cfg = self.config
+        lines = [
+            f"SuperLoRA: {len(self.shapes)} targets, N = {self.grouping.total:,}, G = {len(self.groups)}, "
+            f"core={cfg.core}, M={cfg.order}, K={cfg.splits}, projection={cfg.projection}, "
+            f"layout={cfg.layout}, trainable = {self.num_params:,}",
+            f"{'group':>5} {'targets':<16} {'N_g':>12} {'n_g':>12} {'rho':>7} {'generated':<18} "
+            f"{'pad':>9} {'splits':<34} {'params':>10}",
+        ]
+        for group in self.groups:
+            members = self.grouping.members[group.index]
+            targets = ",".join(map(str, members)) if len(members) <= 4 else f"{members[0]}..{members[-1]}"
+            splits = " x ".join(f"{s.kind}{list(s.shape)}" for s in group.splits)
+            lines.append(
+                f"{group.index:>5} {targets:<16} {group.size:>12,} {group.n:>12,} "
+                f"{group.n / group.size:>7.4f} {'x'.join(map(str, group.shape)):<18} {group.padding:>9,} "
+                f"{splits:<34} {group.num_params:>10,}"
+            )
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"SuperLoRA(targets={len(self.shapes)}, groups={len(self.groups)}, "
+                f"params={self.num_params:,}, config={self.config!r})")
+
+
+def _kron_shape(shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+    order = max(len(s) for s in shapes)
+    out = [1] * order
+    for s in shapes:
+        for m, d in enumerate(s):
+            out[m] *= d
+    return tuple(out)
