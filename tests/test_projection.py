@@ -54,7 +54,7 @@ def test_shuffle_is_immutable_and_errors() -> None:
         s.n = 5
     with pytest.raises(ValueError, match=r"x must have length 4 along its last axis, got shape \(5,\)"):
         s.apply(np.ones(5))
-    with pytest.raises(ValueError, match="each of 0..2 exactly once"):
+    with pytest.raises(ValueError, match=r"each of 0\.\.2 exactly once"):
         ops.Shuffle.from_permutation([0, 0, 2])
     with pytest.raises(ValueError, match="non-empty 1-D integer array"):
         ops.Shuffle.from_permutation([0.0, 1.0])
@@ -170,7 +170,7 @@ def test_fastfood_errors() -> None:
         ops.Fastfood.from_buffers(3, 5, [1, -1], SPEC_PI, SPEC_G)
     with pytest.raises(ValueError, match="signs must contain only -1 and \\+1"):
         ops.Fastfood.from_buffers(3, 5, [2] * 8, SPEC_PI, SPEC_G)
-    with pytest.raises(ValueError, match="each of 0..7 exactly once"):
+    with pytest.raises(ValueError, match=r"each of 0\.\.7 exactly once"):
         ops.Fastfood.from_buffers(3, 5, SPEC_B, [0] * 8, SPEC_G)
     with pytest.raises(ValueError, match="must not be all zeros"):
         ops.Fastfood.from_buffers(3, 5, SPEC_B, SPEC_PI, [0.0] * 8)
