@@ -15,7 +15,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import array_api_compat
+import array_api_compat.numpy as _compat_numpy
 import numpy as np
+
+# NumPy >= 2.1 implements the array-API standard in its main namespace; calling it directly skips
+# a layer of Python wrappers that costs more than the arithmetic on small tensors.
+_NUMPY_NAMESPACE = np if tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 1) else _compat_numpy
 
 __all__ = [
     "check_floating",
@@ -65,6 +70,8 @@ def namespace(**arrays: Any) -> Any:
     named = [(name, value) for name, value in arrays.items() if value is not None]
     if not named:
         raise TypeError("expected at least one array argument, got none")
+    if all(type(value) is np.ndarray for _, value in named):
+        return _NUMPY_NAMESPACE  # fast path: NumPy arrays all live on the host
     for name, value in named:
         if not array_api_compat.is_array_api_obj(value):
             raise TypeError(
@@ -108,7 +115,9 @@ def check_floating(xp: Any, arrays: Iterable[tuple[str, Any]], *, same_dtype: bo
     for name, x in arrays:
         if x is None:
             continue
-        if not xp.isdtype(x.dtype, "real floating"):
+        kind = getattr(x.dtype, "kind", None)  # NumPy/CuPy dtypes: a cheap check
+        floating = kind == "f" if isinstance(x.dtype, np.dtype) else xp.isdtype(x.dtype, "real floating")
+        if not floating:
             raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
         if dtype is None:
             dtype, first = x.dtype, name

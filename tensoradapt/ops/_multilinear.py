@@ -24,7 +24,7 @@ def mode_product(xp: Any, x: Any, mode: int, matrix: Any) -> Any:
     before, after = math.prod(shape[:mode]), math.prod(shape[mode + 1 :])
     out_shape = (*shape[:mode], p, *shape[mode + 1 :])
     if after == 1:
-        y = xp.reshape(x, (before, size)) @ xp.matrix_transpose(matrix)
+        y = xp.reshape(x, (before, size)) @ matrix.mT
     elif before == 1:
         y = matrix @ xp.reshape(x, (size, after))
     elif before <= 8:
@@ -35,7 +35,7 @@ def mode_product(xp: Any, x: Any, mode: int, matrix: Any) -> Any:
         moved = xp.reshape(xp.permute_dims(xp.reshape(x, (before, size, after)), (0, 2, 1)),
                            (before * after, size))
         y = xp.permute_dims(
-            xp.reshape(moved @ xp.matrix_transpose(matrix), (before, after, p)), (0, 2, 1)
+            xp.reshape(moved @ matrix.mT, (before, after, p)), (0, 2, 1)
         )
     return xp.reshape(y, out_shape)
 

@@ -85,7 +85,7 @@ def cp_to_tensor(weights: Any | None, factors: Sequence[Any]) -> Any:
     right = khatri_rao(xp, factors[p:], rank, dtype, device)
     if weights is not None:
         left = left * weights
-    return xp.reshape(left @ xp.matrix_transpose(right), tuple(dims))
+    return xp.reshape(left @ right.mT, tuple(dims))
 
 
 def _contract_all_but(xp: Any, t: Any, factors: Sequence[Any], keep: int) -> Any:
@@ -140,7 +140,7 @@ def cp_vjp(weights: Any | None, factors: Sequence[Any], cotangent: Any) -> tuple
     right = khatri_rao(xp, factors[p:], rank, dtype, device)
     grid = xp.reshape(cotangent, (left.shape[0], right.shape[0]))
     t_left = grid @ right
-    t_right = xp.matrix_transpose(grid) @ left
+    t_right = grid.mT @ left
     weights_grad = xp.sum(t_left * left, axis=0) if weights is not None else None
     grads = []
     t_left = xp.reshape(t_left, (*dims[:p], rank))

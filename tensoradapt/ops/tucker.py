@@ -61,10 +61,10 @@ def _rotating_chain(xp: Any, x: Any, matrices: Sequence[Any], ascending: bool) -
         a = matrices[m]
         if ascending:
             flat = xp.reshape(x, (shape[0], -1))
-            x = xp.reshape(xp.matrix_transpose(flat) @ xp.matrix_transpose(a), (*shape[1:], a.shape[0]))
+            x = xp.reshape(flat.mT @ a.mT, (*shape[1:], a.shape[0]))
         else:
             flat = xp.reshape(x, (-1, shape[-1]))
-            x = xp.reshape(a @ xp.matrix_transpose(flat), (a.shape[0], *shape[:-1]))
+            x = xp.reshape(a @ flat.mT, (a.shape[0], *shape[:-1]))
     return x
 
 
@@ -141,7 +141,7 @@ def tucker_vjp(core: Any, factors: Sequence[Any], cotangent: Any) -> tuple[Any, 
             f"cotangent must have the output shape {out_shape} (d_1, …, d_M), "
             f"got {tuple(cotangent.shape)}"
         )
-    transposed = [xp.matrix_transpose(a) for a in factors]
+    transposed = [a.mT for a in factors]
     order = core.ndim
     partial: dict[int, Any] = {}
 
