@@ -353,9 +353,19 @@ class SuperLoRA:
         prefix = f"g{g}.split{k}."
         return {name[len(prefix):]: v for name, v in params.items() if name.startswith(prefix)}
 
+    @staticmethod
+    def _scaled(local: dict[str, Any], scale: float) -> dict[str, Any]:
+        """``local`` with its smallest block multiplied by ``scale``: the product is multilinear,
+        so this scales the split's output at the cost of the smallest array, not of ΔW."""
+        if scale == 1.0:
+            return local
+        name = min(local, key=lambda key: math.prod(local[key].shape))
+        return {**local, name: local[name] * scale}
+
     def _group_output(self, xp: Any, group: GroupPlan, params: Mapping[str, Any]) -> Any:
-        parts = [self._split_forward(xp, s, self._local(params, group.index, k))
-                 for k, s in enumerate(group.splits, start=1)]
+        locals_ = [self._local(params, group.index, k) for k in range(1, len(group.splits) + 1)]
+        locals_[0] = self._scaled(locals_[0], group.scale)
+        parts = [self._split_forward(xp, s, p) for s, p in zip(group.splits, locals_, strict=True)]
         if len(parts) == 1:
             tensor = parts[0]
         elif self.config.unit == "hadamard":
@@ -363,11 +373,10 @@ class SuperLoRA:
         else:
             tensor = kron(parts)
         if self.config.layout == "stack":
-            return tensor * group.scale
+            return tensor
         z = xp.reshape(tensor, (-1,))[: group.n]
         op = self._group_projection(group.index)
-        y = z if op is None else op.apply(z)
-        return y * group.scale
+        return z if op is None else op.apply(z)
 
     def delta(self, params: Mapping[str, Any]) -> list[Any]:
         """``[ΔW_1, …, ΔW_S]``, each with its target's shape, on the params' backend and device."""
@@ -391,14 +400,23 @@ class SuperLoRA:
         xp = self._check_params(params)
         if not isinstance(cotangents, (list, tuple)) or len(cotangents) != len(self.shapes):
             raise ValueError(f"cotangents must be a list of {len(self.shapes)} arrays (one per target)")
+        cotangents = list(cotangents)
+        self.grouping.check_cotangents(cotangents)
         namespace(**indexed("cotangents", cotangents), **params)
-        group_cots = self.grouping.from_targets(list(cotangents))
+        check_floating(xp, [("params", next(iter(params.values()))), ("cotangents[0]", cotangents[0])])
         if self.config.projection == "shuffle" and self.config.shuffle_scope == "global":
-            merged = self._projection(None).adjoint(xp.concat(group_cots))
+            merged = self._projection(None).adjoint(xp.concat(self.grouping.from_targets(cotangents)))
             group_cots = self.grouping.split(merged)
+
+            def cotangent_of(g: int) -> Any:
+                return group_cots[g]
+        else:
+            def cotangent_of(g: int) -> Any:  # one group at a time keeps the peak at one group
+                return self.grouping.group_cotangent(xp, cotangents, g)
         grads: dict[str, Any] = {}
-        for group, cot in zip(self.groups, group_cots, strict=True):
-            grads.update(self._group_vjp(xp, group, params, cot * group.scale))
+        for group in self.groups:
+            local = self._group_vjp(xp, group, params, cotangent_of(group.index))
+            grads.update({name: g * group.scale if group.scale != 1.0 else g for name, g in local.items()})
         return grads
 
     def _group_vjp(self, xp: Any, group: GroupPlan, params: Mapping[str, Any], cot: Any) -> dict[str, Any]:

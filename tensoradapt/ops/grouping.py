@@ -318,8 +318,19 @@ class Grouping(Frozen):
         g, lo, hi = self._stack_columns(target)
         return xp.reshape(chosen[g][:, lo:hi], self.shapes[target])
 
-    def from_targets(self, cotangents: Sequence[Any]) -> list[Any]:
-        """Adjoint of :meth:`to_targets`: per-target ``W̄_i`` → per-group output cotangents."""
+    def from_targets(self, cotangents: Sequence[Any], groups: Sequence[int] | None = None) -> list[Any]:
+        """Adjoint of :meth:`to_targets`: per-target ``W̄_i`` → per-group output cotangents.
+
+        Returns the cotangents of ``groups`` (all by default).  A group that is exactly one whole
+        target gets a view of that target's cotangent; other groups get one concatenation of their
+        own pieces, so memory stays at one group's size beyond the inputs.
+        """
+        xp = self.check_cotangents(cotangents)
+        wanted = range(self.num_groups) if groups is None else groups
+        return [self.group_cotangent(xp, cotangents, g) for g in wanted]
+
+    def check_cotangents(self, cotangents: Sequence[Any]) -> Any:
+        """Validate one cotangent per target (shape, backend, dtype); return the namespace."""
         if not isinstance(cotangents, (list, tuple)) or len(cotangents) != len(self.shapes):
             raise ValueError(
                 f"expected a list of {len(self.shapes)} target cotangents, got {cotangents!r:.80}"
@@ -329,10 +340,19 @@ class Grouping(Frozen):
                 raise ValueError(f"cotangents[{i}] must have the target shape {shape}, got {tuple(c.shape)}")
         xp = namespace(**indexed("cotangents", cotangents))
         check_floating(xp, [(f"cotangents[{i}]", c) for i, c in enumerate(cotangents)])
+        return xp
+
+    def group_cotangent(self, xp: Any, cotangents: Sequence[Any], g: int) -> Any:
+        """Group ``g``'s output cotangent from already validated target cotangents."""
+        members = self.members[g]
         if self.layout == "stack":
-            return [
-                xp.concat([xp.reshape(cotangents[i], (self.shapes[i][0], -1)) for i in group], axis=1)
-                for group in self.members
-            ]
-        delta = xp.concat([xp.reshape(cotangents[i], (-1,)) for i in self.order])
-        return [delta[lo:hi] for lo, hi in itertools.pairwise(self.bounds)]
+            blocks = [xp.reshape(cotangents[i], (self.shapes[i][0], -1)) for i in members]
+            return blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=1)
+        lo, hi = self.bounds[g], self.bounds[g + 1]
+        pieces = []
+        for i in members:
+            start, size = self._target_offsets[i], math.prod(self.shapes[i])
+            a, b = max(lo, start) - start, min(hi, start + size) - start
+            flat = xp.reshape(cotangents[i], (-1,))
+            pieces.append(flat if (a, b) == (0, size) else flat[a:b])
+        return pieces[0] if len(pieces) == 1 else xp.concat(pieces)
