@@ -412,7 +412,11 @@ class SuperLoRA:
                 return group_cots[g]
         else:
             def cotangent_of(g: int) -> Any:  # one group at a time keeps the peak at one group
-                return self.grouping.group_cotangent(xp, cotangents, g)
+                group = self.groups[g]
+                direct = self.config.layout == "fold" and self._group_projection(g) is None
+                # without a projection, gather the pieces and zero-pad for the cut in one concat
+                return self.grouping.group_cotangent(xp, cotangents, g,
+                                                     math.prod(group.shape) if direct else None)
         grads: dict[str, Any] = {}
         for group in self.groups:
             local = self._group_vjp(xp, group, params, cotangent_of(group.index))
@@ -424,7 +428,7 @@ class SuperLoRA:
             op = self._group_projection(group.index)
             z_cot = cot if op is None else op.adjoint(cot)
             total = math.prod(group.shape)
-            if total > group.n:
+            if z_cot.shape[0] < total:
                 z_cot = xp.concat([z_cot, xp.zeros((total - group.n,), dtype=z_cot.dtype,
                                                    device=device_of(z_cot))])
             cot = xp.reshape(z_cot, group.shape)

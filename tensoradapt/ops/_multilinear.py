@@ -41,8 +41,10 @@ def mode_product(xp: Any, x: Any, mode: int, matrix: Any) -> Any:
 
 
 def project_modes(xp: Any, x: Any, matrices: Sequence[Any], modes: Sequence[int]) -> Any:
-    """Apply ``x ×_m matrices[m]`` for every ``m`` in ``modes``, shrinking modes first."""
-    order = sorted(modes, key=lambda m: matrices[m].shape[0] / max(1, x.shape[m]))
+    """Apply ``x ×_m matrices[m]`` for every ``m`` in ``modes``, shrinking modes first; among equal
+    ratios the first and last modes go first, because they need no transposed copy of ``x``."""
+    last = x.ndim - 1
+    order = sorted(modes, key=lambda m: (matrices[m].shape[0] / max(1, x.shape[m]), m not in (0, last)))
     for m in order:
         x = mode_product(xp, x, m, matrices[m])
     return x

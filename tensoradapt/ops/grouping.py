@@ -27,7 +27,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .._backend import check_floating, indexed, namespace
+from .._backend import check_floating, device_of, indexed, namespace
 from .._frozen import Frozen
 from .._validate import check_int, check_shape
 
@@ -342,8 +342,12 @@ class Grouping(Frozen):
         check_floating(xp, [(f"cotangents[{i}]", c) for i, c in enumerate(cotangents)])
         return xp
 
-    def group_cotangent(self, xp: Any, cotangents: Sequence[Any], g: int) -> Any:
-        """Group ``g``'s output cotangent from already validated target cotangents."""
+    def group_cotangent(self, xp: Any, cotangents: Sequence[Any], g: int, pad_to: int | None = None) -> Any:
+        """Group ``g``'s output cotangent from already validated target cotangents.
+
+        With ``pad_to`` (fold layout), zeros are appended up to that length in the same
+        concatenation (the adjoint of a cut fused with the gather of the pieces).
+        """
         members = self.members[g]
         if self.layout == "stack":
             blocks = [xp.reshape(cotangents[i], (self.shapes[i][0], -1)) for i in members]
@@ -355,4 +359,6 @@ class Grouping(Frozen):
             a, b = max(lo, start) - start, min(hi, start + size) - start
             flat = xp.reshape(cotangents[i], (-1,))
             pieces.append(flat if (a, b) == (0, size) else flat[a:b])
+        if pad_to is not None and pad_to > hi - lo:
+            pieces.append(xp.zeros((pad_to - (hi - lo),), dtype=pieces[0].dtype, device=device_of(pieces[0])))
         return pieces[0] if len(pieces) == 1 else xp.concat(pieces)

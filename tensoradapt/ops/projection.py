@@ -266,50 +266,84 @@ class Fastfood(Frozen):
             x = xp.astype(x, work)
         return xp, x, dtype, work
 
-    def _pad(self, xp: Any, x: Any) -> Any:
-        missing = self.length - x.shape[-1]
+    def _pad(self, xp: Any, x: Any, length: int) -> Any:
+        missing = length - x.shape[-1]
         if missing == 0:
             return x
         zeros = xp.zeros((*x.shape[:-1], missing), dtype=x.dtype, device=device_of(x))
         return xp.concat([x, zeros], axis=x.ndim - 1)
 
-    def _buffer(self, xp: Any, name: str, dtype: Any, device: Any) -> Any:
-        host = {"signs": self._signs, "gaussian": self._gaussian, "perm": self._permutation,
-                "inverse": self._inverse}[name]
-        return self._cache.get(xp, name, host, dtype, device)
+    @property
+    def _short(self) -> int:
+        """``b``: the power of two ``>= n_in`` on which the input-side transform is pruned."""
+        return 1 << (self.n_in - 1).bit_length()
 
-    def _pipeline(self, xp: Any, v: Any, forward: bool, out_len: int) -> Any:
-        """The shared H·diag·P·H core; ``forward`` selects ``P_π`` (True) or ``P_πᵀ``."""
-        device, dtype, last = device_of(v), v.dtype, v.ndim - 1
-        gauss = self._buffer(xp, "gaussian", dtype, device)
-        index = self._buffer(xp, "perm" if forward else "inverse", xp.int64, device)
-        v = fwht_last(xp, v)
-        if forward:
-            v = xp.take(v, index, axis=last) * gauss
+    def _host(self, name: str) -> np.ndarray:
+        if name == "signs":
+            return self._signs
+        if name == "gaussian":
+            return self._gaussian
+        if name == "gaussian_inverse":
+            return self._gaussian[self._inverse]
+        index = self._permutation if name.startswith("perm") else self._inverse
+        return index % self._short if name.endswith("_short") else index
+
+    def _buffer(self, xp: Any, name: str, dtype: Any, device: Any) -> Any:
+        return self._cache.get(xp, name, self._host(name), dtype, device)
+
+    def _gather_scaled(self, xp: Any, v: Any, index: str, gauss: str) -> Any:
+        """``take(v, index) * gauss`` along the last axis, multiplied in place."""
+        device = device_of(v)
+        out = xp.take(v, self._buffer(xp, index, xp.int64, device), axis=v.ndim - 1)
+        out *= self._buffer(xp, gauss, v.dtype, device)
+        return out
+
+    def _forward(self, xp: Any, u: Any) -> Any:
+        r"""``Trunc_N(H_L · G' · P' · H_L · Pad_L(u))`` with the input-side transform pruned.
+
+        With ``L = a·b`` (``b`` = :attr:`_short`) and ``u`` in the first ``b`` entries only,
+        ``H_L Pad_L(u) = tile(H_b Pad_b(u), a)`` because the first column of ``H_a`` is all ones;
+        so the gather that follows reads from the short transform ``r`` with indices ``mod b``.
+        Li order: ``G' P' = diag(g) P_π``; paper order: ``P_πᵀ diag(g) = diag(g[π⁻¹]) P_πᵀ``.
+        """
+        short = fwht_last(xp, self._pad(xp, u, self._short))
+        if self.order == "li":
+            w = self._gather_scaled(xp, short, "perm_short", "gaussian")
         else:
-            v = xp.take(v * gauss, index, axis=last)
-        return fwht_last(xp, v)[..., :out_len]
+            w = self._gather_scaled(xp, short, "inverse_short", "gaussian_inverse")
+        return fwht_last(xp, w)[..., : self.n_out]
+
+    def _backward(self, xp: Any, y: Any) -> Any:
+        r"""``Trunc_{n_in}(H_L · P'ᵀ · G' · H_L · Pad_L(y))`` with the output-side transform pruned.
+
+        Only the first ``b`` outputs of the last ``H_L`` are kept, and row 0 of ``H_a`` is all
+        ones, so they are ``H_b`` of the sum of the ``a`` rows of the ``(a, b)`` view.
+        """
+        v = fwht_last(xp, self._pad(xp, y, self.length))
+        if self.order == "li":
+            w = self._gather_scaled(xp, v, "inverse", "gaussian_inverse")
+        else:
+            w = self._gather_scaled(xp, v, "perm", "gaussian")
+        del v
+        rows = xp.reshape(w, (*w.shape[:-1], self.length // self._short, self._short))
+        return fwht_last(xp, xp.sum(rows, axis=rows.ndim - 2))[..., : self.n_in]
 
     def apply(self, x: Any) -> Any:
         """``y = F x`` for ``x`` of shape ``(..., n_in)``; returns ``(..., n_out)``."""
         xp, x, dtype, work = self._prepare("x", x, self.n_in)
-        device = device_of(x)
-        signs = self._buffer(xp, "signs", work, device)
+        signs = self._buffer(xp, "signs", work, device_of(x))
         if self.order == "li":
-            y = self._pipeline(xp, self._pad(xp, x) * signs, True, self.n_out)
+            y = self._forward(xp, x * signs[: self.n_in]) * self.scale
         else:
-            y = self._pipeline(xp, self._pad(xp, x), False, self.n_out) * signs[: self.n_out]
-        y = y * self.scale
+            y = self._forward(xp, x) * (signs[: self.n_out] * self.scale)
         return y if work == dtype else xp.astype(y, dtype)
 
     def adjoint(self, y: Any) -> Any:
         """``z̄ = Fᵀ y`` for ``y`` of shape ``(..., n_out)``; returns ``(..., n_in)`` (the VJP)."""
         xp, y, dtype, work = self._prepare("y", y, self.n_out)
-        device = device_of(y)
-        signs = self._buffer(xp, "signs", work, device)
+        signs = self._buffer(xp, "signs", work, device_of(y))
         if self.order == "li":
-            z = self._pipeline(xp, self._pad(xp, y), False, self.length) * signs
+            z = self._backward(xp, y) * (signs[: self.n_in] * self.scale)
         else:
-            z = self._pipeline(xp, self._pad(xp, y * signs[: self.n_out]), True, self.length)
-        z = z[..., : self.n_in] * self.scale
+            z = self._backward(xp, y * signs[: self.n_out]) * self.scale
         return z if work == dtype else xp.astype(z, dtype)
