@@ -429,17 +429,21 @@ class SuperLoRA:
             z_cot = cot if op is None else op.adjoint(cot)
             total = math.prod(group.shape)
             if z_cot.shape[0] < total:
-                z_cot = xp.concat([z_cot, xp.zeros((total - group.n,), dtype=z_cot.dtype,
+                z_cot = xp.concat([z_cot, xp.zeros((total - z_cot.shape[0],), dtype=z_cot.dtype,
                                                    device=device_of(z_cot))])
             cot = xp.reshape(z_cot, group.shape)
         locals_ = [self._local(params, group.index, k) for k in range(1, len(group.splits) + 1)]
+        if len(locals_) == 1:  # no product: the split's cotangent is the group's (no recomputation)
+            return self._named_split_vjp(xp, group, locals_, [cot])
         parts = [self._split_forward(xp, s, p) for s, p in zip(group.splits, locals_, strict=True)]
-        if len(parts) == 1:
-            part_cots = [cot]
-        elif self.config.unit == "hadamard":
+        if self.config.unit == "hadamard":
             part_cots = [cot * parts[1], cot * parts[0]]
         else:
             part_cots = kron_vjp(parts, cot)
+        return self._named_split_vjp(xp, group, locals_, part_cots)
+
+    def _named_split_vjp(self, xp: Any, group: GroupPlan, locals_: list[dict[str, Any]],
+                         part_cots: list[Any]) -> dict[str, Any]:
         grads = {}
         for k, (split, p, c) in enumerate(zip(group.splits, locals_, part_cots, strict=True), start=1):
             for name, value in self._split_vjp(xp, split, p, c).items():
