@@ -59,16 +59,20 @@ def _digit_sizes(n: int, block: int) -> list[int]:
     return [1 << (base + (i < extra)) for i in range(count)]
 
 
-def _fwht_rows(xp: Any, x: Any, block: int) -> Any:
-    """Transform the last axis of a 2-D ``(B, n)`` array (no validation).
+def fwht_last(xp: Any, x: Any, block: int | None = None) -> Any:
+    """Unvalidated FWHT along the last axis (the internal fast path, also used by Fastfood).
 
-    Digit ``i`` (``f`` values, ``a`` values before it and ``c`` after it, batch included in
+    Digit ``i`` (``f`` values, ``a`` values before it and ``c`` after it, the batch included in
     ``a``) is one GEMM on a free reshape: ``X_{(a, f)} · H_f`` when it is the last digit,
     ``H_f · X_{(f, c)}`` when nothing precedes it, else the batched ``H_f · X_{(a, f, c)}``.
+    ``x`` is rebound after every pass, so when the caller passes a temporary only two buffers
+    are alive at any time.
     """
-    rows, n = x.shape
-    digits = _digit_sizes(n, block)
-    if not digits:
+    n = x.shape[-1]
+    batch = tuple(x.shape[:-1])
+    rows = math.prod(batch)
+    digits = _digit_sizes(n, block or default_block(n))
+    if rows == 0 or not digits:
         return xp.asarray(x, copy=True)
     device = device_of(x)
     blocks = {f: hadamard_block(xp, f, x.dtype, device) for f in set(digits)}
@@ -83,18 +87,7 @@ def _fwht_rows(xp: Any, x: Any, block: int) -> Any:
         else:
             x = h @ xp.reshape(x, (before, f, after))
         before *= f
-    return xp.reshape(x, (rows, n))
-
-
-def fwht_last(xp: Any, x: Any, block: int | None = None) -> Any:
-    """Unvalidated FWHT along the last axis (internal fast path used by Fastfood)."""
-    n = x.shape[-1]
-    batch = tuple(x.shape[:-1])
-    rows = math.prod(batch)
-    if rows == 0:
-        return xp.asarray(x, copy=True)
-    y = _fwht_rows(xp, xp.reshape(x, (rows, n)), block or default_block(n))
-    return xp.reshape(y, (*batch, n))
+    return xp.reshape(x, (*batch, n))
 
 
 def fwht(x: Any, axis: int = -1, *, block: int | None = None) -> Any:

@@ -307,11 +307,9 @@ class Fastfood(Frozen):
         Li order: ``G' P' = diag(g) P_π``; paper order: ``P_πᵀ diag(g) = diag(g[π⁻¹]) P_πᵀ``.
         """
         short = fwht_last(xp, self._pad(xp, u, self._short))
-        if self.order == "li":
-            w = self._gather_scaled(xp, short, "perm_short", "gaussian")
-        else:
-            w = self._gather_scaled(xp, short, "inverse_short", "gaussian_inverse")
-        return fwht_last(xp, w)[..., : self.n_out]
+        index, gauss = ("perm_short", "gaussian") if self.order == "li" else ("inverse_short", "gaussian_inverse")
+        # passed as a temporary so that fwht_last can free it after its first pass
+        return fwht_last(xp, self._gather_scaled(xp, short, index, gauss))[..., : self.n_out]
 
     def _backward(self, xp: Any, y: Any) -> Any:
         r"""``Trunc_{n_in}(H_L · P'ᵀ · G' · H_L · Pad_L(y))`` with the output-side transform pruned.
