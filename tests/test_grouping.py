@@ -162,3 +162,15 @@ def test_map_errors() -> None:
         ops.split_targets(np.ones(6), [(2, 2), (1, 3)])
     with pytest.raises(ValueError, match=r"g must be < the number of groups \(2\)"):
         g.group_shape(2)
+
+
+def test_group_cotangents_are_views_when_a_group_is_one_weight() -> None:
+    shapes = [(2, 3), (4, 1)]
+    g = ops.Grouping(shapes)
+    cots = [np.arange(6.0).reshape(2, 3), np.arange(4.0).reshape(4, 1)]
+    first, second = g.from_targets(cots)
+    assert np.shares_memory(first, cots[0]) and np.shares_memory(second, cots[1])
+    (only,) = g.from_targets(cots, groups=[1])
+    np.testing.assert_array_equal(only, [0, 1, 2, 3])
+    padded = g.group_cotangent(np, cots, 0, pad_to=8)
+    np.testing.assert_array_equal(padded, [0, 1, 2, 3, 4, 5, 0, 0])
