@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -18,6 +19,44 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cpu_steal_s() -> float:
+    """Seconds of CPU time stolen by the hypervisor so far, all CPUs (``/proc/stat``)."""
+    fields = _read("/proc/stat").split("\n", 1)[0].split()
+    if len(fields) < 9 or fields[0] != "cpu":
+        return float("nan")
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds spent busy (user, nice, system, irq, softirq) by the whole machine so far."""
+    fields = _read("/proc/stat").split("\n", 1)[0].split()
+    if len(fields) < 8 or fields[0] != "cpu":
+        return float("nan")
+    return sum(int(fields[i]) for i in (1, 2, 3, 6, 7)) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds used by this process (all threads) and its waited-for children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class ForeignLoad:
+    """CPU time used by *other* processes (machine busy time minus ours) and stolen by the
+    hypervisor between :meth:`start` and :meth:`stop`: a measure of how disturbed a timing is."""
+
+    def __init__(self) -> None:
+        self.start()
+
+    def start(self) -> None:
+        self._busy, self._own, self._steal = busy_cpu_s(), own_cpu_s(), cpu_steal_s()
+
+    def stop(self) -> dict[str, float]:
+        foreign = (busy_cpu_s() - self._busy) - (own_cpu_s() - self._own)
+        return {"foreign_cpu_s": max(0.0, foreign), "steal_s": cpu_steal_s() - self._steal}
 
 
 def best_time(
@@ -29,10 +68,14 @@ def best_time(
     calls have been timed; a call so slow that ``min_reps`` of them would exceed ``max_time``
     stops once ``max_time`` seconds and two calls are reached.  Each call is timed on its own
     with :func:`time.perf_counter`; the minimum is reported (the median is kept as a noise
-    indicator).
+    indicator), with the minor page faults per call of the whole timed loop (``getrusage``), and
+    the CPU time used meanwhile by other processes and stolen by the hypervisor
+    (:class:`ForeignLoad`).
     """
     fn()
     times: list[float] = []
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    load = ForeignLoad()
     start = time.perf_counter()
     while True:
         t0 = time.perf_counter()
@@ -44,7 +87,15 @@ def best_time(
             break
         if spent >= max_time and len(times) >= 2:
             break
-    return {"best_s": min(times), "median_s": statistics.median(times), "reps": len(times)}
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+    return {
+        "best_s": min(times),
+        "median_s": statistics.median(times),
+        "reps": len(times),
+        "minor_faults_per_call": faults / len(times),
+        "wall_s": time.perf_counter() - start,
+        **load.stop(),
+    }
 
 
 def _read(path: str) -> str:
@@ -71,10 +122,15 @@ def machine_info() -> dict[str, Any]:
         level, kind = _read(str(index / "level")).strip(), _read(str(index / "type")).strip()
         size = _read(str(index / "size")).strip()
         if level and size:
-            caches[f"L{level}{'d' if kind == 'Data' else 'i' if kind == 'Instruction' else ''}"] = size
+            suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
+            caches[f"L{level}{suffix}"] = size
     info: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu_model": model.group(1).strip() if model else platform.processor(),
+        "cpu_family_model": "/".join(
+            m.group(1) for key in ("cpu family", "model", "stepping")
+            if (m := re.search(rf"^{key}\s*:\s*(\S+)$", cpuinfo, re.M))
+        ),
         "cpu_simd_flags": simd,
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -103,10 +159,53 @@ def machine_info() -> dict[str, Any]:
         info["torch_threads"] = torch.get_num_threads()
     except Exception:
         info["torch"] = None
+    info["git"] = git_state()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         if var in os.environ:
             info[var] = os.environ[var]
     return info
+
+
+DISTURBED = 0.1  # foreign CPU time above this fraction of a measurement's wall time is flagged
+
+
+def disturbed(rec: dict[str, Any]) -> bool:
+    """Whether other processes used more than ``DISTURBED`` of a CPU during a measurement."""
+    wall = rec.get("wall_s") or 0.0
+    return wall > 0 and rec.get("foreign_cpu_s", 0.0) > DISTURBED * wall
+
+
+def merge_round(prev: dict[str, Any], rec: dict[str, Any]) -> None:
+    """Fold the timing ``rec`` of a later round into ``prev`` (best over rounds)."""
+    prev.setdefault("round_best_s", [prev["best_s"]]).append(rec["best_s"])
+    prev["reps"] += rec["reps"]
+    for key in ("wall_s", "foreign_cpu_s", "steal_s"):
+        prev[key] = prev.get(key, 0.0) + rec.get(key, 0.0)
+    prev["minor_faults_per_call"] = max(prev["minor_faults_per_call"],
+                                        rec["minor_faults_per_call"])
+    if rec["best_s"] < prev["best_s"]:
+        prev["best_s"], prev["median_s"] = rec["best_s"], rec["median_s"]
+
+
+def git_state() -> dict[str, Any]:
+    """Commit of the checkout being measured, and whether the library sources differ from it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        return {
+            "commit": git("rev-parse", "HEAD"),
+            "commit_date": git("show", "-s", "--format=%cI", "HEAD"),
+            "library_changes_not_committed": git("status", "--porcelain", "--", "tensoradapt",
+                                                 "bindings").splitlines(),
+        }
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -38,13 +38,16 @@ def hadamard_block(xp: Any, f: int, dtype: Any, device: Any = None) -> Any:
     return from_host(xp, _hadamard_host(f), dtype=dtype, device=device)
 
 
-def default_block(n: int) -> int:
-    """The tuned block size (largest dense Hadamard factor) for a length-``n`` transform.
+def default_block(n: int, rows: int = 1) -> int:
+    """The tuned block size (largest dense Hadamard factor) for ``rows`` transforms of length ``n``.
 
-    Chosen from ``benchmarks/bench_fwht.py`` sweeps on the 2-core CI machine (see
-    docs/benchmarks.md): small blocks keep the GEMMs cheap in flops, large ones save passes.
+    Chosen from ``benchmarks/bench_fwht.py`` sweeps on the 2-core CI machine (docs/benchmarks.md):
+    small blocks keep the GEMMs cheap in flops, large ones save passes over memory, which pays
+    once the batch no longer fits in cache.
     """
-    if (1 << 19) <= n <= (1 << 21):
+    if rows >= 16 and n >= 1 << 18:
+        return 64
+    if rows < 16 and (1 << 19) <= n <= (1 << 21):
         return 16
     return 32
 
@@ -71,7 +74,7 @@ def fwht_last(xp: Any, x: Any, block: int | None = None) -> Any:
     n = x.shape[-1]
     batch = tuple(x.shape[:-1])
     rows = math.prod(batch)
-    digits = _digit_sizes(n, block or default_block(n))
+    digits = _digit_sizes(n, block or default_block(n, rows))
     if rows == 0 or not digits:
         return xp.asarray(x, copy=True)
     device = device_of(x)
