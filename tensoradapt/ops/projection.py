@@ -9,6 +9,7 @@ backend.  Device copies of the buffers are cached per (namespace, dtype, device)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,11 +33,12 @@ class _BufferCache:
     def __init__(self) -> None:
         self._store: dict[tuple[str, str, str, str], Any] = {}
 
-    def get(self, xp: Any, name: str, host: np.ndarray, dtype: Any, device: Any) -> Any:
+    def get(self, xp: Any, name: str, host: Callable[[], np.ndarray], dtype: Any, device: Any) -> Any:
+        """The cached device copy of ``host()`` (called only on a miss)."""
         key = (getattr(xp, "__name__", repr(xp)), name, str(dtype), str(device))
         value = self._store.get(key)
         if value is None:
-            value = from_host(xp, host, dtype=dtype, device=device)
+            value = from_host(xp, host(), dtype=dtype, device=device)
             self._store[key] = value
         return value
 
@@ -119,7 +121,7 @@ class Shuffle(Frozen):
         check_floating(xp, [(name, x)])
         _check_last_axis(name, x, self.n)
         host = self._permutation if which == "perm" else self._inverse
-        index = self._cache.get(xp, which, host, xp.int64, device_of(x))
+        index = self._cache.get(xp, which, lambda: host, xp.int64, device_of(x))
         return xp.take(x, index, axis=x.ndim - 1)
 
     def apply(self, x: Any) -> Any:
@@ -289,7 +291,7 @@ class Fastfood(Frozen):
         return index % self._short if name.endswith("_short") else index
 
     def _buffer(self, xp: Any, name: str, dtype: Any, device: Any) -> Any:
-        return self._cache.get(xp, name, self._host(name), dtype, device)
+        return self._cache.get(xp, name, lambda: self._host(name), dtype, device)
 
     def _gather_scaled(self, xp: Any, v: Any, index: str, gauss: str) -> Any:
         """``take(v, index) * gauss`` along the last axis, multiplied in place."""
