@@ -240,3 +240,32 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def add_timing_arguments(parser: Any) -> None:
+    """The timing flags shared by the benchmark scripts (``--min-time``, ``--min-reps``,
+    ``--max-time``, ``--rounds``, ``--seed``); defaults depend on ``--quick``, see
+    :func:`timing_settings`."""
+    parser.add_argument("--min-time", type=float, default=None,
+                        help="seconds of timed calls per measurement (default 0.5; quick 0.2)")
+    parser.add_argument("--min-reps", type=int, default=None,
+                        help="minimum timed calls per measurement (default 5; quick 3)")
+    parser.add_argument("--max-time", type=float, default=None,
+                        help="stop slow measurements after this many seconds, >= 2 calls "
+                             "(default 3; quick 1)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds per measurement, best over rounds "
+                             "(default 3; quick 1)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def timing_settings(args: Any) -> dict[str, float | int]:
+    """``best_time`` keyword arguments from the flags of :func:`add_timing_arguments`; also fills
+    ``args.rounds`` in place when it was not given."""
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    return {
+        "min_time": args.min_time if args.min_time is not None else (0.2 if args.quick else 0.5),
+        "min_reps": args.min_reps if args.min_reps is not None else (3 if args.quick else 5),
+        "max_time": args.max_time if args.max_time is not None else (1.0 if args.quick else 3.0),
+    }

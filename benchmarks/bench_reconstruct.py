@@ -44,6 +44,7 @@ from _common import (
     DISTURBED,
     RESULTS_DIR,
     ForeignLoad,
+    add_timing_arguments,
     best_time,
     disturbed,
     fmt_ms,
@@ -52,6 +53,7 @@ from _common import (
     machine_info,
     markdown_table,
     merge_round,
+    timing_settings,
     write_json,
 )
 
@@ -368,17 +370,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-mib", type=float, default=None,
                         help="skip outputs larger than this (default 128; quick 16)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch-namespace timings")
-    parser.add_argument("--min-time", type=float, default=None,
-                        help="seconds of timed calls per measurement (default 0.5; quick 0.2)")
-    parser.add_argument("--min-reps", type=int, default=None,
-                        help="minimum timed calls per measurement (default 5; quick 3)")
-    parser.add_argument("--max-time", type=float, default=None,
-                        help="stop slow measurements after this many seconds, >= 2 calls "
-                             "(default 3; quick 1)")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="interleaved rounds per measurement, best over rounds "
-                             "(default 3; quick 1)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_timing_arguments(parser)
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "reconstruct.json",
                         help="output JSON path (default benchmarks/results/reconstruct.json)")
     return parser.parse_args(argv)
@@ -386,13 +378,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = {
-        "min_time": args.min_time if args.min_time is not None else (0.2 if args.quick else 0.5),
-        "min_reps": args.min_reps if args.min_reps is not None else (3 if args.quick else 5),
-        "max_time": args.max_time if args.max_time is not None else (1.0 if args.quick else 3.0),
-    }
-    if args.rounds is None:
-        args.rounds = 1 if args.quick else 3
+    settings = timing_settings(args)
     max_bytes = (args.max_mib if args.max_mib is not None else 16 if args.quick else 128) * 2**20
     ops = {o.strip() for o in args.ops.split(",")}
     unknown = ops - {"tucker", "cp", "kron"}

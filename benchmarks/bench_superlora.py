@@ -53,6 +53,8 @@ def _peak_extra(fn: Any) -> int:
 def run(label: str, shapes: list[tuple[int, int]], args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for name, config in _configs(len(shapes)):
+        if args.only and args.only not in name:
+            continue
         plan = SuperLoRA(config, shapes)
         params = plan.init(0, zero=False)
         total_bytes = plan.grouping.total * 4
@@ -82,6 +84,7 @@ def run(label: str, shapes: list[tuple[int, int]], args: argparse.Namespace) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--7b", dest="seven_b", action="store_true", help="also run 64 x 4096^2 (7B q/v)")
+    parser.add_argument("--only", default="", help="run only the configurations whose name contains this")
     parser.add_argument("--min-time", type=float, default=0.5)
     parser.add_argument("--max-time", type=float, default=5.0)
     args = parser.parse_args()
