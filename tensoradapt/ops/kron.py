@@ -12,6 +12,7 @@ of lower order is promoted by appending trailing singleton modes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -118,8 +119,11 @@ def kron_vjp(tensors: Sequence[Any], cotangent: Any) -> list[Any]:
         for k in drop:
             width = len(alive)
             pos = alive.index(k)
-            axes_t = [m * width + pos for m in range(order)]
-            t = xp.tensordot(t, promoted[k], axes=(axes_t, list(range(order))))
+            if order == 2:
+                t = _contract_matrix_split(xp, t, width, pos, promoted[k])
+            else:
+                axes_t = [m * width + pos for m in range(order)]
+                t = xp.tensordot(t, promoted[k], axes=(axes_t, list(range(order))))
             alive = [a for a in alive if a != k]
         return t, alive
 
@@ -136,3 +140,30 @@ def kron_vjp(tensors: Sequence[Any], cotangent: Any) -> list[Any]:
     full = xp.reshape(cotangent, tuple(d for m in range(order) for d in (s[m] for s in shapes)))
     descend(full, list(range(len(tensors))))
     return grads
+
+
+def _contract_matrix_split(xp: Any, t: Any, width: int, pos: int, split: Any) -> Any:
+    """Contract a 2-mode split out of ``t`` without copying ``t`` (no transposition).
+
+    ``t`` has axes ``(k_0 … k_{w-1})`` of mode 0 then the same of mode 1; the split's digits are
+    at ``pos`` and ``width + pos``.  With ``t`` viewed as ``(P0, s0, P1, s1, P2)`` the result is
+    ``Σ_i X[i] · t[:, i]`` over ``s0`` rows of the split: one batched GEMV per row, each reading a
+    strided view, so the only new memory is the ``(P0, P1, P2)`` result.
+    """
+    shape = tuple(t.shape)
+    p0, s0 = math.prod(shape[:pos]), shape[pos]
+    p1, s1 = math.prod(shape[pos + 1 : width + pos]), shape[width + pos]
+    p2 = math.prod(shape[width + pos + 1 :])
+    rest = shape[:pos] + shape[pos + 1 : width + pos] + shape[width + pos + 1 :]
+    acc = None
+    if p2 == 1:
+        view = xp.reshape(t, (p0, s0, p1, s1))
+        for i in range(s0):
+            term = view[:, i, :, :] @ split[i, :]
+            acc = term if acc is None else acc + term
+    else:
+        view = xp.reshape(t, (p0, s0, p1, s1, p2))
+        for i in range(s0):
+            term = split[i : i + 1, :] @ view[:, i, :, :, :]
+            acc = term if acc is None else acc + term
+    return xp.reshape(acc, rest)
