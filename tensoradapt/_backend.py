@@ -141,9 +141,19 @@ def from_host(xp: Any, host: np.ndarray, *, dtype: Any = None, device: Any = Non
 
     The values are converted exactly when ``dtype`` can represent them (all buffers of this
     library are built so that they can: ±1 signs, int64 indices, float32 Gaussians).  The result
-    never aliases ``host`` (a zero-copy import of a read-only NumPy array would give the caller
-    a writable view of this library's cached buffers).
+    never aliases a writable ``host``, and on other backends never aliases ``host`` at all (a
+    zero-copy import of a read-only NumPy array would give the caller a writable view of this
+    library's cached buffers); on NumPy a read-only ``host`` is returned as is.
     """
+    if xp is _NUMPY_NAMESPACE or xp is _compat_numpy:
+        # NumPy needs no transfer; a read-only host array is shared (writes raise), others copied
+        shared = not host.flags.writeable
+        arr = host if shared else host.copy()
+        if dtype is not None and arr.dtype != dtype:
+            arr = arr.astype(dtype)
+            if shared:
+                arr.setflags(write=False)
+        return arr
     arr = xp.asarray(np.ascontiguousarray(host), device=device, copy=True)
     if dtype is not None and arr.dtype != dtype:
         arr = xp.astype(arr, dtype)

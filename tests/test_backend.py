@@ -62,3 +62,20 @@ def test_check_floating_returns_dtype_and_compute_dtype_upcasts_half() -> None:
     assert compute_dtype(xp, torch.float16) == torch.float32
     assert compute_dtype(xp, torch.bfloat16) == torch.float32
     assert compute_dtype(xp, torch.float64) == torch.float64
+
+
+def test_from_host_shares_read_only_numpy_buffers_and_copies_the_rest() -> None:
+    from tensoradapt._backend import from_host
+
+    xp = namespace(x=np.ones(1))
+    frozen = np.arange(4.0)
+    frozen.setflags(write=False)
+    assert from_host(xp, frozen) is frozen
+    writable = np.arange(4.0)
+    out = from_host(xp, writable, dtype=np.float32)
+    assert out.flags.writeable and not np.shares_memory(out, writable)
+    shared_cast = from_host(xp, frozen, dtype=np.float32)
+    assert not shared_cast.flags.writeable
+    tensor = from_host(namespace(x=torch.ones(1)), frozen)
+    tensor += 1  # a torch copy: the cached host buffer is untouched
+    np.testing.assert_array_equal(frozen, [0, 1, 2, 3])

@@ -286,9 +286,14 @@ class Fastfood(Frozen):
         if name == "gaussian":
             return self._gaussian
         if name == "gaussian_inverse":
-            return self._gaussian[self._inverse]
-        index = self._permutation if name.startswith("perm") else self._inverse
-        return index % self._short if name.endswith("_short") else index
+            derived = self._gaussian[self._inverse]
+        else:
+            index = self._permutation if name.startswith("perm") else self._inverse
+            if not name.endswith("_short"):
+                return index
+            derived = index % self._short
+        derived.setflags(write=False)  # shared, not copied, by a NumPy cache entry
+        return derived
 
     def _buffer(self, xp: Any, name: str, dtype: Any, device: Any) -> Any:
         return self._cache.get(xp, name, lambda: self._host(name), dtype, device)
