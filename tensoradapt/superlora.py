@@ -32,6 +32,7 @@ from .ops import (
     cp_to_tensor,
     cp_vjp,
     kron,
+    kron_shape,
     kron_vjp,
     tucker_to_tensor,
     tucker_vjp,
@@ -182,21 +183,19 @@ class SuperLoRA:
         n = size if cfg.layout == "stack" else cfg.projected_size(size)
         shape = self._fold_shape(g, n)
         scale = cfg.effective_scale
-        ranks = cfg.ranks
-        if cfg.core == "dense":
-            splits: tuple[SplitPlan, ...] = (SplitPlan("dense", shape, ()),) if cfg.splits == 1 else ()
-        if cfg.fixed_identity_modes:
-            for m in cfg.fixed_identity_modes:
-                if ranks[m] != shape[m]:
-                    raise ValueError(f"fixed identity mode {m} needs rank[{m}] = the fold size {shape[m]} "
-                                     f"(group {g}), got {ranks[m]}")
-        if cfg.splits == 1 and cfg.core != "dense":
-            splits = (SplitPlan(cfg.core, shape, ranks, cfg.fixed_identity_modes),)
-        elif cfg.splits > 1 and cfg.fold == "matrix":
+        for m in cfg.fixed_identity_modes:
+            if cfg.ranks[m] != shape[m]:
+                raise ValueError(f"fixed identity mode {m} needs rank[{m}] = the fold size {shape[m]} "
+                                 f"(group {g}), got {cfg.ranks[m]}")
+        splits: tuple[SplitPlan, ...]
+        if cfg.splits == 1:
+            unit = self._unit(shape)
+            splits = (SplitPlan(unit.kind, unit.shape, unit.ranks, cfg.fixed_identity_modes),)
+        elif cfg.fold == "matrix":
             splits, scale = self._plan_matrix_splits(shape, scale)
-        elif cfg.splits > 1:
+        else:
             splits = self._plan_cubic_splits(shape)
-        out_shape = splits[0].shape if cfg.unit == "hadamard" else _kron_shape([s.shape for s in splits])
+        out_shape = splits[0].shape if cfg.unit == "hadamard" else kron_shape([s.shape for s in splits])
         return GroupPlan(g, size, n, out_shape, splits, scale)
 
     def _unit(self, shape: tuple[int, ...]) -> SplitPlan:
@@ -491,11 +490,3 @@ class SuperLoRA:
         return (f"SuperLoRA(targets={len(self.shapes)}, groups={len(self.groups)}, "
                 f"params={self.num_params:,}, config={self.config!r})")
 
-
-def _kron_shape(shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
-    order = max(len(s) for s in shapes)
-    out = [1] * order
-    for s in shapes:
-        for m, d in enumerate(s):
-            out[m] *= d
-    return tuple(out)
