@@ -1,8 +1,8 @@
 """PyTorch bindings of tensoradapt, installed as :mod:`tensoradapt.torch`.
 
-The autograd Functions over the core's analytic VJPs and ``attach(model, config)`` are built in
-the bindings issue; until then this subpackage only checks that PyTorch is importable, so that
-``import tensoradapt.torch`` fails early with a clear message when it is not installed.
+:mod:`tensoradapt.torch.functional` has autograd Functions over the core operators and over a
+whole SuperLoRA generator.  ``attach(model, config)`` (module injection, merge, save/load) is not
+built yet.
 """
 
 from __future__ import annotations
@@ -14,5 +14,7 @@ except ImportError as error:  # pragma: no cover - exercised only without torch
         "tensoradapt.torch needs PyTorch; install it with `pip install tensoradapt[torch]`"
     ) from error
 
-__all__: list[str] = []
+from . import functional
+
+__all__ = ["TORCH_VERSION", "functional"]
 TORCH_VERSION = _torch.__version__
