@@ -13,6 +13,7 @@ import platform
 import re
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -269,3 +270,29 @@ def timing_settings(args: Any) -> dict[str, float | int]:
         "min_reps": args.min_reps if args.min_reps is not None else (3 if args.quick else 5),
         "max_time": args.max_time if args.max_time is not None else (1.0 if args.quick else 3.0),
     }
+
+
+def end_run(load: ForeignLoad, machine: dict[str, Any]) -> dict[str, Any]:
+    """Stop ``load`` and check the checkout did not change during the run (warns if it did).
+
+    Returns the disturbance record of ``load.stop()`` plus ``git_at_end``, ready to be merged
+    into the JSON payload.
+    """
+    disturbance = load.stop()
+    git_end = git_state()
+    if git_end != machine["git"]:
+        print(f"WARNING: the checkout changed during the run: {machine['git']} -> {git_end}")
+    return {**disturbance, "git_at_end": git_end}
+
+
+def disturbance_line(elapsed: float, end: dict[str, Any], machine: dict[str, Any]) -> str:
+    """One line: how much CPU other processes and the hypervisor took during the run."""
+    cpus = machine["usable_cpus"] or 1
+    return (f"total benchmark time {elapsed:.0f} s; meanwhile other processes used "
+            f"{end['foreign_cpu_s']:.1f} CPU-s and the hypervisor stole "
+            f"{end['steal_s']:.1f} CPU-s (of {cpus * elapsed:.0f} CPU-s on {cpus} CPUs)")
+
+
+def command_line(argv: list[str] | None) -> str:
+    """The script name and its arguments, as recorded in the JSON output."""
+    return " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])

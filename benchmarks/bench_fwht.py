@@ -47,10 +47,12 @@ from _common import (
     ForeignLoad,
     add_timing_arguments,
     best_time,
+    command_line,
+    disturbance_line,
     disturbed,
+    end_run,
     fmt_ms,
     fmt_ratio,
-    git_state,
     machine_info,
     markdown_table,
     merge_round,
@@ -507,28 +509,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {ns.name:5s} B={batch:<3d} n=2^{k:<2d} {time.perf_counter() - t0:6.1f} s"
                       + (f"  [{'; '.join(bad)}]" if bad else ""), file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - start
-    disturbance = load.stop()
-    git_end = git_state()
-    if git_end != machine["git"]:
-        print(f"WARNING: the checkout changed during the run: {machine['git']} -> {git_end}")
-    cpus = machine["usable_cpus"] or 1
+    end = end_run(load, machine)
     print()
     print(report(records))
-    print(f"total benchmark time {elapsed:.0f} s; meanwhile other processes used "
-          f"{disturbance['foreign_cpu_s']:.1f} CPU-s and the hypervisor stole "
-          f"{disturbance['steal_s']:.1f} CPU-s (of {cpus * elapsed:.0f} CPU-s on {cpus} CPUs)")
+    print(disturbance_line(elapsed, end, machine))
     write_json(args.json, {
         "benchmark": "fwht",
-        "command": " ".join(
-            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
-        ),
+        "command": command_line(argv),
         "machine": machine,
         "settings": {**settings, "rel_tol": REL_TOL, "check_rows": CHECK_ROWS, "seed": args.seed,
                      "blocks": BLOCKS, "dtype": "float32", "rounds": args.rounds},
         "packages": packages,
         "elapsed_s": elapsed,
-        **disturbance,
-        "git_at_end": git_end,
+        **end,
         "results": records,
     })
     print(f"wrote {args.json}")

@@ -46,10 +46,12 @@ from _common import (
     ForeignLoad,
     add_timing_arguments,
     best_time,
+    command_line,
+    disturbance_line,
     disturbed,
+    end_run,
     fmt_ms,
     fmt_ratio,
-    git_state,
     machine_info,
     markdown_table,
     merge_round,
@@ -431,23 +433,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label:28s} {time.perf_counter() - t0:5.1f} s"
               + (f"  [{'; '.join(bad)}]" if bad else ""), file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - start
-    disturbance = load.stop()
-    git_end = git_state()
-    if git_end != machine["git"]:
-        print(f"WARNING: the checkout changed during the run: {machine['git']} -> {git_end}")
-    cpus = machine["usable_cpus"] or 1
+    end = end_run(load, machine)
     print()
     print(report(records))
     if skipped:
         print(f"skipped (output over {_size(int(max_bytes))}): {', '.join(skipped)}\n")
-    print(f"total benchmark time {elapsed:.0f} s; meanwhile other processes used "
-          f"{disturbance['foreign_cpu_s']:.1f} CPU-s and the hypervisor stole "
-          f"{disturbance['steal_s']:.1f} CPU-s (of {cpus * elapsed:.0f} CPU-s on {cpus} CPUs)")
+    print(disturbance_line(elapsed, end, machine))
     write_json(args.json, {
         "benchmark": "reconstruct",
-        "command": " ".join(
-            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
-        ),
+        "command": command_line(argv),
         "machine": machine,
         "settings": {**settings, "rtol": RTOL, "atol": "1e-5 * max|ref|", "seed": args.seed,
                      "rounds": args.rounds, "tucker_rank": TUCKER_RANK, "cp_rank": CP_RANK,
@@ -455,8 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                      "max_output_bytes": max_bytes, "targets_ours_over_tensorly": TARGETS},
         "skipped": skipped,
         "elapsed_s": elapsed,
-        **disturbance,
-        "git_at_end": git_end,
+        **end,
         "results": records,
     })
     print(f"wrote {args.json}")
