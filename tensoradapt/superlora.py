@@ -15,7 +15,7 @@ and the VJP runs the same chain backwards with each operator's analytic adjoint.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,10 +240,14 @@ class SuperLoRA:
         """Trainable parameters (fixed buffers and identity factors excluded)."""
         return sum(g.num_params for g in self.groups)
 
-    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every trainable array's name (``g{g}.split{k}.{block}``, ``k`` from 1) and shape."""
+    def parameter_shapes(self, groups: Sequence[int] | None = None) -> dict[str, tuple[int, ...]]:
+        """Every trainable array's name (``g{g}.split{k}.{block}``, ``k`` from 1) and shape.
+
+        With ``groups``, only the arrays of those groups.
+        """
         out = {}
-        for group in self.groups:
+        chosen = self.groups if groups is None else [self.groups[g] for g in groups]
+        for group in chosen:
             for k, split in enumerate(group.splits, start=1):
                 for name, shape in split.parameter_shapes().items():
                     out[f"g{group.index}.split{k}.{name}"] = shape
@@ -315,14 +319,17 @@ class SuperLoRA:
         return out
 
     # ------------------------------------------------------------------ forward
-    def _check_params(self, params: Mapping[str, Any]) -> Any:
+    def _check_params(self, params: Mapping[str, Any], groups: Sequence[int] | None = None) -> Any:
+        """Validate ``params`` (all of the plan's, or exactly those of ``groups``); return the namespace."""
         if not isinstance(params, Mapping):
             raise TypeError(f"params must be a mapping of name -> array, got {type(params).__name__}")
-        expected = self.parameter_shapes()
+        expected = self.parameter_shapes(groups)
         missing = sorted(set(expected) - set(params))
         extra = sorted(set(params) - set(expected))
         if missing or extra:
             raise ValueError(f"params do not match the plan: missing {missing[:5]}, unexpected {extra[:5]}")
+        if not params:
+            raise ValueError("params is empty: the requested groups have no trainable arrays")
         for name, shape in expected.items():
             if tuple(params[name].shape) != shape:
                 raise ValueError(f"params[{name!r}] must have shape {shape}, got {tuple(params[name].shape)}")
@@ -383,16 +390,64 @@ class SuperLoRA:
         return self.delta_for(params, range(len(self.shapes)))
 
     def delta_for(self, params: Mapping[str, Any], indices: Sequence[int]) -> list[Any]:
-        """``ΔW_i`` for the given target indices only, computing just the groups they need."""
-        xp = self._check_params(params)
+        """``ΔW_i`` for the given target indices only, computing just the groups they need.
+
+        ``params`` holds either every trainable array or exactly those of the groups the targets
+        need (:meth:`groups_for`), so a caller can keep one group's arrays apart from the rest.
+        """
         indices = list(indices)
-        if self.config.projection == "shuffle" and self.config.shuffle_scope == "global":
+        global_shuffle = self.config.projection == "shuffle" and self.config.shuffle_scope == "global"
+        needed = tuple(range(len(self.groups))) if global_shuffle else self.grouping.groups_for(indices)
+        xp = self._check_params(params, None if len(params) == self.num_arrays else needed)
+        if global_shuffle:
             outputs = [self._group_output(xp, group, params) for group in self.groups]
             shuffled = self._projection(None).apply(xp.concat(outputs))
             return self.grouping.to_targets(self.grouping.split(shuffled), targets=indices)
-        needed = self.grouping.groups_for(indices)
         outputs = {g: self._group_output(xp, self.groups[g], params) for g in needed}
         return self.grouping.to_targets(outputs, targets=indices)
+
+    def groups_for(self, indices: Sequence[int]) -> tuple[int, ...]:
+        """The groups whose outputs the targets ``indices`` need (all groups under a global shuffle)."""
+        if self.config.projection == "shuffle" and self.config.shuffle_scope == "global":
+            self.grouping.groups_for(indices)  # validates the indices
+            return tuple(range(len(self.groups)))
+        return self.grouping.groups_for(indices)
+
+    @property
+    def num_arrays(self) -> int:
+        """Number of trainable arrays (entries of :meth:`parameter_shapes`)."""
+        return sum(len(split.parameter_shapes()) for group in self.groups for split in group.splits)
+
+    def components(self) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
+        """Independent pieces of the generator: ``((targets, groups), …)`` in target order.
+
+        Two targets are in one component when some group feeds both (an integer ``G`` may cut
+        through a weight; a global shuffle ties everything together).  The targets of a component
+        are exactly the ones its groups feed, so its ``ΔW`` (:meth:`delta_for`) and its gradient
+        (:meth:`vjp_for`) need nothing from the other components: the torch bindings generate
+        and differentiate one component at a time.
+        """
+        count = len(self.shapes)
+        if self.config.projection == "shuffle" and self.config.shuffle_scope == "global":
+            return ((tuple(range(count)), tuple(range(len(self.groups)))),)
+        parent = list(range(count))
+
+        def root(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for members in self.grouping.members:
+            for i in members[1:]:
+                parent[root(i)] = root(members[0])
+        by_root: dict[int, list[int]] = {}
+        for i in range(count):
+            by_root.setdefault(root(i), []).append(i)
+        out = []
+        for targets in sorted(by_root.values()):
+            out.append((tuple(targets), self.grouping.groups_for(targets)))
+        return tuple(out)
 
     # ------------------------------------------------------------------ VJP
     def vjp(self, params: Mapping[str, Any], cotangents: Sequence[Any]) -> dict[str, Any]:
@@ -417,11 +472,61 @@ class SuperLoRA:
                 # without a projection, gather the pieces and zero-pad for the cut in one concat
                 return self.grouping.group_cotangent(xp, cotangents, g,
                                                      math.prod(group.shape) if direct else None)
+        return self._groups_vjp(xp, params, range(len(self.groups)), cotangent_of)
+
+    def _groups_vjp(self, xp: Any, params: Mapping[str, Any], groups: Iterable[int],
+                    cotangent_of: Callable[[int], Any]) -> dict[str, Any]:
         grads: dict[str, Any] = {}
-        for group in self.groups:
-            local = self._group_vjp(xp, group, params, cotangent_of(group.index))
-            grads.update({name: g * group.scale if group.scale != 1.0 else g for name, g in local.items()})
+        for g in groups:
+            group = self.groups[g]
+            local = self._group_vjp(xp, group, params, cotangent_of(g))
+            grads.update({name: v * group.scale if group.scale != 1.0 else v for name, v in local.items()})
         return grads
+
+    def vjp_for(self, params: Mapping[str, Any], indices: Sequence[int],
+                cotangents: Sequence[Any]) -> dict[str, Any]:
+        """Gradients of the arrays of the groups ``indices`` need, given ``W̄_i`` for those targets.
+
+        ``indices`` must be closed under the groups (every target fed by one of those groups is
+        listed), as the targets of a :meth:`components` entry are; ``cotangents[j]`` belongs to
+        target ``indices[j]``.  ``params`` holds every array or exactly those groups' arrays; the
+        result holds those groups' arrays only.
+        """
+        indices = [int(i) for i in indices]
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"indices must not repeat a target, got {indices}")
+        needed = self.groups_for(indices)
+        fed = sorted({i for g in needed for i in self.grouping.members[g]})
+        if self.config.projection == "shuffle" and self.config.shuffle_scope == "global":
+            fed = list(range(len(self.shapes)))
+        if sorted(indices) != fed:
+            raise ValueError(
+                f"indices {sorted(indices)} are not closed under their groups {list(needed)}: those groups also "
+                f"feed targets {sorted(set(fed) - set(indices))}; pass a component's targets (see components())"
+            )
+        if not isinstance(cotangents, (list, tuple)) or len(cotangents) != len(indices):
+            raise ValueError(f"cotangents must be a list of {len(indices)} arrays (one per index)")
+        if len(indices) == len(self.shapes):
+            order = sorted(range(len(indices)), key=indices.__getitem__)
+            full = [cotangents[j] for j in order]
+            grads = self.vjp(params, full)
+            return grads if len(params) == len(grads) else {k: grads[k] for k in params}
+        xp = self._check_params(params, None if len(params) == self.num_arrays else needed)
+        for i, c in zip(indices, cotangents, strict=True):
+            if tuple(c.shape) != self.shapes[i]:
+                raise ValueError(f"the cotangent of target {i} must have shape {self.shapes[i]}, got {tuple(c.shape)}")
+        namespace(**indexed("cotangents", list(cotangents)), **params)
+        check_floating(xp, [("cotangents[0]", cotangents[0])])
+        full: list[Any] = [None] * len(self.shapes)
+        for i, c in zip(indices, cotangents, strict=True):
+            full[i] = c
+
+        def cotangent_of(g: int) -> Any:
+            group = self.groups[g]
+            direct = self.config.layout == "fold" and self._group_projection(g) is None
+            return self.grouping.group_cotangent(xp, full, g, math.prod(group.shape) if direct else None)
+
+        return self._groups_vjp(xp, params, needed, cotangent_of)
 
     def _group_vjp(self, xp: Any, group: GroupPlan, params: Mapping[str, Any], cot: Any) -> dict[str, Any]:
         if self.config.layout != "stack":

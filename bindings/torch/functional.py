@@ -23,6 +23,7 @@ __all__ = [
     "kron",
     "pad",
     "shuffle",
+    "superlora_component_delta",
     "superlora_delta",
     "tucker_to_tensor",
 ]
@@ -138,6 +139,53 @@ class _SuperLoRADelta(torch.autograd.Function):
         ]
         param_grads = ctx.plan.vjp(params, cotangents)
         return (None, None, *(param_grads[name] for name in ctx.names))
+
+
+class _ComponentDelta(torch.autograd.Function):
+    """``ΔW`` of one :meth:`SuperLoRA.components` entry from that component's arrays only."""
+
+    @staticmethod
+    def forward(ctx: Any, plan: SuperLoRA, targets: tuple[int, ...], names: tuple[str, ...],
+                *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.plan, ctx.targets, ctx.names = plan, targets, names
+        ctx.save_for_backward(*values)
+        with _full_precision(values[0]):
+            out = plan.delta_for(dict(zip(names, values, strict=True)), targets)
+        return tuple(_own(d, *values) for d in out)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        values = ctx.saved_tensors
+        ref = values[0]
+        cotangents = [
+            torch.zeros(ctx.plan.shapes[i], dtype=ref.dtype, device=ref.device) if g is None
+            else g.to(ref.dtype).contiguous()
+            for g, i in zip(grads, ctx.targets, strict=True)
+        ]
+        with _full_precision(ref):
+            param_grads = ctx.plan.vjp_for(dict(zip(ctx.names, values, strict=True)), ctx.targets, cotangents)
+        return (None, None, None, *(param_grads[name] for name in ctx.names))
+
+
+def _full_precision(ref: torch.Tensor) -> Any:
+    """Autocast off: reconstruction and Fastfood run in the parameters' dtype (fp32) even
+    inside a bf16/fp16 ``torch.autocast`` region."""
+    return torch.autocast(device_type=ref.device.type, enabled=False)
+
+
+def superlora_component_delta(plan: SuperLoRA, targets: Sequence[int],
+                              params: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """``ΔW_i`` for the targets of one component (see :meth:`tensoradapt.SuperLoRA.components`)
+    as one autograd node.
+
+    ``params`` holds exactly the arrays of that component's groups; the backward calls
+    :meth:`tensoradapt.SuperLoRA.vjp_for`, so only those groups are differentiated.  Autocast is
+    switched off inside, so the reconstruction runs in the parameters' dtype.
+    """
+    if not isinstance(plan, SuperLoRA):
+        raise TypeError(f"plan must be a tensoradapt.SuperLoRA, got {type(plan).__name__}")
+    names = tuple(sorted(params))
+    return list(_ComponentDelta.apply(plan, tuple(int(t) for t in targets), names, *(params[n] for n in names)))
 
 
 def tucker_to_tensor(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:

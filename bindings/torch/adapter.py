@@ -1,0 +1,417 @@
+"""``attach(model, SuperLoRAConfig(...), targets)``: SuperLoRA on a live PyTorch model.
+
+Each targeted module is wrapped by an :class:`AdaptedLayer` that calls the original module with
+the weight ``W + ΔW``; the :class:`Adapter` (registered on the model as ``model.tensoradapt``)
+owns every trainable tensor and generates ``ΔW`` one component of the generator at a time
+(:meth:`tensoradapt.SuperLoRA.components`), **once per model forward**: the first layer that needs
+a component triggers it and later layers reuse the result until the forward ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tensoradapt import SuperLoRA, SuperLoRAConfig, buffers
+from tensoradapt._version import __version__
+from torch import nn
+
+from ._io import FORMAT, FORMAT_VERSION, AdapterFileError, write_adapter
+from ._targets import TargetSpec, WeightView, match_targets, weight_view
+from .functional import superlora_component_delta
+
+__all__ = ["ADAPTER_ATTRIBUTE", "AdaptedLayer", "Adapter", "attach_superlora", "load_superlora"]
+
+ADAPTER_ATTRIBUTE = "tensoradapt"
+
+
+def _safe_key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class AdaptedLayer(nn.Module):
+    """A targeted module with its adapter: ``forward`` runs the original module with ``W + ΔW``.
+
+    ``base_layer`` is the original module (its parameters untouched).  While the adapter is
+    merged or disabled, the base layer runs as is.
+    """
+
+    def __init__(self, base_layer: nn.Module, index: int, view: WeightView, owner: Adapter) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.index = index
+        self.view = view
+        object.__setattr__(self, "_owner", owner)  # not a submodule: the adapter is registered once, on the model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        owner: Adapter = self._owner
+        if not owner.active:
+            return self.base_layer(*args, **kwargs)
+        weight = self.base_layer.weight
+        delta = self.view.to_weight(owner._delta(self.index))
+        if weight.dtype == delta.dtype:
+            effective = weight + delta
+        else:  # half-precision weights: add in fp32, round once
+            effective = (weight.to(delta.dtype) + delta).to(weight.dtype)
+        kind, base = self.view.kind, self.base_layer
+        if kind == "linear" and type(base) is nn.Linear and len(args) == 1 and not kwargs:
+            return F.linear(args[0], effective, base.bias)
+        if kind == "conv1d" and len(args) == 1 and not kwargs:
+            x = args[0]
+            out = torch.addmm(base.bias, x.reshape(-1, x.shape[-1]), effective)
+            return out.reshape(*x.shape[:-1], effective.shape[1])
+        return torch.func.functional_call(base, {"weight": effective}, args, kwargs)
+
+    def extra_repr(self) -> str:
+        return f"target={self.index}, kind={self.view.kind}, delta_shape={self.view.shape}"
+
+
+class Adapter(nn.Module):
+    """SuperLoRA attached to a model (made by :func:`tensoradapt.torch.attach`).
+
+    Attributes
+    ----------
+    plan : tensoradapt.SuperLoRA
+        The generator over the targets' ``(o, n)`` shapes.
+    target_names : tuple of str
+        Module names of the targets, in ``named_modules()`` order.
+    params : nn.ParameterDict
+        The trainable arrays (keys are the generator's names with ``.`` → ``__``).
+    """
+
+    def __init__(self, model: nn.Module, config: SuperLoRAConfig, found: list[tuple[str, nn.Module]], *,
+                 freeze_base: bool, seed: int | None, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        views = [weight_view(name, module) for name, module in found]
+        names = [name for name, _ in found]
+        self.plan = SuperLoRA(config, [v.shape for v in views], names)
+        self.config = config
+        self.target_names = tuple(names)
+        self.views = tuple(views)
+        self.seed = config.seed if seed is None else int(seed)
+        first = found[0][1].weight
+        if dtype is None:
+            dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        initial = self.plan.init(self.seed, xp=torch, dtype=dtype, device=first.device)
+        self.params = nn.ParameterDict({_safe_key(k): nn.Parameter(v) for k, v in initial.items()})
+        self._components = self.plan.components()
+        self._component_of = {}
+        for c, (targets, _) in enumerate(self._components):
+            for position, t in enumerate(targets):
+                self._component_of[t] = (c, position)
+        self._group_names = [
+            tuple(sorted(self.plan.parameter_shapes(groups))) for _, groups in self._components
+        ]
+        object.__setattr__(self, "_model", model)
+        self._originals = [module for _, module in found]
+        self._wrappers: list[AdaptedLayer] = []
+        self._merged_weights: list[torch.Tensor] | None = None
+        self._disabled = 0
+        self._cache: dict[tuple[int, bool], tuple[torch.Tensor, ...]] | None = None
+        self._depth = 0
+        self._requires_grad: dict[str, bool] = {}
+        self._hooks: list[Any] = []
+        self._attached = False
+        self._freeze_base = freeze_base
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The identity on its first argument.
+
+        The adapter is registered on the model so that ``model.parameters()``, ``.to()``,
+        ``state_dict()`` and DistributedDataParallel see its tensors; its computation happens in
+        the :class:`AdaptedLayer` wrappers.  Containers that call every child in turn
+        (``nn.Sequential``) therefore pass through it unchanged.
+        """
+        return args[0] if args else None
+
+    # ------------------------------------------------------------------ installation
+    def _install(self) -> None:
+        model = self._model
+        if hasattr(model, ADAPTER_ATTRIBUTE):
+            raise RuntimeError(
+                f"the model already has an attribute {ADAPTER_ATTRIBUTE!r} (an adapter is attached?); "
+                "detach it first"
+            )
+        for name, module in zip(self.target_names, self._originals, strict=True):
+            if isinstance(module, AdaptedLayer):
+                raise RuntimeError(f"target {name!r} is already adapted; detach the other adapter first")
+        if self._freeze_base:
+            self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+            for p in model.parameters():
+                p.requires_grad_(False)
+        for i, (name, module) in enumerate(zip(self.target_names, self._originals, strict=True)):
+            wrapper = AdaptedLayer(module, i, self.views[i], self)
+            self._wrappers.append(wrapper)
+            _replace(model, name, wrapper)
+        model.add_module(ADAPTER_ATTRIBUTE, self)
+        self._hooks = [
+            model.register_forward_pre_hook(self._begin_forward),
+            model.register_forward_hook(self._end_forward, always_call=True),
+        ]
+        self._attached = True
+
+    def _begin_forward(self, module: nn.Module, args: Any) -> None:
+        if self._depth == 0:
+            self._cache = {}
+        self._depth += 1
+
+    def _end_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0:
+            self._cache = None
+
+    # ------------------------------------------------------------------ ΔW
+    @property
+    def active(self) -> bool:
+        """Whether the adapted layers add ``ΔW`` (not merged, not disabled, attached)."""
+        return self._attached and self._merged_weights is None and self._disabled == 0
+
+    def _component_params(self, c: int) -> dict[str, torch.Tensor]:
+        return {name: self.params[_safe_key(name)] for name in self._group_names[c]}
+
+    def _generate(self, c: int) -> tuple[torch.Tensor, ...]:
+        targets = self._components[c][0]
+        return tuple(superlora_component_delta(self.plan, targets, self._component_params(c)))
+
+    def _delta(self, index: int) -> torch.Tensor:
+        c, position = self._component_of[index]
+        if self._cache is None:  # outside a model forward (e.g. checkpoint recomputation): no reuse
+            return self._generate(c)[position]
+        key = (c, torch.is_grad_enabled())  # never hand a graph-less ΔW to a layer that needs grads
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = self._generate(c)
+        return hit[position]
+
+    @torch.no_grad()
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """``{target name: ΔW}`` with each ``ΔW`` shaped ``(o, n)`` (Conv1D: ``(out, in)``), detached."""
+        out: dict[str, torch.Tensor] = {}
+        for c, (targets, _) in enumerate(self._components):
+            for t, delta in zip(targets, self._generate(c), strict=True):
+                out[self.target_names[t]] = delta
+        return out
+
+    # ------------------------------------------------------------------ parameters and reporting
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The adapter's trainable tensors (give these to the optimiser)."""
+        return list(self.params.values())
+
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(generator name, parameter)`` pairs, e.g. ``("g0.split1.factor0", …)``."""
+        for key, value in self.params.items():
+            yield key.replace("__", "."), value
+
+    @property
+    def num_params(self) -> int:
+        """Number of trainable entries (equals ``tensoradapt.count_params`` for the same shapes)."""
+        return self.plan.num_params
+
+    def summary(self) -> str:
+        """A table: trainable vs all parameters (like PEFT's ``print_trainable_parameters``),
+        the targets with their ``(o, n)`` shapes, and the generator's per-group shapes."""
+        model = self._model
+        adapter_ids = {id(p) for p in self.params.values()}
+        base = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = base + self.num_params
+        lines = [
+            f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}",
+            f"adapter params: {self.num_params:,} in {len(self.params)} tensors, {len(self.target_names)} targets, "
+            f"state={'merged' if self._merged_weights is not None else 'disabled' if self._disabled else 'active'}",
+            f"{'#':>4} {'target':<40} {'kind':<7} {'delta (o, n)':<14}",
+        ]
+        for i, (name, view) in enumerate(zip(self.target_names, self.views, strict=True)):
+            lines.append(f"{i:>4} {name:<40} {view.kind:<7} {f'{view.shape[0]}x{view.shape[1]}':<14}")
+        lines.append(self.plan.describe())
+        return "\n".join(lines)
+
+    def print_trainable_parameters(self) -> None:
+        """Print the first line of :meth:`summary` (PEFT's format)."""
+        print(self.summary().splitlines()[0])
+
+    # ------------------------------------------------------------------ merge / unmerge / detach
+    def _check_attached(self) -> None:
+        if not self._attached:
+            raise RuntimeError("this adapter was detached from its model")
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add ``ΔW`` into the targets' weights (inference without overhead).
+
+        The original weights are kept (on their device) so that :meth:`unmerge` and :meth:`detach`
+        restore them bit for bit.  Refuses (``RuntimeError``) when already merged and
+        (``FloatingPointError``) when any ``ΔW`` has a NaN or infinite entry; in both cases the
+        model is left unchanged.
+        """
+        self._check_attached()
+        if self._merged_weights is not None:
+            raise RuntimeError("the adapter is already merged; call unmerge() first")
+        deltas = []
+        for c, (targets, _) in enumerate(self._components):
+            deltas.extend(zip(targets, self._generate(c), strict=True))
+        deltas.sort(key=lambda item: item[0])
+        for t, delta in deltas:
+            if not bool(torch.isfinite(delta).all()):
+                raise FloatingPointError(
+                    f"ΔW of target {self.target_names[t]!r} has non-finite entries; the model was not changed"
+                )
+        originals = []
+        for (t, delta), module in zip(deltas, self._originals, strict=True):
+            weight = module.weight
+            originals.append(weight.detach().clone())
+            update = self.views[t].to_weight(delta)
+            weight.copy_((weight.to(update.dtype) + update).to(weight.dtype))
+        self._merged_weights = originals
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the weights saved by :meth:`merge` (bit for bit)."""
+        self._check_attached()
+        if self._merged_weights is None:
+            raise RuntimeError("the adapter is not merged")
+        for module, original in zip(self._originals, self._merged_weights, strict=True):
+            module.weight.copy_(original)
+        self._merged_weights = None
+
+    @property
+    def merged(self) -> bool:
+        return self._merged_weights is not None
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the base model only, e.g. ``with adapter.disabled(): ref = model(x)``."""
+        self._disabled += 1
+        try:
+            yield
+        finally:
+            self._disabled -= 1
+
+    def _uninstall(self) -> nn.Module:
+        model = self._model
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for name, module in zip(self.target_names, self._originals, strict=True):
+            _replace(model, name, module)
+        if getattr(model, ADAPTER_ATTRIBUTE, None) is self:
+            delattr(model, ADAPTER_ATTRIBUTE)
+        for name, p in model.named_parameters():
+            if name in self._requires_grad:
+                p.requires_grad_(self._requires_grad[name])
+        self._wrappers = []
+        self._attached = False
+        self._cache = None
+        return model
+
+    def detach(self) -> nn.Module:
+        """Remove the adapter: the original modules go back in place with their original weights
+        (unmerged first if merged), ``requires_grad`` flags restored; returns the model."""
+        self._check_attached()
+        if self._merged_weights is not None:
+            self.unmerge()
+        return self._uninstall()
+
+    def merge_and_detach(self) -> nn.Module:
+        """Merge ``ΔW`` into the weights and remove the adapter: a plain model with updated weights."""
+        self._check_attached()
+        if self._merged_weights is None:
+            self.merge()
+        self._merged_weights = None
+        return self._uninstall()
+
+    # ------------------------------------------------------------------ files
+    def metadata(self) -> dict[str, Any]:
+        """The JSON metadata an adapter file carries."""
+        dtype = next(iter(self.params.values())).dtype
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            "method": "superlora",
+            "config": self.config.to_dict(),
+            "targets": [
+                {"name": n, "kind": v.kind, "shape": list(v.shape), "weight_shape": list(v.weight_shape)}
+                for n, v in zip(self.target_names, self.views, strict=True)
+            ],
+            "parameters": {name: list(p.shape) for name, p in self.named_trainable_parameters()},
+            "param_dtype": str(dtype).removeprefix("torch."),
+            "seed": self.seed,
+            "generator_id": buffers.GENERATOR_ID,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the adapter to ``path`` (``.safetensors``; tensors plus JSON metadata), atomically."""
+        return write_adapter(path, dict(self.named_trainable_parameters()), self.metadata())
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _resolve(model: nn.Module, found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    for name, module in found:
+        if isinstance(module, AdaptedLayer) or ".base_layer" in f".{name}":
+            raise RuntimeError(f"module {name!r} belongs to an attached adapter; detach it first")
+    return found
+
+
+def attach_superlora(model: nn.Module, config: SuperLoRAConfig, targets: TargetSpec, *, freeze_base: bool = True,
+                     seed: int | None = None, dtype: torch.dtype | None = None) -> Adapter:
+    """Attach SuperLoRA to ``model`` (see :func:`tensoradapt.torch.attach`)."""
+    if not isinstance(config, SuperLoRAConfig):
+        raise TypeError(f"config must be a SuperLoRAConfig, got {type(config).__name__}")
+    found = _resolve(model, match_targets(model, targets))
+    adapter = Adapter(model, config, found, freeze_base=freeze_base, seed=seed, dtype=dtype)
+    adapter._install()
+    return adapter
+
+
+def load_superlora(model: nn.Module, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], *,
+                   path: str, freeze_base: bool = True) -> Adapter:
+    """Rebuild a saved SuperLoRA adapter on ``model`` (checks targets, shapes and dtypes first)."""
+    try:
+        config = SuperLoRAConfig.from_dict(metadata["config"])
+        records = metadata["targets"]
+        names = [r["name"] for r in records]
+        shapes = [tuple(r["shape"]) for r in records]
+    except (KeyError, TypeError, ValueError) as error:
+        raise AdapterFileError(f"{path!r}: unreadable SuperLoRA metadata ({error})") from None
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise AdapterFileError(
+            f"{path!r} targets modules the model does not have: {missing[:5]}"
+            f"{' …' if len(missing) > 5 else ''} ({len(missing)} of {len(names)})"
+        )
+    found = _resolve(model, [(n, modules[n]) for n in names])
+    mismatched = []
+    for (name, module), shape in zip(found, shapes, strict=True):
+        view = weight_view(name, module)
+        if view.shape != shape:
+            mismatched.append(f"{name}: file {shape} vs model {view.shape}")
+    if mismatched:
+        raise AdapterFileError(f"{path!r} does not fit this model, target shapes differ: " + "; ".join(mismatched[:5]))
+    dtype = getattr(torch, str(metadata.get("param_dtype")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise AdapterFileError(f"{path!r}: param_dtype {metadata.get('param_dtype')!r} is not a floating torch dtype")
+    adapter = Adapter(model, config, found, freeze_base=freeze_base, seed=int(metadata.get("seed", config.seed)),
+                      dtype=dtype)
+    expected = adapter.plan.parameter_shapes()
+    if set(expected) != set(tensors) or any(list(tensors[k].shape) != list(s) for k, s in expected.items()):
+        raise AdapterFileError(f"{path!r}: the stored parameters do not match the plan their config makes")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            adapter.params[_safe_key(name)].copy_(value)
+    adapter._install()
+    return adapter
+
