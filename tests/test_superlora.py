@@ -245,3 +245,61 @@ def test_budget_errors_and_families() -> None:
         budget([(4, 4)], 100, families=["vera"])
     assert all(e.family == "lora" for e in budget([(8, 8)], 10**6, families=["lora"]))
     assert budget([(8, 8), (8, 4)], 10**6, families=["lotr"]) == []  # LoTR needs equal shapes
+
+
+# ---------------------------------------------------------------- components (what the torch bindings use)
+def _params_of(plan, params, groups):
+    keep = set(plan.parameter_shapes(groups))
+    return {k: v for k, v in params.items() if k in keep}
+
+
+@given(plan=plans(), seed=st.integers(0, 2**31 - 1))
+def test_components_partition_targets_and_groups_and_match_delta_and_vjp(plan, seed) -> None:
+    components = plan.components()
+    targets = [t for ts, _ in components for t in ts]
+    groups = [g for _, gs in components for g in gs]
+    assert sorted(targets) == list(range(len(plan.shapes)))
+    assert sorted(groups) == list(range(len(plan.groups)))
+    params = plan.init(seed, dtype=np.float64, zero=False)
+    full_delta = plan.delta(params)
+    cots = _random_cotangents(plan, seed)
+    full_grads = plan.vjp(params, cots)
+    seen: set[str] = set()
+    for ts, gs in components:
+        local = _params_of(plan, params, gs)
+        seen |= set(local)
+        for t, d in zip(ts, plan.delta_for(local, ts), strict=True):
+            np.testing.assert_array_equal(d, full_delta[t])
+        grads = plan.vjp_for(local, ts, [cots[t] for t in ts])
+        assert set(grads) == set(local)
+        for name, value in grads.items():
+            np.testing.assert_allclose(value, full_grads[name], rtol=1e-12, atol=1e-12)
+    assert seen == set(params)
+
+
+def test_components_of_common_groupings() -> None:
+    shapes = [(6, 8), (6, 8), (4, 5), (7, 3)]
+    assert SuperLoRA(presets.lora(2), shapes).components() == tuple(((i,), (i,)) for i in range(4))
+    assert SuperLoRA(presets.lorta(3, 2, groups=1), shapes).components() == (((0, 1, 2, 3), (0,)),)
+    # an integer G cuts through weights: groups 0..2 over targets 0..3 chain them into one component
+    assert SuperLoRA(SuperLoRAConfig(rank=2, order=3, grouping=3), shapes).components() == (((0, 1, 2, 3), (0, 1, 2)),)
+    explicit = SuperLoRA(SuperLoRAConfig(rank=2, order=3, grouping=((0, 2), (1,), (3,))), shapes)
+    assert explicit.components() == (((0, 2), (0,)), ((1,), (1,)), ((3,), (2,)))
+    glob = presets.with_projection(presets.lorta(3, 2, groups=2), "shuffle", scope="global")
+    assert SuperLoRA(glob, shapes).components() == (((0, 1, 2, 3), (0, 1)),)
+
+
+def test_vjp_for_errors() -> None:
+    plan = SuperLoRA(SuperLoRAConfig(rank=2, order=3, grouping=((0, 2), (1,), (3,))), [(6, 8), (6, 8), (4, 5), (7, 3)])
+    params = plan.init(0, zero=False)
+    cots = _random_cotangents(plan)
+    with pytest.raises(ValueError, match=r"not closed under their groups \[0\].*feed targets \[2\]"):
+        plan.vjp_for(params, [0], [cots[0]])
+    with pytest.raises(ValueError, match="must not repeat"):
+        plan.vjp_for(params, [1, 1], [cots[1], cots[1]])
+    with pytest.raises(ValueError, match="cotangents must be a list of 1"):
+        plan.vjp_for(params, [1], [cots[1], cots[3]])
+    with pytest.raises(ValueError, match=r"cotangent of target 1 must have shape \(6, 8\)"):
+        plan.vjp_for(params, [1], [cots[0][:, :3]])
+    with pytest.raises(ValueError, match="missing"):  # params of group 1 only, but target 3 needs group 2
+        plan.delta_for(_params_of(plan, params, [1]), [3])

@@ -148,14 +148,17 @@ class _ComponentDelta(torch.autograd.Function):
     def forward(ctx: Any, plan: SuperLoRA, targets: tuple[int, ...], names: tuple[str, ...],
                 *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.plan, ctx.targets, ctx.names = plan, targets, names
-        ctx.save_for_backward(*values)
+        # The inputs are leaf parameters: keep references instead of save_for_backward, so that
+        # activation checkpointing (which re-runs a region until it has recovered every tensor the
+        # region saved) sees the same saved tensors whether a layer generated ΔW or reused it.
+        ctx.values = values
         with _full_precision(values[0]):
             out = plan.delta_for(dict(zip(names, values, strict=True)), targets)
         return tuple(_own(d, *values) for d in out)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        values = ctx.saved_tensors
+        values = tuple(v.detach() for v in ctx.values)
         ref = values[0]
         cotangents = [
             torch.zeros(ctx.plan.shapes[i], dtype=ref.dtype, device=ref.device) if g is None
