@@ -7,12 +7,12 @@ import copy
 import pytest
 
 torch = pytest.importorskip("torch")
+import tensoradapt.torch as tat  # noqa: E402
+from tensoradapt.torch import functional as taf  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
-import tensoradapt.torch as tat  # noqa: E402
 from tensoradapt import SuperLoRA, SuperLoRAConfig, count_params, presets  # noqa: E402
-from tensoradapt.torch import functional as taf  # noqa: E402
 
 PRESETS = {
     "lora": presets.lora(2, alpha=4),
@@ -101,7 +101,7 @@ def test_init_is_a_no_op_then_training_changes_only_the_adapter(name) -> None:
     unmerged = model(x).detach()
     adapter.merge()
     torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-6)
-    with pytest.raises(RuntimeError, match="already merged"):
+    with pytest.raises(RuntimeError, match=r"already merged"):
         adapter.merge()
     adapter.unmerge()
     torch.testing.assert_close(model(x), unmerged, rtol=0, atol=0)
@@ -196,7 +196,7 @@ def test_merge_refuses_non_finite_delta_and_leaves_the_model_unchanged() -> None
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         next(iter(adapter.trainable_parameters())).fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="non-finite.*not changed"):
+    with pytest.raises(FloatingPointError, match=r"non-finite.*not changed"):
         adapter.merge()
     assert not adapter.merged
     for k, v in model.state_dict().items():
@@ -206,12 +206,12 @@ def test_merge_refuses_non_finite_delta_and_leaves_the_model_unchanged() -> None
 def test_unmerge_and_detach_errors() -> None:
     model = _model()
     adapter = tat.attach(model, presets.lora(2), ["query"])
-    with pytest.raises(RuntimeError, match="not merged"):
+    with pytest.raises(RuntimeError, match=r"not merged"):
         adapter.unmerge()
-    with pytest.raises(RuntimeError, match="already has an attribute 'tensoradapt'"):
+    with pytest.raises(RuntimeError, match=r"already has an attribute 'tensoradapt'"):
         tat.attach(model, presets.lora(2), ["value"])
     adapter.detach()
-    with pytest.raises(RuntimeError, match="detached"):
+    with pytest.raises(RuntimeError, match=r"detached"):
         adapter.merge()
 
 
@@ -232,15 +232,15 @@ def test_target_selection() -> None:
     assert by_suffix == ["blocks.0.query", "blocks.0.value", "blocks.1.query", "blocks.1.value"]
     assert [n for n, _ in tat.match_targets(model, r"blocks\.\d+\.(query|value)")] == by_suffix
     assert [n for n, _ in tat.match_targets(model, lambda n, m: n.endswith("value"))] == by_suffix[1::2]
-    with pytest.raises(ValueError, match="matched no module"):  # suffixes match whole name components
+    with pytest.raises(ValueError, match=r"matched no module"):  # suffixes match whole name components
         tat.match_targets(model, ["ue"])
-    with pytest.raises(ValueError, match="not a valid regular expression"):
+    with pytest.raises(ValueError, match=r"not a valid regular expression"):
         tat.match_targets(model, "(")
-    with pytest.raises(TypeError, match="targets must be a non-empty list"):
+    with pytest.raises(TypeError, match=r"targets must be a non-empty list"):
         tat.match_targets(model, [])
-    with pytest.raises(TypeError, match="has no `weight` tensor"):
+    with pytest.raises(TypeError, match=r"has no `weight` tensor"):
         tat.attach(model, presets.lora(2), ["blocks.0"])
-    with pytest.raises(TypeError, match="config must be a tensoradapt.SuperLoRAConfig"):
+    with pytest.raises(TypeError, match=r"config must be a tensoradapt.SuperLoRAConfig"):
         tat.attach(model, {"rank": 2}, ["query"])
 
 
@@ -260,7 +260,7 @@ def test_conv_and_1d_weights() -> None:
     adapted = model(x).detach()
     adapter.merge()
     torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-6)
-    with pytest.raises(TypeError, match="1-D weight"):
+    with pytest.raises(TypeError, match=r"1-D weight"):
         tat.attach(nn.Sequential(nn.LayerNorm(4)), presets.lora(1), ["0"])
 
 
