@@ -14,6 +14,8 @@ buffers
     Reproducible fixed random buffers (signs, permutations, Gaussians).
 presets
     LoRA, LoKr, KronA, LoHa, LoTR, LoNKr, LoRTA, dense, and projections on any of them.
+glora
+    GLoRA's layer algebra (support tensors, merged weight and bias, VJPs, parameter counts).
 testing
     Hypothesis strategies and a reduction checker (needs ``hypothesis``; imported on request).
 
@@ -21,16 +23,19 @@ The SuperLoRA generator is :class:`SuperLoRA` (configured by :class:`SuperLoRACo
 :func:`count_params` and :func:`budget` count parameters from shapes alone.
 """
 
-from . import buffers, ops, presets
+from . import buffers, glora, ops, presets
 from ._version import __version__
 from .budget import BudgetEntry, budget, count_params
 from .config import SuperLoRAConfig
 from .factorize import factorization
+from .glora import GLoRAConfig, LayerChoice
 from .ops.fold import fold_shape, fold_side
 from .superlora import SuperLoRA
 
 __all__ = [
     "BudgetEntry",
+    "GLoRAConfig",
+    "LayerChoice",
     "SuperLoRA",
     "SuperLoRAConfig",
     "__version__",
@@ -40,6 +45,7 @@ __all__ = [
     "factorization",
     "fold_shape",
     "fold_side",
+    "glora",
     "ops",
     "presets",
 ]

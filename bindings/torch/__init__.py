@@ -18,12 +18,13 @@ except ImportError as error:  # pragma: no cover - exercised only without torch
         "tensoradapt.torch needs PyTorch; install it with `pip install tensoradapt[torch]`"
     ) from error
 
-from tensoradapt import SuperLoRAConfig
+from tensoradapt import GLoRAConfig, SuperLoRAConfig
 
-from . import functional
+from . import functional, glora
 from ._io import FORMAT_VERSION, AdapterFileError, read_metadata
 from ._targets import match_targets
 from .adapter import AdaptedLayer, Adapter, attach_superlora, load_superlora
+from .glora import GLoRAAdapter, GLoRALayer, GLoRASearchResult, attach_glora, load_glora
 
 __all__ = [
     "FORMAT_VERSION",
@@ -31,8 +32,12 @@ __all__ = [
     "AdaptedLayer",
     "Adapter",
     "AdapterFileError",
+    "GLoRAAdapter",
+    "GLoRALayer",
+    "GLoRASearchResult",
     "attach",
     "functional",
+    "glora",
     "load",
     "match_targets",
     "read_metadata",
@@ -67,20 +72,9 @@ def attach(model: _torch.nn.Module, config: Any, targets: Any, *, freeze_base: b
     """
     if isinstance(config, SuperLoRAConfig):
         return attach_superlora(model, config, targets, freeze_base=freeze_base, **options)
-    glora_config = _glora_config_type()
-    if glora_config is not None and isinstance(config, glora_config):
-        from .glora import attach_glora
-
+    if isinstance(config, GLoRAConfig):
         return attach_glora(model, config, targets, freeze_base=freeze_base, **options)
     raise TypeError(f"config must be a tensoradapt.SuperLoRAConfig or GLoRAConfig, got {type(config).__name__}")
-
-
-def _glora_config_type() -> type | None:
-    try:
-        from tensoradapt.glora import GLoRAConfig
-    except ImportError:  # pragma: no cover - while GLoRA is not installed
-        return None
-    return GLoRAConfig
 
 
 def load(model: _torch.nn.Module, path: str | os.PathLike[str], *, freeze_base: bool = True) -> Any:
@@ -98,7 +92,5 @@ def load(model: _torch.nn.Module, path: str | os.PathLike[str], *, freeze_base: 
     if method == "superlora":
         return load_superlora(model, tensors, metadata, path=str(path), freeze_base=freeze_base)
     if method == "glora":
-        from .glora import load_glora
-
         return load_glora(model, tensors, metadata, freeze_base=freeze_base)
     raise AdapterFileError(f"{str(path)!r}: unknown adapter method {method!r}")

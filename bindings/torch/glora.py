@@ -1,0 +1,914 @@
+r"""GLoRA on a live PyTorch model: supernet training, evolutionary search, structural merge.
+
+``attach_glora(model, GLoRAConfig(...), targets)`` (also reached through
+:func:`tensoradapt.torch.attach`) wraps each targeted ``nn.Linear`` or transformers ``Conv1D`` in a
+:class:`GLoRALayer` and registers a :class:`GLoRAAdapter` on the model as ``model.tensoradapt``;
+the adapter owns every trainable tensor.  Each wrapped layer computes (spec Part II §7.1)::
+
+    W' = W0 + W0 ⊙ A + B,   b' = b0 + b0 ⊙ D + E + W0 · C,   y = x W'ᵀ + b'
+
+with the support tensors chosen per layer by a :class:`tensoradapt.glora.LayerChoice`:
+
+* ``model.train()`` and no fixed configs: every call of every adapted layer draws a choice
+  uniformly from its search space (the supernet; seeded, reproducible);
+* fixed configs (:meth:`GLoRAAdapter.set_configs`, or :func:`search`): those, in any mode;
+* ``model.eval()`` and no fixed configs: the **largest** choice of each layer's space (the full
+  supernet: A, B, C LoRA at the largest rank, D, E vector), deterministic.
+
+``W'`` and ``b'`` come from an autograd Function whose backward is the core's analytic VJP
+(:func:`tensoradapt.glora.glora_vjp`).  :meth:`GLoRAAdapter.merge` is the structural
+re-parameterisation: every wrapper is replaced by a fresh module of the original type holding
+``W'`` and ``b'`` (zero inference overhead); :meth:`GLoRAAdapter.unmerge` puts the wrappers back
+(the original ``W0``, ``b0`` were never modified, so nothing is divided out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import torch
+import torch.nn.functional as F
+from tensoradapt import buffers
+from tensoradapt._version import __version__
+from tensoradapt.glora import (
+    TENSORS,
+    GLoRAConfig,
+    LayerChoice,
+    glora_init,
+    glora_param_count,
+    glora_stored_param_count,
+    largest_choice,
+    search_space,
+)
+from tensoradapt.glora import glora_vjp as _core_vjp
+from tensoradapt.glora import glora_weight_bias as _core_weight_bias
+from torch import nn
+
+from ._io import FORMAT, FORMAT_VERSION, AdapterFileError, read_adapter, write_adapter
+from ._targets import TargetSpec, WeightView, match_targets, weight_view
+
+try:  # the attribute under which every tensoradapt adapter registers itself on its model
+    from .adapter import ADAPTER_ATTRIBUTE
+except ImportError:  # pragma: no cover - the SuperLoRA adapter module is always shipped
+    ADAPTER_ATTRIBUTE = "tensoradapt"
+
+__all__ = [
+    "GLoRAAdapter",
+    "GLoRALayer",
+    "GLoRASearchResult",
+    "SearchRecord",
+    "attach_glora",
+    "glora_weight_bias",
+    "load_glora",
+    "search",
+]
+
+_NAMES = ("A_d", "A_u", "B_d", "B_u", "C_d", "C_u", "D", "E")
+_SAMPLE_STREAM = 0x676C6F7261  # "glora": the SeedSequence entropy word of the supernet sampler
+
+
+# ---------------------------------------------------------------------------------- autograd
+class _GLoRAWeightBias(torch.autograd.Function):
+    """``(W', b') = glora_weight_bias(W0, b0, params, choice)``; backward = the core VJP."""
+
+    @staticmethod
+    def forward(ctx: Any, choice: LayerChoice, W0: torch.Tensor, b0: torch.Tensor | None,
+                *params: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        named = {k: p for k, p in zip(_NAMES, params, strict=True) if p is not None}
+        W, b = _core_weight_bias(W0, b0, named, choice)
+        ctx.choice = choice
+        ctx.save_for_backward(W0, b0, *params)
+        return W, b
+
+    @staticmethod
+    def backward(ctx: Any, W_bar: torch.Tensor, b_bar: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        W0, b0, *params = ctx.saved_tensors
+        named = {k: p for k, p in zip(_NAMES, params, strict=True) if p is not None}
+        wants_base = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        grads = _core_vjp(W0, b0, named, ctx.choice, W_bar.contiguous(), b_bar, include_base=wants_base)
+        return (None, grads.get("W0"), grads.get("b0"),
+                *(grads[k] if p is not None else None for k, p in zip(_NAMES, params, strict=True)))
+
+
+def glora_weight_bias(W0: torch.Tensor, b0: torch.Tensor | None, params: Mapping[str, torch.Tensor],
+                      choice: LayerChoice | Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Differentiable :func:`tensoradapt.glora.glora_weight_bias` on torch tensors.
+
+    Parameters
+    ----------
+    W0 : Tensor, shape (o, n)
+    b0 : Tensor of shape (o,), or None
+    params : mapping of str to Tensor
+        ``A_d (o, r)``, ``A_u (r, n)``, ``B_d (o, r)``, ``B_u (r, n)``, ``C_d (n, r)``,
+        ``C_u (r, 1)``, ``D (o,)`` (with a bias), ``E (o,)``.
+    choice : LayerChoice
+
+    Returns
+    -------
+    W' : Tensor, shape (o, n)
+    b' : Tensor of shape (o,), or None
+
+    The backward pass calls :func:`tensoradapt.glora.glora_vjp` (gradients reach ``W0``/``b0``
+    too when they require grad).
+    """
+    choice = choice if isinstance(choice, LayerChoice) else LayerChoice.from_dict(choice)
+    return _GLoRAWeightBias.apply(choice, W0, b0, *(params.get(k) for k in _NAMES))
+
+
+# ---------------------------------------------------------------------------------- layers
+class GLoRALayer(nn.Module):
+    """A targeted ``nn.Linear`` or ``Conv1D`` with GLoRA: ``y = x W'ᵀ + b'``.
+
+    ``base_layer`` is the original module, never modified.  The trainable tensors belong to the
+    owning :class:`GLoRAAdapter`.
+
+    Attributes
+    ----------
+    choice : LayerChoice or None
+        The fixed configuration (``None``: sample in train mode, largest in eval mode).
+    last_choice : LayerChoice or None
+        The configuration used by the most recent forward.
+    """
+
+    def __init__(self, base_layer: nn.Module, index: int, view: WeightView, owner: GLoRAAdapter) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.index = index
+        self.view = view
+        self.choice: LayerChoice | None = None
+        self.last_choice: LayerChoice | None = None
+        object.__setattr__(self, "_owner", owner)  # not a submodule: the adapter is registered on the model
+
+    def base_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W0 (o, n), b0 (o,) or None)`` of the base layer (a transposed view for Conv1D)."""
+        weight = self.base_layer.weight
+        W0 = weight.t() if self.view.kind == "conv1d" else weight
+        return W0, self.base_layer.bias
+
+    def current_choice(self) -> LayerChoice:
+        """The configuration the next forward uses (draws one in train mode without a fixed choice)."""
+        owner: GLoRAAdapter = self._owner
+        if self.choice is not None:
+            return self.choice
+        if self.training:
+            return owner._sample(self.index)
+        return owner._largest[self.index]
+
+    def weight_bias(self, choice: LayerChoice) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W', b')`` of this layer for ``choice``, differentiable, in the adapter's dtype."""
+        owner: GLoRAAdapter = self._owner
+        params = owner._layer_params(self.index)
+        dtype = params["A_d"].dtype
+        W0, b0 = self.base_weight_bias()
+        return glora_weight_bias(W0.to(dtype), None if b0 is None else b0.to(dtype), params, choice)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        owner: GLoRAAdapter = self._owner
+        if not owner.active:
+            return self.base_layer(x)
+        choice = self.current_choice()
+        self.last_choice = choice
+        W, b = self.weight_bias(choice)
+        return F.linear(x, W.to(x.dtype), None if b is None else b.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        o, n = self.view.shape
+        state = str(self.choice) if self.choice is not None else "supernet"
+        return f"target={self.index}, kind={self.view.kind}, shape=({o}, {n}), config={state}"
+
+
+class GLoRAAdapter(nn.Module):
+    """GLoRA attached to a model (made by :func:`attach_glora` / :func:`tensoradapt.torch.attach`).
+
+    Attributes
+    ----------
+    config : GLoRAConfig
+    target_names : tuple of str
+        Module names of the adapted layers, in ``named_modules()`` order.
+    shapes : tuple of (int, int)
+        Each layer's ``(o, n)``.
+    has_bias : tuple of bool
+        Whether each base layer has a bias (bias-free layers store no ``D``).
+    layers : nn.ModuleList
+        One ``ParameterDict`` per layer with the stored tensors (:func:`tensoradapt.glora.parameter_shapes`).
+    """
+
+    def __init__(self, model: nn.Module, config: GLoRAConfig, found: list[tuple[str, nn.Module]], *,
+                 freeze_base: bool, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        views = []
+        for name, module in found:
+            view = weight_view(name, module)
+            if view.kind not in ("linear", "conv1d"):
+                raise TypeError(f"GLoRA adapts nn.Linear and transformers' Conv1D layers; target {name!r} is a "
+                                f"{type(module).__name__} with weight shape {tuple(module.weight.shape)}")
+            views.append(view)
+        self.config = config
+        self.target_names = tuple(name for name, _ in found)
+        self.views = tuple(views)
+        self.shapes = tuple(v.shape for v in views)
+        self.has_bias = tuple(getattr(m, "bias", None) is not None for _, m in found)
+        first = found[0][1].weight
+        if dtype is None:
+            dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
+        layers = []
+        for i, ((o, n), bias, (_, module)) in enumerate(zip(self.shapes, self.has_bias, found, strict=True)):
+            init = glora_init(o, n, config.rank, has_bias=bias, seed=config.seed, layer=i, xp=torch,
+                              dtype=dtype, device=module.weight.device)
+            layers.append(nn.ParameterDict({k: nn.Parameter(v) for k, v in init.items()}))
+        self.layers = nn.ModuleList(layers)
+        self._spaces = tuple(search_space(config, has_bias=b) for b in self.has_bias)
+        self._largest = tuple(largest_choice(config, has_bias=b).resolve(config.rank) for b in self.has_bias)
+        self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([config.seed, _SAMPLE_STREAM])))
+        object.__setattr__(self, "_model", model)
+        self._originals = [module for _, module in found]
+        self._wrappers: list[GLoRALayer] = []
+        self._merged: list[nn.Module] | None = None
+        self._disabled = 0
+        self._requires_grad: dict[str, bool] = {}
+        self._attached = False
+        self._freeze_base = freeze_base
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The identity on its first argument (the work happens in the :class:`GLoRALayer` wrappers;
+        the adapter is registered on the model so that ``model.parameters()``, ``.to()`` and
+        ``state_dict()`` see its tensors, and ``nn.Sequential`` passes through it unchanged)."""
+        return args[0] if args else None
+
+    # ------------------------------------------------------------------ installation
+    def _install(self) -> None:
+        model = self._model
+        if hasattr(model, ADAPTER_ATTRIBUTE):
+            raise RuntimeError(f"the model already has an attribute {ADAPTER_ATTRIBUTE!r} (an adapter is "
+                               "attached?); detach it first")
+        if self._freeze_base:
+            self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+            for p in model.parameters():
+                p.requires_grad_(False)
+        for i, (name, module) in enumerate(zip(self.target_names, self._originals, strict=True)):
+            wrapper = GLoRALayer(module, i, self.views[i], self)
+            self._wrappers.append(wrapper)
+            _replace(model, name, wrapper)
+        model.add_module(ADAPTER_ATTRIBUTE, self)
+        self._attached = True
+
+    def _check_attached(self) -> None:
+        if not self._attached:
+            raise RuntimeError("this GLoRA adapter was detached from its model")
+
+    @property
+    def active(self) -> bool:
+        """Whether the wrapped layers apply GLoRA (attached, not merged, not disabled)."""
+        return self._attached and self._merged is None and self._disabled == 0
+
+    @property
+    def merged(self) -> bool:
+        return self._merged is not None
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the base model only, e.g. ``with adapter.disabled(): ref = model(x)``."""
+        self._disabled += 1
+        try:
+            yield
+        finally:
+            self._disabled -= 1
+
+    def _layer_params(self, index: int) -> dict[str, torch.Tensor]:
+        return dict(self.layers[index].items())
+
+    # ------------------------------------------------------------------ configurations
+    def search_spaces(self) -> tuple[tuple[LayerChoice, ...], ...]:
+        """Each layer's search space (:func:`tensoradapt.glora.search_space`; ``D`` is ``"none"`` on
+        bias-free layers)."""
+        return self._spaces
+
+    def reseed(self, seed: int | None = None) -> None:
+        """Restart the supernet sampler from ``seed`` (default ``config.seed``)."""
+        seed = self.config.seed if seed is None else int(seed)
+        self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, _SAMPLE_STREAM])))
+
+    def _sample(self, index: int) -> LayerChoice:
+        space = self._spaces[index]
+        return space[int(self._rng.integers(len(space)))]
+
+    def _normalise_configs(self, configs: Any) -> tuple[LayerChoice, ...]:
+        """One resolved, validated :class:`LayerChoice` per layer from the forms :meth:`set_configs` takes."""
+        count = len(self.target_names)
+        if isinstance(configs, LayerChoice) or (
+                isinstance(configs, Mapping) and configs and set(configs) <= {*TENSORS, "rank"}):
+            choices = [configs] * count
+        elif isinstance(configs, Mapping):
+            unknown = sorted(set(configs) - set(self.target_names))
+            missing = [n for n in self.target_names if n not in configs]
+            if unknown or missing:
+                raise ValueError(f"configs by name must name every adapted layer exactly: unknown {unknown[:5]}, "
+                                 f"missing {missing[:5]}")
+            choices = [configs[n] for n in self.target_names]
+        elif isinstance(configs, Sequence) and not isinstance(configs, (str, bytes)):
+            if len(configs) != count:
+                raise ValueError(f"configs must give one LayerChoice per adapted layer ({count}), got {len(configs)}")
+            choices = list(configs)
+        else:
+            raise TypeError("configs must be a LayerChoice (every layer), a sequence with one per layer, or a "
+                            f"mapping target name -> LayerChoice; got {type(configs).__name__}")
+        out = []
+        for name, bias, choice in zip(self.target_names, self.has_bias, choices, strict=True):
+            try:
+                if not isinstance(choice, LayerChoice):
+                    choice = LayerChoice.from_dict(choice)
+                glora_param_count(1, 1, choice, bias, r=self.config.rank)  # the bias rule
+                out.append(choice.resolve(self.config.rank))
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"layer {name!r}: {error}") from None
+        return tuple(out)
+
+    def set_configs(self, configs: Any) -> None:
+        """Fix each layer's configuration (train and eval mode), or ``None`` to go back to the supernet.
+
+        Parameters
+        ----------
+        configs : LayerChoice, sequence, mapping or None
+            One :class:`LayerChoice` (or ``{"A": …, …}`` dict) for every layer, a sequence with one
+            per layer in :attr:`target_names` order, or ``{target name: choice}`` for all layers.
+            ``rank=None`` means the supernet rank.  A bias-free layer needs ``D="none"``.
+        """
+        self._check_attached()
+        if self._merged is not None:
+            raise RuntimeError("the adapter is merged; call unmerge() before changing its configs")
+        choices = (None,) * len(self._wrappers) if configs is None else self._normalise_configs(configs)
+        for wrapper, choice in zip(self._wrappers, choices, strict=True):
+            wrapper.choice = choice
+
+    @property
+    def configs(self) -> tuple[LayerChoice, ...] | None:
+        """The fixed per-layer configurations, or ``None`` when the supernet is sampled."""
+        choices = tuple(w.choice for w in self._wrappers)
+        return None if not choices or any(c is None for c in choices) else choices
+
+    def inference_configs(self) -> tuple[LayerChoice, ...]:
+        """What eval mode and :meth:`merge` use: the fixed configs, else each layer's largest choice."""
+        return self.configs if self.configs is not None else self._largest
+
+    @property
+    def last_configs(self) -> tuple[LayerChoice | None, ...]:
+        """The configuration each layer used in its most recent forward (``None``: not called yet)."""
+        return tuple(w.last_choice for w in self._wrappers)
+
+    # ------------------------------------------------------------------ counting and reporting
+    def num_params(self, configs: Any = None) -> int:
+        """Active parameters of per-layer ``configs`` (default: the fixed configs), spec §7.2 counts.
+
+        Raises ``RuntimeError`` when ``configs`` is ``None`` and none are fixed (use
+        :meth:`num_stored_params` for the supernet's storage).
+        """
+        if configs is None:
+            configs = self.configs
+            if configs is None:
+                raise RuntimeError("no configs are fixed; pass configs, or call num_stored_params() for the "
+                                   "supernet's stored tensors")
+        choices = self._normalise_configs(configs)
+        return sum(glora_param_count(o, n, c, b) for (o, n), b, c in zip(self.shapes, self.has_bias, choices,
+                                                                           strict=True))
+
+    def num_stored_params(self) -> int:
+        """Entries of the stored (supernet) tensors: ``Σ 2r(o+n) + nr + r + 2o`` (``o`` less per bias-free layer)."""
+        return sum(glora_stored_param_count(o, n, self.config.rank, has_bias=b)
+                   for (o, n), b in zip(self.shapes, self.has_bias, strict=True))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The adapter's trainable tensors (give these to the optimiser)."""
+        return list(self.parameters())
+
+    def summary(self) -> str:
+        """A table: trainable vs all parameters, then each layer's shape, bias, config and active count."""
+        own = {id(p) for p in self.parameters()}
+        model = self._model
+        base = sum(p.numel() for p in model.parameters() if id(p) not in own)
+        stored = self.num_stored_params()
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = base + stored
+        configs = self.configs
+        state = "merged" if self.merged else "disabled" if self._disabled else "active"
+        lines = [
+            f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}",
+            f"GLoRA supernet: rank {self.config.rank}, stored {stored:,} params, {len(self.target_names)} layers, "
+            f"state={state}, configs={'fixed' if configs is not None else 'supernet (eval: largest)'}",
+        ]
+        if configs is not None:
+            lines.append(f"active params of the fixed configs: {self.num_params():,}")
+        lines.append(f"{'#':>4} {'target':<36} {'kind':<7} {'(o, n)':<12} {'bias':<5} {'active':>9}  config")
+        for i, name in enumerate(self.target_names):
+            o, n = self.shapes[i]
+            choice = configs[i] if configs is not None else self._largest[i]
+            active = glora_param_count(o, n, choice, self.has_bias[i])
+            lines.append(f"{i:>4} {name:<36} {self.views[i].kind:<7} {f'{o}x{n}':<12} {self.has_bias[i]!s:<5} "
+                         f"{active:>9,}  {choice}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ merge / unmerge / detach
+    @torch.no_grad()
+    def merged_weight_bias(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """``{target name: (W' (o, n), b' (o,) or None)}`` for :meth:`inference_configs`, detached."""
+        out = {}
+        for wrapper, choice in zip(self._wrappers, self.inference_configs(), strict=True):
+            out[self.target_names[wrapper.index]] = wrapper.weight_bias(choice)
+        return out
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Structural re-parameterisation: replace every wrapper by a fresh module of the original type
+        (``nn.Linear`` / ``Conv1D``) whose weight is ``W'`` and bias ``b'`` (cast to the base dtype).
+
+        Uses :meth:`inference_configs` (the fixed configs; without them the largest choice of each
+        layer, with a warning).  A bias-free layer whose ``C`` or ``E`` is active gets a bias.
+        The original modules are kept untouched for :meth:`unmerge` / :meth:`detach`.  Refuses
+        (``RuntimeError``) when already merged and (``FloatingPointError``) when any ``W'``/``b'``
+        is not finite; then the model is unchanged.
+        """
+        self._check_attached()
+        if self._merged is not None:
+            raise RuntimeError("the adapter is already merged; call unmerge() first")
+        if self.configs is None:
+            warnings.warn("merging without fixed configs: every layer uses its largest choice (the full "
+                          "supernet); call set_configs() or search() first to merge a searched subnet",
+                          UserWarning, stacklevel=2)
+        merged_wb = self.merged_weight_bias()
+        for name, (W, b) in merged_wb.items():
+            if not bool(torch.isfinite(W).all()) or (b is not None and not bool(torch.isfinite(b).all())):
+                raise FloatingPointError(f"W'/b' of layer {name!r} has non-finite entries; the model was not changed")
+        modules = []
+        for wrapper, (W, b) in zip(self._wrappers, merged_wb.values(), strict=True):
+            modules.append(_rebuilt(wrapper.base_layer, wrapper.view, W, b))
+        for name, module in zip(self.target_names, modules, strict=True):
+            _replace(self._model, name, module)
+        self._merged = modules
+
+    def unmerge(self) -> None:
+        """Put the GLoRA wrappers back (the original ``W0``, ``b0`` were never modified)."""
+        self._check_attached()
+        if self._merged is None:
+            raise RuntimeError("the adapter is not merged")
+        for name, wrapper in zip(self.target_names, self._wrappers, strict=True):
+            _replace(self._model, name, wrapper)
+        self._merged = None
+
+    def _uninstall(self, modules: Sequence[nn.Module]) -> nn.Module:
+        model = self._model
+        for name, module in zip(self.target_names, modules, strict=True):
+            _replace(model, name, module)
+        if getattr(model, ADAPTER_ATTRIBUTE, None) is self:
+            delattr(model, ADAPTER_ATTRIBUTE)
+        for name, p in model.named_parameters():
+            if name in self._requires_grad:
+                p.requires_grad_(self._requires_grad[name])
+        self._attached = False
+        self._merged = None
+        return model
+
+    def detach(self) -> nn.Module:
+        """Remove the adapter: the original module objects go back in place (bit for bit, merged or
+        not), ``requires_grad`` flags restored; returns the model."""
+        self._check_attached()
+        return self._uninstall(self._originals)
+
+    def merge_and_detach(self) -> nn.Module:
+        """Merge and remove the adapter: a plain model (original module types) with ``W'``, ``b'``."""
+        self._check_attached()
+        if self._merged is None:
+            self.merge()
+        return self._uninstall(self._merged)
+
+    # ------------------------------------------------------------------ files
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """``{"<target name>.<tensor>": tensor}`` for every stored tensor (detached)."""
+        return {f"{name}.{k}": p.detach() for name, layer in zip(self.target_names, self.layers, strict=True)
+                for k, p in layer.items()}
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON metadata of an adapter file: config, targets with ``(o, n)``, bias and kind, the fixed
+        per-layer configs (or ``None``), parameter shapes and dtype, seed and generator id."""
+        dtype = self.layers[0]["A_d"].dtype
+        configs = self.configs
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            "method": "glora",
+            "config": self.config.to_dict(),
+            "targets": [
+                {"name": n, "kind": v.kind, "shape": list(v.shape), "has_bias": b}
+                for n, v, b in zip(self.target_names, self.views, self.has_bias, strict=True)
+            ],
+            "configs": None if configs is None else [c.to_dict() for c in configs],
+            "parameters": {name: list(t.shape) for name, t in self.state_tensors().items()},
+            "param_dtype": str(dtype).removeprefix("torch."),
+            "seed": self.config.seed,
+            "generator_id": buffers.GENERATOR_ID,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the adapter (tensors, config and the fixed configs) to a ``.safetensors`` file, atomically."""
+        return write_adapter(path, self.state_tensors(), self.metadata())
+
+    @classmethod
+    def load(cls, model: nn.Module, path: str | os.PathLike[str], *, freeze_base: bool = True) -> GLoRAAdapter:
+        """Attach the GLoRA adapter saved at ``path`` to ``model`` (see :func:`load_glora`)."""
+        tensors, metadata = read_adapter(path)
+        return load_glora(model, tensors, metadata, freeze_base=freeze_base)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _rebuilt(base: nn.Module, view: WeightView, W: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
+    """A deep copy of ``base`` whose weight is ``W`` (in the base layout and dtype) and bias ``b``; the
+    base's own weight and bias are never copied (``deepcopy`` memo)."""
+    weight = base.weight
+    new_weight = nn.Parameter(view.to_weight(W).to(weight.dtype).contiguous(), requires_grad=weight.requires_grad)
+    memo: dict[int, Any] = {id(weight): new_weight}
+    bias = base.bias
+    new_bias = None
+    if b is not None:
+        dtype = bias.dtype if bias is not None else weight.dtype
+        grad = bias.requires_grad if bias is not None else weight.requires_grad
+        new_bias = nn.Parameter(b.to(dtype).contiguous(), requires_grad=grad)
+        if bias is not None:
+            memo[id(bias)] = new_bias
+    module = copy.deepcopy(base, memo)
+    if new_bias is not None and bias is None:
+        module.bias = new_bias  # a bias-free layer gains the bias that C and E make
+    return module
+
+
+def _resolve(found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    for name, module in found:
+        if isinstance(module, GLoRALayer) or type(module).__name__ == "AdaptedLayer" or \
+                ".base_layer" in f".{name}" or f"{ADAPTER_ATTRIBUTE}." in f"{name}.":
+            raise RuntimeError(f"module {name!r} belongs to an attached adapter; detach it first")
+    return found
+
+
+def attach_glora(model: nn.Module, config: GLoRAConfig, targets: TargetSpec, *, freeze_base: bool = True,
+                 dtype: torch.dtype | None = None) -> GLoRAAdapter:
+    """Attach a GLoRA supernet to ``model``.
+
+    Parameters
+    ----------
+    model : nn.Module
+    config : GLoRAConfig
+    targets : list of str, str or callable
+        Module-name suffixes, a regular expression on the whole name, or ``callable(name, module)``
+        (see :func:`tensoradapt.torch.match_targets`); every match must be an ``nn.Linear`` or a
+        transformers ``Conv1D`` (``TypeError`` otherwise).
+    freeze_base : bool
+        ``requires_grad=False`` on every base parameter (restored by ``detach()``).
+    dtype : torch.dtype, optional
+        Dtype of the trainable tensors (default float32; float64 for a float64 model).  ``W'`` and
+        ``b'`` are computed in it and cast to the input's dtype.
+
+    Returns
+    -------
+    GLoRAAdapter
+        Registered on the model as ``model.tensoradapt``.
+    """
+    if not isinstance(config, GLoRAConfig):
+        raise TypeError(f"config must be a GLoRAConfig, got {type(config).__name__}")
+    found = _resolve(match_targets(model, targets))
+    adapter = GLoRAAdapter(model, config, found, freeze_base=freeze_base, dtype=dtype)
+    adapter._install()
+    return adapter
+
+
+def load_glora(model: nn.Module, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], *,
+               freeze_base: bool = True) -> GLoRAAdapter:
+    """Rebuild a saved GLoRA adapter on ``model``: same targets (checked by name and ``(o, n)``),
+    the stored tensors copied in, and the saved per-layer configs fixed again.
+
+    Raises
+    ------
+    AdapterFileError
+        The metadata is unreadable, or the model lacks a target or has a different shape or bias.
+    """
+    try:
+        if metadata.get("method") != "glora":
+            raise ValueError(f"method is {metadata.get('method')!r}, not 'glora'")
+        config = GLoRAConfig.from_dict(metadata["config"])
+        records = metadata["targets"]
+        names = [r["name"] for r in records]
+        shapes = [tuple(r["shape"]) for r in records]
+        biases = [bool(r["has_bias"]) for r in records]
+        saved = metadata.get("configs")
+        choices = None if saved is None else [LayerChoice.from_dict(c) for c in saved]
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise AdapterFileError(f"unreadable GLoRA metadata ({error})") from None
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise AdapterFileError(f"the adapter targets modules the model does not have: {missing[:5]} "
+                               f"({len(missing)} of {len(names)})")
+    found = _resolve([(n, modules[n]) for n in names])
+    problems = []
+    for (name, module), shape, bias in zip(found, shapes, biases, strict=True):
+        view = weight_view(name, module)
+        if view.shape != shape:
+            problems.append(f"{name}: file {shape} vs model {view.shape}")
+        elif (getattr(module, "bias", None) is not None) != bias:
+            problems.append(f"{name}: file has_bias={bias} vs model has_bias={not bias}")
+    if problems:
+        raise AdapterFileError("the adapter does not fit this model: " + "; ".join(problems[:5]))
+    dtype = getattr(torch, str(metadata.get("param_dtype")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise AdapterFileError(f"param_dtype {metadata.get('param_dtype')!r} is not a floating torch dtype")
+    adapter = GLoRAAdapter(model, config, found, freeze_base=freeze_base, dtype=dtype)
+    expected = adapter.state_tensors()
+    if set(expected) != set(tensors) or any(tuple(tensors[k].shape) != tuple(v.shape) for k, v in expected.items()):
+        raise AdapterFileError("the stored tensors do not match the GLoRA layers their config makes")
+    with torch.no_grad():
+        for name, layer in zip(adapter.target_names, adapter.layers, strict=True):
+            for k, p in layer.items():
+                p.copy_(tensors[f"{name}.{k}"])
+    adapter._install()
+    if choices is not None:
+        adapter.set_configs(choices)
+    return adapter
+
+
+# ---------------------------------------------------------------------------------- search
+@dataclass(frozen=True)
+class SearchRecord:
+    """One generation of :func:`search`: the best so far after it."""
+
+    iteration: int  # 0 = the initial random population
+    best_score: float
+    best_params: int
+    evaluations: int  # distinct individuals evaluated so far
+    population: int  # individuals in this generation (evaluated now or cached)
+
+
+@dataclass(frozen=True)
+class GLoRASearchResult:
+    """What :func:`search` found.
+
+    Attributes
+    ----------
+    configs : tuple of LayerChoice
+        The best per-layer configuration (now fixed on the adapter).
+    score : float
+        Its ``evaluate()`` score (higher is better).
+    num_params : int
+        Its active parameter count.
+    history : tuple of SearchRecord
+        One record per generation.
+    evaluations : int
+        Number of distinct individuals evaluated.
+    target_names : tuple of str
+    """
+
+    configs: tuple[LayerChoice, ...]
+    score: float
+    num_params: int
+    history: tuple[SearchRecord, ...]
+    evaluations: int
+    target_names: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-serialisable summary."""
+        return {
+            "configs": {n: c.to_dict() for n, c in zip(self.target_names, self.configs, strict=True)},
+            "score": self.score, "num_params": self.num_params, "evaluations": self.evaluations,
+            "history": [vars(r) for r in self.history],
+        }
+
+
+class _Progress:
+    """tqdm when installed, else one stderr line per generation; silent when disabled."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.total = total
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, desc="GLoRA search", unit="gen", file=sys.stderr)
+
+    def update(self, record: SearchRecord) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(best=f"{record.best_score:.4g}", params=record.best_params,
+                                 evals=record.evaluations, refresh=False)
+            self.bar.update(1)
+        else:
+            print(f"GLoRA search {record.iteration + 1}/{self.total}: best {record.best_score:.4g} "
+                  f"({record.best_params:,} params), {record.evaluations} evaluated", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def search(adapter: GLoRAAdapter, evaluate: Callable[[], float], max_params: int, *, min_params: int = 0,
+           population: int = 50, top_k: int = 10, mutation_prob: float = 0.2, iterations: int = 20,
+           mutations: int | None = None, crossovers: int | None = None, seed: int = 0,
+           progress: bool = True) -> GLoRASearchResult:
+    """Evolutionary search of per-layer GLoRA configurations under a parameter budget (spec §7.3).
+
+    An individual is one :class:`LayerChoice` per adapted layer, drawn from each layer's search
+    space; it is *feasible* when ``min_params <= adapter.num_params(individual) <= max_params``.
+
+    1. Draw ``population`` distinct random feasible individuals (rejection sampling).
+    2. For ``iterations`` generations: take the ``top_k`` best evaluated so far; make ``mutations``
+       mutants (a random parent, each gene re-drawn with probability ``mutation_prob``) and
+       ``crossovers`` children (two random parents, each gene from either with probability 1/2),
+       keeping only feasible ones; refill with random feasible individuals to ``population``.
+    3. Every new individual is fixed on the adapter (:meth:`GLoRAAdapter.set_configs`) and scored
+       by ``evaluate()``; scores are cached, so no individual is evaluated twice.  Infeasible
+       individuals are never evaluated.
+
+    Parameters
+    ----------
+    adapter : GLoRAAdapter
+        A trained supernet (not merged).
+    evaluate : callable () -> float
+        The user's validation: runs the model (in eval mode, usually under ``torch.no_grad()``)
+        with the currently fixed configs and returns a score, **higher is better** (return
+        ``-loss`` for a loss).  NaN counts as the worst score.
+    max_params, min_params : int
+        The budget on active parameters (spec §7.2 counts).
+    population, top_k, mutation_prob, iterations
+        Official settings: 50, 10, 0.2, 20 (5 for language models).
+    mutations, crossovers : int, optional
+        Children per generation; default ``population // 2`` each (25 and 25).
+    seed : int
+        Seeds every random draw of the search: the same seed, adapter and (deterministic)
+        ``evaluate`` give the same result.
+    progress : bool
+        Show a tqdm progress bar (a stderr line per generation without tqdm).
+
+    Returns
+    -------
+    GLoRASearchResult
+        The best configs (left fixed on the adapter), score, parameter count and history.  If
+        ``evaluate`` raises, the adapter's previous configs are restored and the error propagates.
+    """
+    if not isinstance(adapter, GLoRAAdapter):
+        raise TypeError(f"adapter must be a GLoRAAdapter, got {type(adapter).__name__}")
+    if not callable(evaluate):
+        raise TypeError(f"evaluate must be a callable returning a score, got {type(evaluate).__name__}")
+    adapter._check_attached()
+    if adapter.merged:
+        raise RuntimeError("the adapter is merged; call unmerge() before searching")
+    max_params = _check_count("max_params", max_params, 0)
+    min_params = _check_count("min_params", min_params, 0)
+    population = _check_count("population", population, 1)
+    top_k = _check_count("top_k", top_k, 1)
+    iterations = _check_count("iterations", iterations, 0)
+    mutations = population // 2 if mutations is None else _check_count("mutations", mutations, 0)
+    crossovers = population // 2 if crossovers is None else _check_count("crossovers", crossovers, 0)
+    seed = _check_count("seed", seed, 0)
+    if not isinstance(mutation_prob, (int, float)) or isinstance(mutation_prob, bool) or \
+            not 0.0 <= mutation_prob <= 1.0:
+        raise ValueError(f"mutation_prob must be a probability in [0, 1], got {mutation_prob!r}")
+    if min_params > max_params:
+        raise ValueError(f"min_params ({min_params:,}) must be <= max_params ({max_params:,})")
+
+    spaces = adapter.search_spaces()
+    sizes = np.array([len(s) for s in spaces], dtype=np.int64)
+    layers = len(spaces)
+    width = int(sizes.max())
+    table = np.zeros((layers, width), dtype=np.int64)  # table[l, i] = active params of space[l][i]
+    for li, (space, (o, n), bias) in enumerate(zip(spaces, adapter.shapes, adapter.has_bias, strict=True)):
+        table[li, : len(space)] = [glora_param_count(o, n, c, bias, r=adapter.config.rank) for c in space]
+    lowest = int(sum(table[li, : sizes[li]].min() for li in range(layers)))
+    highest = int(sum(table[li, : sizes[li]].max() for li in range(layers)))
+    if lowest > max_params or highest < min_params:
+        raise ValueError(f"no configuration fits the budget [{min_params:,}, {max_params:,}]: the search space "
+                         f"spans {lowest:,} to {highest:,} active parameters")
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, _SAMPLE_STREAM, 1])))
+    rows = np.arange(layers)
+
+    def count(genes: tuple[int, ...]) -> int:
+        return int(table[rows, np.asarray(genes)].sum())
+
+    def feasible(genes: tuple[int, ...]) -> bool:
+        return min_params <= count(genes) <= max_params
+
+    def random_feasible(needed: int, taken: set[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        out: list[tuple[int, ...]] = []
+        drawn = 0
+        limit = max(100_000, 1000 * needed)
+        while len(out) < needed and drawn < limit:
+            batch = rng.integers(0, sizes, size=(max(256, 4 * needed), layers))
+            drawn += len(batch)
+            totals = table[rows, batch].sum(axis=1)
+            for genes_row in batch[(totals >= min_params) & (totals <= max_params)]:
+                genes = tuple(int(g) for g in genes_row)
+                if genes not in taken:
+                    taken.add(genes)
+                    out.append(genes)
+                    if len(out) == needed:
+                        break
+        return out
+
+    scores: dict[tuple[int, ...], float] = {}
+    order: dict[tuple[int, ...], int] = {}
+
+    def score_of(genes: tuple[int, ...]) -> float:
+        if genes not in scores:
+            if not feasible(genes):  # pragma: no cover - guarded by construction
+                raise AssertionError("an infeasible individual reached evaluation")
+            adapter.set_configs([spaces[li][g] for li, g in enumerate(genes)])
+            value = float(evaluate())
+            scores[genes] = -math.inf if math.isnan(value) else value
+            order[genes] = len(order)
+        return scores[genes]
+
+    def ranked() -> list[tuple[int, ...]]:
+        return sorted(scores, key=lambda g: (-scores[g], order[g]))
+
+    history: list[SearchRecord] = []
+    previous = adapter.configs
+    bar = _Progress(iterations + 1, progress)
+
+    def record(iteration: int, size: int) -> None:
+        best = ranked()[0]
+        entry = SearchRecord(iteration, scores[best], count(best), len(scores), size)
+        history.append(entry)
+        bar.update(entry)
+
+    try:
+        generation = random_feasible(population, set())
+        if not generation:
+            raise ValueError(f"no random configuration within the budget [{min_params:,}, {max_params:,}] was found "
+                             f"in {max(100_000, 1000 * population):,} draws; widen the budget")
+        for genes in generation:
+            score_of(genes)
+        record(0, len(generation))
+        for iteration in range(1, iterations + 1):
+            parents = ranked()[:top_k]
+            children: list[tuple[int, ...]] = []
+            taken: set[tuple[int, ...]] = set()
+
+            def add(genes: tuple[int, ...], _children: list = children, _taken: set = taken) -> bool:
+                if genes in _taken or not feasible(genes):
+                    return False
+                _taken.add(genes)
+                _children.append(genes)
+                return True
+
+            made, attempts = 0, 0
+            while made < mutations and attempts < 10 * max(mutations, 1):
+                attempts += 1
+                parent = np.asarray(parents[int(rng.integers(len(parents)))])
+                redraw = rng.random(layers) < mutation_prob
+                fresh = rng.integers(0, sizes)
+                made += add(tuple(int(g) for g in np.where(redraw, fresh, parent)))
+            made, attempts = 0, 0
+            while made < crossovers and attempts < 10 * max(crossovers, 1):
+                attempts += 1
+                first = np.asarray(parents[int(rng.integers(len(parents)))])
+                second = np.asarray(parents[int(rng.integers(len(parents)))])
+                pick = rng.random(layers) < 0.5
+                made += add(tuple(int(g) for g in np.where(pick, first, second)))
+            if len(children) < population:
+                children.extend(random_feasible(population - len(children), taken))
+            for genes in children:
+                score_of(genes)
+            record(iteration, len(children))
+    except BaseException:
+        adapter.set_configs(previous)  # leave the adapter as it was when evaluate() fails
+        raise
+    finally:
+        bar.close()
+    best = ranked()[0]
+    configs = tuple(spaces[li][g].resolve(adapter.config.rank) for li, g in enumerate(best))
+    adapter.set_configs(configs)
+    return GLoRASearchResult(configs=configs, score=scores[best], num_params=count(best), history=tuple(history),
+                             evaluations=len(scores), target_names=adapter.target_names)
