@@ -14,6 +14,9 @@ buffers
     Reproducible fixed random buffers (signs, permutations, Gaussians).
 presets
     LoRA, LoKr, KronA, LoHa, LoTR, LoNKr, LoRTA, dense, and projections on any of them.
+analysis
+    Geometry of ΔW (dE, dL, dR, φ grids), parameter tables from shapes / safetensors headers,
+    and ``fit`` (the best approximation of given ΔW by a configuration).
 glora
     GLoRA's layer algebra (support tensors, merged weight and bias, VJPs, parameter counts).
 testing
@@ -23,7 +26,7 @@ The SuperLoRA generator is :class:`SuperLoRA` (configured by :class:`SuperLoRACo
 :func:`count_params` and :func:`budget` count parameters from shapes alone.
 """
 
-from . import buffers, glora, ops, presets
+from . import analysis, buffers, glora, ops, presets
 from ._version import __version__
 from .budget import BudgetEntry, budget, count_params
 from .config import SuperLoRAConfig
@@ -39,6 +42,7 @@ __all__ = [
     "SuperLoRA",
     "SuperLoRAConfig",
     "__version__",
+    "analysis",
     "budget",
     "buffers",
     "count_params",

@@ -1,0 +1,77 @@
+"""Analysis tools: geometric similarity of weight updates, parameter tables and fitting.
+
+Submodules
+----------
+geometry
+    ``dE``, ``dL``, ``dR`` per weight (spec Part I §15) and the LoRA paper's ``φ(i, j)`` grid,
+    aggregated per weight kind (query vs value…).
+shapes
+    Target shapes from text, JSON, safetensors headers (never the data) and torch models;
+    parameter-count tables and budget sweeps.
+fit
+    :func:`fit`: the best approximation of given ``ΔW`` (e.g. a dense fine-tune) by a SuperLoRA
+    configuration, with its relative error — rank configurations per budget before training.
+
+Everything here runs on NumPy (linear algebra from NumPy/SciPy); ``ΔW`` generation in
+:func:`fit` and the SVDs of :func:`compare` run on the arrays' own backend where it has one.
+TensorLy is optional (initialisation of :func:`fit`); torch is imported only by
+:func:`shapes_from_model`.
+"""
+
+from .fit import FitResult, fit, rank_configs
+from .geometry import (
+    KindSummary,
+    SimilarityRecord,
+    aggregate_by_kind,
+    amplification,
+    compare,
+    compare_pair,
+    infer_kind,
+    phi_grid,
+    subspace_similarity,
+    top_singular,
+)
+from .shapes import (
+    CountRow,
+    ShapeSourceError,
+    Target,
+    budget_sweep,
+    count_table,
+    format_budget_sweep,
+    format_count_table,
+    parse_preset,
+    parse_shapes,
+    read_safetensors_header,
+    shapes_from_json,
+    shapes_from_model,
+    shapes_from_safetensors,
+)
+
+__all__ = [
+    "CountRow",
+    "FitResult",
+    "KindSummary",
+    "ShapeSourceError",
+    "SimilarityRecord",
+    "Target",
+    "aggregate_by_kind",
+    "amplification",
+    "budget_sweep",
+    "compare",
+    "compare_pair",
+    "count_table",
+    "fit",
+    "format_budget_sweep",
+    "format_count_table",
+    "infer_kind",
+    "parse_preset",
+    "parse_shapes",
+    "phi_grid",
+    "rank_configs",
+    "read_safetensors_header",
+    "shapes_from_json",
+    "shapes_from_model",
+    "shapes_from_safetensors",
+    "subspace_similarity",
+    "top_singular",
+]

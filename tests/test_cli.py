@@ -1,0 +1,192 @@
+"""The ``tensoradapt`` command line, run as a subprocess (``python -m tensoradapt.cli``)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import types
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from tensoradapt import cli
+
+
+def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tensoradapt.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Two small 'ΔW' files with query/value weights of 3 layers, plus mismatching files."""
+    from safetensors.numpy import save_file
+
+    folder = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    dense, adapter = {}, {}
+    for layer in range(3):
+        for kind in ("query", "value"):
+            key = f"encoder.layer.{layer}.attention.self.{kind}.weight"
+            dense[key] = rng.standard_normal((12, 10)).astype(np.float32)
+            adapter[key] = (dense[key] + 0.2 * rng.standard_normal((12, 10))).astype(np.float32)
+        dense[f"encoder.layer.{layer}.bias"] = adapter[f"encoder.layer.{layer}.bias"] = np.zeros(4, np.float32)
+    paths = {name: folder / f"{name}.safetensors" for name in ("adapter", "dense", "other", "reshaped")}
+    save_file(adapter, str(paths["adapter"]))
+    save_file(dense, str(paths["dense"]))
+    save_file({"unrelated.weight": np.ones((2, 2), np.float32)}, str(paths["other"]))
+    save_file({"encoder.layer.0.attention.self.query.weight": np.ones((10, 12), np.float32)}, str(paths["reshaped"]))
+    # a BF16 copy of the dense file, written by hand (NumPy has no bfloat16): the top 16 bits of float32
+    header, blobs, offset = {}, [], 0
+    for key, value in dense.items():
+        raw = (value.astype(np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
+        header[key] = {"dtype": "BF16", "shape": list(value.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    paths["bf16"] = folder / "bf16.safetensors"
+    paths["bf16"].write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+    paths["garbage"] = folder / "garbage.safetensors"
+    paths["garbage"].write_bytes(b"definitely not a safetensors file")
+    paths["shapes"] = folder / "shapes.json"
+    paths["shapes"].write_text(json.dumps([{"name": "q", "shape": [768, 768], "count": 12},
+                                           {"name": "v", "shape": [768, 768], "count": 12}]))
+    paths["folder"] = folder
+    return paths
+
+
+# ------------------------------------------------------------------------------ count
+def test_count_presets():
+    out = run("count", "24x768x768", "--preset", "lora", "--preset", "lotr:rank=2", "--rank", "1,8")
+    assert out.returncode == 0, out.stderr
+    assert "N = 14,155,776" in out.stdout
+    assert "36,864" in out.stdout and "294,912" in out.stdout and "3,168" in out.stdout
+
+
+def test_count_default_table_from_json(files):
+    out = run("count", files["shapes"])
+    assert out.returncode == 0, out.stderr
+    for family in ("dense", "lora", "lokr", "loha", "lotr", "lonkr", "lorta"):
+        assert family in out.stdout
+    assert "24 targets" in out.stdout
+
+
+def test_count_budget_sweep_json():
+    out = run("count", "768x768,768x768", "--budget", "10k", "--family", "lora", "--family", "lorta", "--json")
+    assert out.returncode == 0, out.stderr
+    entries = json.loads(out.stdout)
+    assert entries and all(e["params"] <= 10_000 for e in entries)
+    assert {e["family"] for e in entries} <= {"lora", "lorta"}
+    assert 3_072 in [e["params"] for e in entries if e["family"] == "lora"]  # LoRA r=1 on two 768x768
+
+
+def test_count_safetensors_header(files):
+    out = run("count", files["dense"], "--preset", "lora:rank=2", "--filter", "query")
+    assert out.returncode == 0, out.stderr
+    assert "3 targets (3×12x10)" in out.stdout and "132" in out.stdout  # 3 · 2 · (12 + 10)
+
+
+# ------------------------------------------------------------------------------ compare
+def test_compare_writes_table_plot_and_json(files, tmp_path):
+    plot, records = tmp_path / "geometry.png", tmp_path / "records.json"
+    out = run("compare", files["adapter"], files["dense"], "--plot", plot, "--json", records, "-k", "3")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert sum(".weight" in line for line in lines) == 6
+    assert any(line.strip().startswith("query n=3") for line in lines)
+    assert "3 common tensors with fewer than 2 dimensions skipped" in out.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(records.read_text())
+    assert len(data["records"]) == 6 and set(data["by_kind"]) == {"query", "value"}
+    assert all(0 < r["dE"] < 1 and 0 < r["dL"] <= 1 and r["k_eff"] == 3 for r in data["records"])
+
+
+def test_compare_bf16_with_default_plot_path(files):
+    out = run("compare", files["bf16"], files["dense"], "--paired", "--filter", "value")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if ".weight" in line]
+    assert len(rows) == 3 and all(row[1] == "value" for row in rows)
+    for row in rows:  # BF16 keeps ~3 digits: dE ≈ 0.002, singular vectors nearly equal
+        assert float(row[3]) < 0.01 and float(row[5]) > 0.99 and float(row[6]) > 0.99
+    assert (files["folder"] / "bf16_vs_dense_geometry.png").is_file()
+
+
+# ------------------------------------------------------------------------------ demo and help
+def test_demo_dispatch(monkeypatch):
+    seen = []
+    fake = types.ModuleType(cli.DEMO_MODULE)
+    fake.main = lambda args: seen.append(args) or 7
+    monkeypatch.setitem(sys.modules, cli.DEMO_MODULE, fake)
+    assert cli.main(["demo", "--help", "x"]) == 7 and seen == [["--help", "x"]]
+
+
+HELP = [["--help"], ["count", "--help"], ["compare", "--help"], ["demo", "--help"], ["--version"]]
+
+
+@pytest.mark.parametrize("args", HELP)
+def test_help(args, batch):
+    out = batch[tuple(args)]
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+
+
+def test_python_dash_m_tensoradapt():
+    out = subprocess.run([sys.executable, "-m", "tensoradapt", "count", "2x4x4", "--preset", "lora:rank=1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "16" in out.stdout
+
+
+# ------------------------------------------------------------------------------ bad input: exit 2, one line
+BAD = {
+    "malformed shapes": (["count", "24x76a8"], "malformed shape"),
+    "zero dimension": (["count", "0x768"], "malformed shape"),
+    "unknown preset": (["count", "24x768x768", "--preset", "loraa"], "unknown preset 'loraa'"),
+    "unknown preset argument": (["count", "8x8", "--preset", "lora:depth=2"], "no argument 'depth'"),
+    "invalid preset value": (["count", "8x8", "--preset", "lorta:order=0,rank=2"], "order"),
+    "missing json": (["count", "missing.json"], "missing.json: no such file"),
+    "missing safetensors": (["count", "missing.safetensors"], "no such file"),
+    "garbage safetensors": (["count", "{garbage}"], "header length"),
+    "bad budget": (["count", "8x8", "--budget", "lots"], "not a parameter count"),
+    "bad rank": (["count", "8x8", "--rank", "0,2"], "positive integers"),
+    "unknown family": (["count", "8x8", "--budget", "100", "--family", "nope"], "unknown family 'nope'"),
+    "no targets": (["count", "{dense}", "--filter", "nomatch"], "no target"),
+    "compare missing": (["compare", "{adapter}", "missing.safetensors"], "missing.safetensors: no such file"),
+    "compare garbage": (["compare", "{garbage}", "{dense}"], "header length"),
+    "no common keys": (["compare", "{adapter}", "{other}"], "no common tensor names"),
+    "shape mismatch": (["compare", "{adapter}", "{reshaped}"], "has shape [12, 10]"),
+    "plot folder": (["compare", "{adapter}", "{dense}", "--plot", "/nonexistent/x.png"], "does not exist"),
+    "bad k": (["compare", "{adapter}", "{dense}", "-k", "0"], "positive integer"),
+    "unknown command": (["train"], "invalid choice"),
+    "missing argument": (["compare", "{adapter}"], "required"),
+}
+
+
+def _bad_args(case: str, files) -> list[str]:
+    return [a.format(**{k: str(v) for k, v in files.items()}) for a in BAD[case][0]]
+
+
+@pytest.fixture(scope="module")
+def batch(files, tmp_path_factory):
+    """The help and bad-input invocations, run as concurrent subprocesses (they are independent)."""
+    cwd = tmp_path_factory.mktemp("bad")
+    calls = [tuple(args) for args in HELP] + [tuple(_bad_args(case, files)) for case in BAD]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda args: run(*args, cwd=cwd), calls))
+    return dict(zip(calls, results, strict=True))
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_exits_2_with_one_line(case, files, batch):
+    out = batch[tuple(_bad_args(case, files))]
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert out.stderr.count("\n") == 1, out.stderr
+    assert BAD[case][1] in out.stderr and "Traceback" not in out.stderr
+    assert out.stdout == ""
+
+
+def test_no_command_prints_usage():
+    out = run()
+    assert out.returncode == 2 and "usage" in out.stderr
