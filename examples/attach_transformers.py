@@ -15,10 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import tensoradapt.torch as tat
 import torch
 import transformers
 
+import tensoradapt.torch as tat
 from tensoradapt import presets
 
 

@@ -43,6 +43,7 @@ def main() -> None:
 
     try:
         import torch
+
         from tensoradapt.torch import functional as taf
     except ImportError:
         return

@@ -23,8 +23,9 @@ def test_version_and_public_names() -> None:
 
 
 def test_torch_bindings_are_a_subpackage_and_do_not_shadow_torch() -> None:
-    import tensoradapt.torch as bindings
     import torch
+
+    import tensoradapt.torch as bindings
 
     assert bindings.__name__ == "tensoradapt.torch"
     assert bindings.TORCH_VERSION == torch.__version__

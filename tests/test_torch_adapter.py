@@ -7,12 +7,12 @@ import copy
 import pytest
 
 torch = pytest.importorskip("torch")
-import tensoradapt.torch as tat  # noqa: E402
-from tensoradapt.torch import functional as taf  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
+import tensoradapt.torch as tat  # noqa: E402
 from tensoradapt import SuperLoRA, SuperLoRAConfig, count_params, presets  # noqa: E402
+from tensoradapt.torch import functional as taf  # noqa: E402
 
 PRESETS = {
     "lora": presets.lora(2, alpha=4),

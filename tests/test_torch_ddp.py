@@ -18,9 +18,9 @@ WIDTH = 10
 
 
 def _setup():
-    import tensoradapt.torch as tat
     from torch import nn
 
+    import tensoradapt.torch as tat
     from tensoradapt import presets
 
     torch.manual_seed(0)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tensoradapt.torch import functional as F
 
 from tensoradapt import SuperLoRA, ops, presets
+from tensoradapt.torch import functional as F
 
 torch.manual_seed(0)
 

@@ -8,6 +8,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
+from tensoradapt.glora import GLoRAConfig, LayerChoice, glora_param_count, largest_choice, search_space
 from tensoradapt.torch.glora import (
     GLoRAAdapter,
     GLoRALayer,
@@ -16,9 +19,6 @@ from tensoradapt.torch.glora import (
     load_glora,
     search,
 )
-from torch import nn
-
-from tensoradapt.glora import GLoRAConfig, LayerChoice, glora_param_count, largest_choice, search_space
 
 
 def _mlp(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:

@@ -11,7 +11,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import tensoradapt.torch as tat  # noqa: E402
-
 from tensoradapt import presets  # noqa: E402
 
 CONFIGS = {
@@ -117,9 +116,19 @@ def test_gpt2_gradient_checkpointing_matches() -> None:
             for p in adapter.trainable_parameters():
                 p.add_(0.05)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            options = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # newer transformers
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+            calls = []
+            original = adapter._generate
+            adapter._generate = lambda c, seen=calls, original=original: seen.append(c) or original(c)
         model.train()
         _gpt2_loss(model, ids).backward()
+        if checkpointing:  # once in the forward, once more in the backward's recomputation
+            assert calls == [0, 0], calls
+            assert adapter._backward_cache == (-1, {})  # released when the backward pass ended
         grads.append({n: p.grad.clone() for n, p in adapter.named_trainable_parameters()})
     for name, value in grads[0].items():
         torch.testing.assert_close(grads[1][name], value, rtol=1e-4, atol=1e-6)

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from tensoradapt import SuperLoRA, SuperLoRAConfig, buffers
 from tensoradapt._version import __version__
-from torch import nn
 
 from ._io import FORMAT, FORMAT_VERSION, AdapterFileError, write_adapter
 from ._targets import TargetSpec, WeightView, match_targets, weight_view
@@ -115,6 +116,7 @@ class Adapter(nn.Module):
         self._merged_weights: list[torch.Tensor] | None = None
         self._disabled = 0
         self._cache: dict[tuple[int, bool], tuple[torch.Tensor, ...]] | None = None
+        self._backward_cache: tuple[int, dict[tuple[int, bool], tuple[torch.Tensor, ...]]] = (-1, {})
         self._depth = 0
         self._requires_grad: dict[str, bool] = {}
         self._hooks: list[Any] = []
@@ -160,6 +162,7 @@ class Adapter(nn.Module):
     def _begin_forward(self, module: nn.Module, args: Any) -> None:
         if self._depth == 0:
             self._cache = {}
+            self._backward_cache = (-1, {})
         self._depth += 1
 
     def _end_forward(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -180,14 +183,28 @@ class Adapter(nn.Module):
         targets = self._components[c][0]
         return tuple(superlora_component_delta(self.plan, targets, self._component_params(c)))
 
+    def _release_backward_cache(self) -> None:
+        self._backward_cache = (-1, {})
+
     def _delta(self, index: int) -> torch.Tensor:
         c, position = self._component_of[index]
-        if self._cache is None:  # outside a model forward (e.g. checkpoint recomputation): no reuse
-            return self._generate(c)[position]
+        cache = self._cache
+        if cache is None:
+            # Outside a model forward.  During a backward pass (activation checkpointing recomputing
+            # a block) reuse within that pass: the parameters cannot change in the middle of it.
+            # Otherwise (a submodule called on its own) generate afresh every call.
+            task = _graph_task_id()
+            if task < 0:
+                return self._generate(c)[position]
+            if self._backward_cache[0] != task:
+                self._backward_cache = (task, {})
+                # release the recomputed ΔW when this backward pass ends, not at the next forward
+                torch.autograd.Variable._execution_engine.queue_callback(self._release_backward_cache)
+            cache = self._backward_cache[1]
         key = (c, torch.is_grad_enabled())  # never hand a graph-less ΔW to a layer that needs grads
-        hit = self._cache.get(key)
+        hit = cache.get(key)
         if hit is None:
-            hit = self._cache[key] = self._generate(c)
+            hit = cache[key] = self._generate(c)
         return hit[position]
 
     @torch.no_grad()
@@ -309,6 +326,7 @@ class Adapter(nn.Module):
         self._wrappers = []
         self._attached = False
         self._cache = None
+        self._backward_cache = (-1, {})
         return model
 
     def detach(self) -> nn.Module:
@@ -350,6 +368,13 @@ class Adapter(nn.Module):
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the adapter to ``path`` (``.safetensors``; tensors plus JSON metadata), atomically."""
         return write_adapter(path, dict(self.named_trainable_parameters()), self.metadata())
+
+
+def _graph_task_id() -> int:
+    """Id of the autograd backward pass running now, -1 outside one (the private hook
+    ``torch.utils.checkpoint`` itself uses; -1 where a torch build lacks it)."""
+    probe = getattr(torch._C, "_current_graph_task_id", None)
+    return -1 if probe is None else int(probe())
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

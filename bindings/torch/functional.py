@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
 from tensoradapt import ops
 from tensoradapt.superlora import SuperLoRA
 

@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from tensoradapt import buffers
 from tensoradapt._version import __version__
 from tensoradapt.glora import (
@@ -53,7 +54,6 @@ from tensoradapt.glora import (
 )
 from tensoradapt.glora import glora_vjp as _core_vjp
 from tensoradapt.glora import glora_weight_bias as _core_weight_bias
-from torch import nn
 
 from ._io import FORMAT, FORMAT_VERSION, AdapterFileError, read_adapter, write_adapter
 from ._targets import TargetSpec, WeightView, match_targets, weight_view
