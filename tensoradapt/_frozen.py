@@ -19,3 +19,19 @@ class Frozen:
 
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable; cannot delete {name!r}")
+
+    # Immutable, so copies may share the object; pickling restores the slots without __setattr__.
+    def __copy__(self) -> Frozen:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Frozen:
+        return self
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple):  # (instance dict or None, slot values)
+            parts = [part for part in state if part]
+        else:
+            parts = [state] if state else []
+        for part in parts:
+            for name, value in part.items():
+                object.__setattr__(self, name, value)

@@ -342,3 +342,98 @@ def test_cuda_bf16_training_and_merge() -> None:
     out = model(x).float()
     adapter.merge()
     torch.testing.assert_close(model(x).float(), out, rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------- from the review: edge cases
+def test_interrupted_forward_does_not_leave_a_stale_delta() -> None:
+    model = _model()
+    adapter = tat.attach(model, presets.lora(2), ["query", "value"])
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    handle = model.head.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        model(_x())
+    handle.remove()
+    outputs = []
+    opt = torch.optim.SGD(adapter.trainable_parameters(), lr=0.5)
+    for _ in range(3):
+        out = model(_x())
+        opt.zero_grad()
+        out.square().mean().backward()
+        opt.step()
+        outputs.append(out.detach())
+    assert not torch.equal(outputs[1], outputs[2])  # ΔW follows the parameters
+    with torch.no_grad():
+        expected = model(_x())
+        adapter.reset_cache()
+        assert torch.equal(model(_x()), expected)
+
+
+def test_deepcopy_and_pickle_of_an_attached_model() -> None:
+    import pickle
+
+    model = _model()
+    adapter = tat.attach(model, presets.with_projection(presets.lorta(3, 2), "fastfood", 0.5), ["query", "value"])
+    _train(model, adapter)
+    x = _x()
+    expected = model(x)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(clone(x), expected)
+        assert clone.tensoradapt is not adapter and clone.blocks[0].query._owner is clone.tensoradapt
+        clone.tensoradapt.detach()
+        assert type(clone.blocks[0].query) is nn.Linear
+    assert torch.equal(model(x), expected)  # the original is untouched
+
+
+def test_tied_aliased_and_multihead_targets_are_refused() -> None:
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ValueError, match="share one weight tensor"):
+        tat.attach(tied, presets.lora(1), ["0", "1"])
+    shared = nn.Linear(4, 4)
+    aliased = nn.Module()
+    aliased.p, aliased.q = shared, shared
+    with pytest.raises(ValueError, match="reachable under several names"):
+        tat.attach(aliased, presets.lora(1), ["p"])
+    mha = nn.Sequential(nn.MultiheadAttention(8, 2))
+    with pytest.raises(TypeError, match="MultiheadAttention"):
+        tat.attach(mha, presets.lora(1), ["out_proj"])
+
+
+def test_wrapped_layer_reads_through_to_the_base_layer() -> None:
+    model = _model()
+    tat.attach(model, presets.lora(2), ["query"])
+    layer = model.blocks[0].query
+    assert layer.weight is layer.base_layer.weight and layer.in_features == 12
+    with pytest.raises(AttributeError):
+        layer.no_such_attribute  # noqa: B018
+
+
+def test_in_place_change_between_forward_and_backward_and_double_backward_are_refused() -> None:
+    model = _model()
+    adapter = tat.attach(model, presets.lora(2), ["query"])
+    loss = model(_x()).square().sum()
+    with torch.no_grad():
+        adapter.trainable_parameters()[0].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        loss.backward()
+    out = model(_x()).square().sum()
+    grads = torch.autograd.grad(out, adapter.trainable_parameters(), create_graph=True)
+    with pytest.raises(RuntimeError, match=r"once_differentiable|does not require grad|double backward"):
+        sum(g.square().sum() for g in grads).backward()
+
+
+def test_merge_refuses_an_overflowing_half_precision_weight() -> None:
+    model = nn.Sequential(nn.Linear(4, 4)).half()
+    with torch.no_grad():
+        model[0].weight.fill_(60000.0)
+    adapter = tat.attach(model, presets.lora(1), ["0"])
+    with torch.no_grad():
+        for p in adapter.trainable_parameters():
+            p.fill_(100.0)
+    before = model[0].base_layer.weight.clone()
+    with pytest.raises(FloatingPointError, match="overflows"):
+        adapter.merge()
+    assert torch.equal(model[0].base_layer.weight, before)

@@ -71,7 +71,8 @@ def test_model_with_other_targets(saved) -> None:
 
 
 def test_model_with_other_shapes(saved) -> None:
-    with pytest.raises(tat.AdapterFileError, match=r"target shapes differ: 0: file \(8, 4\) vs model \(16, 4\)"):
+    with pytest.raises(tat.AdapterFileError,
+                       match=r"shapes differ: 0: file linear \(8, 4\) \(weight \(8, 4\)\) vs model linear \(16, 4\)"):
         tat.load(_model(width=16), saved)
 
 
@@ -151,3 +152,49 @@ def test_load_into_a_model_that_already_has_an_adapter(saved) -> None:
     tat.attach(model, presets.lora(1), ["4"])
     with pytest.raises(RuntimeError, match=r"already has an attribute 'tensoradapt'"):
         tat.load(model, saved)
+
+
+def test_same_matrix_shape_but_other_module_kind(tmp_path) -> None:
+    conv = nn.Sequential(nn.Conv2d(4, 8, 3))
+    adapter = tat.attach(conv, presets.lora(1), ["0"])
+    path = adapter.save(tmp_path / "conv.safetensors")
+    with pytest.raises(tat.AdapterFileError, match=r"file weight \(8, 36\) \(weight \(8, 4, 3, 3\)\) vs model linear"):
+        tat.load(nn.Sequential(nn.Linear(36, 8)), path)
+    with pytest.raises(tat.AdapterFileError, match=r"vs model weight \(8, 36\) \(weight \(8, 9, 2, 2\)\)"):
+        tat.load(nn.Sequential(nn.Conv2d(9, 8, 2)), path)
+
+
+@pytest.mark.parametrize(
+    ("update", "match"),
+    [
+        ({"generator_id": "other/2"}, "buffer generator 'other/2'"),
+        ({"targets": []}, "empty or repeats"),
+        ({"seed": "x"}, "unreadable SuperLoRA metadata"),
+        ({"parameters": {"g0.split1.core": 3}}, "corrupted"),
+    ],
+)
+def test_bad_metadata_fields(saved, update, match) -> None:
+    _, meta = read_adapter(saved)
+    if "parameters" in update:
+        update = {"parameters": {**meta["parameters"], **update["parameters"]}}
+    _rewrite(saved, meta_update=update)
+    with pytest.raises(tat.AdapterFileError, match=match):
+        tat.load(_model(), saved)
+
+
+def test_duplicate_targets_and_metadata_type(saved) -> None:
+    _, meta = read_adapter(saved)
+    _rewrite(saved, meta_update={"targets": [meta["targets"][0], meta["targets"][0]]})
+    with pytest.raises(tat.AdapterFileError, match="repeats a name"):
+        tat.load(_model(), saved)
+
+
+def test_saved_file_gets_the_usual_mode(tmp_path) -> None:
+    adapter = tat.attach(_model(), presets.lora(1), ["0"])
+    umask = os.umask(0)
+    os.umask(umask)
+    path = adapter.save(tmp_path / "m.safetensors")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    os.chmod(path, 0o640)
+    adapter.save(path)  # replacing keeps the existing file's mode
+    assert path.stat().st_mode & 0o777 == 0o640

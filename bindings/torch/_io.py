@@ -56,6 +56,8 @@ def write_adapter(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tens
     blob = _safetensors().save(host, metadata=header)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes the file 0600; give it the usual mode
+            os.fchmod(fd, _file_mode(path))
         with os.fdopen(fd, "wb") as handle:
             handle.write(blob)
             handle.flush()
@@ -76,6 +78,16 @@ def write_adapter(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tens
     finally:
         os.close(dir_fd)
     return path
+
+
+def _file_mode(path: Path) -> int:
+    """The mode of the file being replaced, else what ``open()`` would give (0666 minus the umask)."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _read_header(path: Path) -> dict[str, Any]:
@@ -115,6 +127,8 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     header = _read_header(path)
     meta = header.get("__metadata__") or {}
     text = meta.get(_METADATA_KEY) if isinstance(meta, dict) else None
+    if text is not None and not isinstance(text, str):
+        raise AdapterFileError(f"{str(path)!r} is corrupted: its tensoradapt metadata is not a string")
     if text is None:
         raise AdapterFileError(f"{str(path)!r} is a safetensors file without tensoradapt metadata (not an adapter)")
     try:
@@ -156,6 +170,9 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
     dtype = metadata.get("param_dtype")
     for name, shape in expected.items():
         tensor = tensors[name]
+        if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
+            raise AdapterFileError(f"{str(path)!r} is corrupted: the shape of {name!r} is {shape!r}, "
+                                   "not a list of ints")
         if list(tensor.shape) != list(shape):
             raise AdapterFileError(
                 f"{str(path)!r}: tensor {name!r} has shape {list(tensor.shape)} but the metadata says {list(shape)}"

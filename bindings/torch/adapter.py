@@ -49,12 +49,22 @@ class AdaptedLayer(nn.Module):
         self.view = view
         object.__setattr__(self, "_owner", owner)  # not a submodule: the adapter is registered once, on the model
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes of the wrapped module (``weight``, ``bias``, ``in_features``…) read through,
+        for code that inspects its layers (e.g. ``layer.weight.dtype``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(super().__getattr__("base_layer"), name)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         owner: Adapter = self._owner
         if not owner.active:
             return self.base_layer(*args, **kwargs)
         weight = self.base_layer.weight
-        delta = self.view.to_weight(owner._delta(self.index))
+        delta = self.view.to_weight(owner._delta(self.index)).to(weight.device)  # no-op on one device
         if weight.dtype == delta.dtype:
             effective = weight + delta
         else:  # half-precision weights: add in fp32, round once
@@ -115,8 +125,9 @@ class Adapter(nn.Module):
         self._wrappers: list[AdaptedLayer] = []
         self._merged_weights: list[torch.Tensor] | None = None
         self._disabled = 0
-        self._cache: dict[tuple[int, bool], tuple[torch.Tensor, ...]] | None = None
-        self._backward_cache: tuple[int, dict[tuple[int, bool], tuple[torch.Tensor, ...]]] = (-1, {})
+        # ΔW reuse: {(component, grad enabled): (parameter versions, ΔW of the component's targets)}
+        self._cache: dict[tuple[int, bool], Any] | None = None
+        self._backward_cache: tuple[int, dict[tuple[int, bool], Any]] = (-1, {})
         self._depth = 0
         self._requires_grad: dict[str, bool] = {}
         self._hooks: list[Any] = []
@@ -202,10 +213,21 @@ class Adapter(nn.Module):
                 torch.autograd.Variable._execution_engine.queue_callback(self._release_backward_cache)
             cache = self._backward_cache[1]
         key = (c, torch.is_grad_enabled())  # never hand a graph-less ΔW to a layer that needs grads
+        versions = self._versions(c)
         hit = cache.get(key)
-        if hit is None:
-            hit = cache[key] = self._generate(c)
-        return hit[position]
+        if hit is None or hit[0] != versions:  # parameters changed in place since: regenerate
+            hit = cache[key] = (versions, self._generate(c))
+        return hit[1][position]
+
+    def _versions(self, c: int) -> tuple[int, ...]:
+        return tuple(self.params[_safe_key(name)]._version for name in self._group_names[c])
+
+    def reset_cache(self) -> None:
+        """Forget every cached ``ΔW``.  Never needed in normal use: the cache lives for one model
+        forward (or one backward pass) and entries are regenerated when a parameter changed."""
+        self._cache = None
+        self._depth = 0
+        self._backward_cache = (-1, {})
 
     @torch.no_grad()
     def deltas(self) -> dict[str, torch.Tensor]:
@@ -275,17 +297,30 @@ class Adapter(nn.Module):
         for c, (targets, _) in enumerate(self._components):
             deltas.extend(zip(targets, self._generate(c), strict=True))
         deltas.sort(key=lambda item: item[0])
-        for t, delta in deltas:
+
+        def merged_weight(t: int, delta: torch.Tensor) -> torch.Tensor:
+            weight = self._originals[t].weight
+            update = self.views[t].to_weight(delta).to(weight.device)
+            return (weight.to(update.dtype) + update).to(weight.dtype)
+
+        for t, delta in deltas:  # check everything before writing anything
             if not bool(torch.isfinite(delta).all()):
                 raise FloatingPointError(
                     f"ΔW of target {self.target_names[t]!r} has non-finite entries; the model was not changed"
                 )
-        originals = []
-        for (t, delta), module in zip(deltas, self._originals, strict=True):
-            weight = module.weight
-            originals.append(weight.detach().clone())
-            update = self.views[t].to_weight(delta)
-            weight.copy_((weight.to(update.dtype) + update).to(weight.dtype))
+            if not bool(torch.isfinite(merged_weight(t, delta)).all()):
+                raise FloatingPointError(
+                    f"W + ΔW of target {self.target_names[t]!r} overflows its dtype "
+                    f"({self._originals[t].weight.dtype}); the model was not changed"
+                )
+        originals = [module.weight.detach().clone() for module in self._originals]
+        try:
+            for t, delta in deltas:
+                self._originals[t].weight.copy_(merged_weight(t, delta))
+        except BaseException:
+            for module, original in zip(self._originals, originals, strict=True):
+                module.weight.copy_(original)
+            raise
         self._merged_weights = originals
 
     @torch.no_grad()
@@ -384,9 +419,37 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _resolve(model: nn.Module, found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Refuse targets a wrapper cannot adapt faithfully (see the messages)."""
     for name, module in found:
         if isinstance(module, AdaptedLayer) or ".base_layer" in f".{name}":
             raise RuntimeError(f"module {name!r} belongs to an attached adapter; detach it first")
+    aliases: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(name)
+    weights: dict[Any, str] = {}
+    for name, module in found:
+        names = aliases.get(id(module), [name])
+        if len(names) > 1:
+            raise ValueError(
+                f"target {name!r} is one module reachable under several names {names}: a wrapper on one name "
+                "would leave the others unadapted; untie the module or do not target it"
+            )
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            key = (weight.device, weight.untyped_storage().data_ptr()) if weight.numel() else id(weight)
+            if key in weights:
+                raise ValueError(
+                    f"targets {weights[key]!r} and {name!r} share one weight tensor (tied weights); "
+                    "merging would add both updates to it: target one of them"
+                )
+            weights[key] = name
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(parent, nn.MultiheadAttention):
+            raise TypeError(
+                f"target {name!r} belongs to an nn.MultiheadAttention, whose forward reads its weights "
+                "directly and would bypass the adapter; target other layers"
+            )
     return found
 
 
@@ -407,10 +470,20 @@ def load_superlora(model: nn.Module, tensors: dict[str, torch.Tensor], metadata:
     try:
         config = SuperLoRAConfig.from_dict(metadata["config"])
         records = metadata["targets"]
-        names = [r["name"] for r in records]
-        shapes = [tuple(r["shape"]) for r in records]
-    except (KeyError, TypeError, ValueError) as error:
-        raise AdapterFileError(f"{path!r}: unreadable SuperLoRA metadata ({error})") from None
+        names = [str(r["name"]) for r in records]
+        shapes = [tuple(int(d) for d in r["shape"]) for r in records]
+        kinds = [str(r["kind"]) for r in records]
+        weight_shapes = [tuple(int(d) for d in r["weight_shape"]) for r in records]
+        seed = int(metadata.get("seed", config.seed))
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise AdapterFileError(f"{path!r}: unreadable SuperLoRA metadata ({type(error).__name__}: {error})") from None
+    if not names or len(set(names)) != len(names):
+        raise AdapterFileError(f"{path!r}: the target list is empty or repeats a name")
+    if metadata.get("generator_id") != buffers.GENERATOR_ID:
+        raise AdapterFileError(
+            f"{path!r} was made with buffer generator {metadata.get('generator_id')!r}; this tensoradapt has "
+            f"{buffers.GENERATOR_ID!r}, so its fixed projections would differ"
+        )
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
@@ -420,17 +493,20 @@ def load_superlora(model: nn.Module, tensors: dict[str, torch.Tensor], metadata:
         )
     found = _resolve(model, [(n, modules[n]) for n in names])
     mismatched = []
-    for (name, module), shape in zip(found, shapes, strict=True):
+    for (name, module), shape, kind, weight_shape in zip(found, shapes, kinds, weight_shapes, strict=True):
         view = weight_view(name, module)
-        if view.shape != shape:
-            mismatched.append(f"{name}: file {shape} vs model {view.shape}")
+        if (view.shape, view.kind, view.weight_shape) != (shape, kind, weight_shape):
+            mismatched.append(f"{name}: file {kind} {shape} (weight {weight_shape}) vs model {view.kind} "
+                              f"{view.shape} (weight {view.weight_shape})")
     if mismatched:
         raise AdapterFileError(f"{path!r} does not fit this model, target shapes differ: " + "; ".join(mismatched[:5]))
     dtype = getattr(torch, str(metadata.get("param_dtype")), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise AdapterFileError(f"{path!r}: param_dtype {metadata.get('param_dtype')!r} is not a floating torch dtype")
-    adapter = Adapter(model, config, found, freeze_base=freeze_base, seed=int(metadata.get("seed", config.seed)),
-                      dtype=dtype)
+    try:
+        adapter = Adapter(model, config, found, freeze_base=freeze_base, seed=seed, dtype=dtype)
+    except ValueError as error:
+        raise AdapterFileError(f"{path!r}: its config does not fit the targets ({error})") from None
     expected = adapter.plan.parameter_shapes()
     if set(expected) != set(tensors) or any(list(tensors[k].shape) != list(s) for k, s in expected.items()):
         raise AdapterFileError(f"{path!r}: the stored parameters do not match the plan their config makes")

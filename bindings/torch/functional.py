@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from tensoradapt import ops
 from tensoradapt.superlora import SuperLoRA
@@ -153,12 +154,21 @@ class _ComponentDelta(torch.autograd.Function):
         # activation checkpointing (which re-runs a region until it has recovered every tensor the
         # region saved) sees the same saved tensors whether a layer generated ΔW or reused it.
         ctx.values = values
+        ctx.versions = tuple(v._version for v in values)
         with _full_precision(values[0]):
             out = plan.delta_for(dict(zip(names, values, strict=True)), targets)
         return tuple(_own(d, *values) for d in out)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        changed = [n for n, v, version in zip(ctx.names, ctx.values, ctx.versions, strict=True)
+                   if v._version != version]
+        if changed:
+            raise RuntimeError(
+                f"adapter parameters {changed[:3]} were modified in place between the forward and the "
+                "backward pass (as autograd's saved-tensor check would report); run backward first"
+            )
         values = tuple(v.detach() for v in ctx.values)
         ref = values[0]
         cotangents = [
