@@ -151,7 +151,7 @@ def test_delta_is_generated_once_per_component_per_forward(monkeypatch) -> None:
     assert calls == [0, 0, 0]
 
     per_weight = _model()
-    adapter = tat.attach(per_weight, presets.lora(2), ["query", "value"])
+    adapter = tat.attach(per_weight, presets.lorta(3, 2, groups="weight"), ["query", "value"])
     calls.clear()
     original = adapter._generate
     monkeypatch.setattr(adapter, "_generate", lambda c: calls.append(c) or original(c))
@@ -411,14 +411,17 @@ def test_wrapped_layer_reads_through_to_the_base_layer() -> None:
         layer.no_such_attribute  # noqa: B018
 
 
-def test_in_place_change_between_forward_and_backward_and_double_backward_are_refused() -> None:
+@pytest.mark.parametrize("config", [presets.lora(2), presets.lorta(3, 2)], ids=["factored", "generated"])
+def test_in_place_change_between_forward_and_backward_and_double_backward_are_refused(config) -> None:
     model = _model()
-    adapter = tat.attach(model, presets.lora(2), ["query"])
+    adapter = tat.attach(model, config, ["query"])
     loss = model(_x()).square().sum()
     with torch.no_grad():
         adapter.trainable_parameters()[0].add_(1.0)
-    with pytest.raises(RuntimeError, match="modified in place"):
+    with pytest.raises(RuntimeError, match=r"modified in place|modified by an inplace operation"):
         loss.backward()
+    if adapter._factored:  # plain autograd: double backward is fine there
+        return
     out = model(_x()).square().sum()
     grads = torch.autograd.grad(out, adapter.trainable_parameters(), create_graph=True)
     with pytest.raises(RuntimeError, match=r"once_differentiable|does not require grad|double backward"):
@@ -437,3 +440,35 @@ def test_merge_refuses_an_overflowing_half_precision_weight() -> None:
     with pytest.raises(FloatingPointError, match="overflows"):
         adapter.merge()
     assert torch.equal(model[0].base_layer.weight, before)
+
+
+@pytest.mark.parametrize("target", ["query", "c_attn"])
+def test_lora_factored_path_equals_the_generated_delta_path(target) -> None:
+    """The LoRA preset runs ``base(x) + s (x V) Uᵀ`` (never forming ΔW); it must agree with
+    ``x (W + ΔW)ᵀ`` in outputs and gradients."""
+    if target == "c_attn":
+        transformers = pytest.importorskip("transformers")
+        make = lambda: transformers.GPT2Model(transformers.GPT2Config(  # noqa: E731
+            n_layer=1, n_embd=16, n_head=2, vocab_size=20, n_positions=8, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)).eval()
+        run = lambda m: m(input_ids=torch.arange(8).reshape(1, 8) % 20).last_hidden_state  # noqa: E731
+    else:
+        make, run = _model, lambda m: m(_x())
+    results = []
+    for factored in (True, False):
+        torch.manual_seed(0)
+        model = make()
+        adapter = tat.attach(model, presets.lora(3, alpha=6), [target], seed=4)
+        assert bool(adapter._factored) is True
+        if not factored:
+            adapter._factored = {}
+        with torch.no_grad():
+            for p in adapter.trainable_parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        out = run(model)
+        out.square().sum().backward()
+        results.append((out.detach(), {n: p.grad for n, p in adapter.named_trainable_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for name, grad in results[1][1].items():
+        torch.testing.assert_close(results[0][1][name], grad, rtol=1e-4, atol=1e-5)
+    assert not tat.attach(_model(), presets.lokr(2, factor=4), ["query"])._factored

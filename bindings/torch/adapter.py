@@ -63,6 +63,9 @@ class AdaptedLayer(nn.Module):
         owner: Adapter = self._owner
         if not owner.active:
             return self.base_layer(*args, **kwargs)
+        if self.index in owner._factored and len(args) == 1 and not kwargs:
+            out = self.base_layer(args[0])
+            return out + owner._low_rank(self.index, args[0].to(out.device)).to(out.dtype)
         weight = self.base_layer.weight
         delta = self.view.to_weight(owner._delta(self.index)).to(weight.device)  # no-op on one device
         if weight.dtype == delta.dtype:
@@ -120,6 +123,7 @@ class Adapter(nn.Module):
         self._group_names = [
             tuple(sorted(self.plan.parameter_shapes(groups))) for _, groups in self._components
         ]
+        self._factored = {i: f for i, f in ((i, self._factored_form(i, m)) for i, (_, m) in enumerate(found)) if f}
         object.__setattr__(self, "_model", model)
         self._originals = [module for _, module in found]
         self._wrappers: list[AdaptedLayer] = []
@@ -143,6 +147,39 @@ class Adapter(nn.Module):
         (``nn.Sequential``) therefore pass through it unchanged.
         """
         return args[0] if args else None
+
+    def _factored_form(self, index: int, module: nn.Module) -> tuple[str, str, float] | None:
+        """``(U name, V name, s)`` when target ``index`` is a plain low-rank product
+        ``ΔW = s U Vᵀ`` of its own ``(o, n)`` shape (the LoRA preset: one weight per group, an
+        identity-core matrix split, nothing cut, no projection), else None.
+
+        Such a layer computes ``base(x) + s (x V) Uᵀ`` and never forms ``ΔW`` (like PEFT's LoRA):
+        cheaper than ``x (W + ΔW)ᵀ`` in time, as the backward needs no ``(o, n)`` weight gradient.
+        """
+        cfg = self.plan.config
+        view = self.views[index]
+        c, _ = self._component_of[index]
+        targets, groups = self._components[c]
+        if (len(targets), len(groups)) != (1, 1) or cfg.projection != "none" or cfg.layout != "fold":
+            return None
+        if not (view.kind == "conv1d" or (view.kind == "linear" and type(module) is nn.Linear)):
+            return None
+        group = self.plan.groups[groups[0]]
+        if len(group.splits) != 1 or group.n != group.size or group.padding:
+            return None
+        split = group.splits[0]
+        if split.kind != "identity" or split.shape != view.shape or split.fixed_modes:
+            return None
+        prefix = f"g{group.index}.split1."
+        return prefix + "factor0", prefix + "factor1", float(group.scale)
+
+    def _low_rank(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """``s (x V) Uᵀ`` for a factored target (see :meth:`_factored_form`)."""
+        u_name, v_name, scale = self._factored[index]
+        U, V = self.params[_safe_key(u_name)], self.params[_safe_key(v_name)]
+        dtype = x.dtype if x.is_floating_point() else U.dtype
+        hidden = F.linear(x.to(dtype), V.t().to(dtype))
+        return F.linear(hidden, (U * scale if scale != 1.0 else U).to(dtype))
 
     # ------------------------------------------------------------------ installation
     def _install(self) -> None:
