@@ -70,7 +70,8 @@ def _ranks(text: str) -> list[int]:
     return ranks
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (also used by the demo's parser)."""
     try:
         value = int(text)
     except ValueError:
@@ -80,7 +81,8 @@ def _positive(text: str) -> int:
     return value
 
 
-def _non_negative(text: str) -> int:
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
     try:
         value = int(text)
     except ValueError:
@@ -364,10 +366,10 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     count.add_argument("--min-params", type=_count, default=0, metavar="N", help="budget sweep lower bound")
     count.add_argument("--family", action="append", metavar="FAMILY",
                        help="budget sweep family (repeatable; default all)")
-    count.add_argument("--top", type=_non_negative, default=25, metavar="T",
+    count.add_argument("--top", type=non_negative_int, default=25, metavar="T",
                        help="budget sweep: show the T largest configurations that fit (0: all; default 25)")
     count.add_argument("--filter", metavar="REGEX", help="keep only targets whose name matches (files)")
-    count.add_argument("--min-ndim", type=_positive, default=2, metavar="D",
+    count.add_argument("--min-ndim", type=positive_int, default=2, metavar="D",
                        help="keep only tensors with at least D dimensions (files; default 2)")
     count.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -379,7 +381,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                     "vectors; means per weight kind (query, value, …); writes a PNG plot.")
     compare.add_argument("first", metavar="FIRST.safetensors", help="the updates to analyse (P)")
     compare.add_argument("second", metavar="SECOND.safetensors", help="the reference updates (Q)")
-    compare.add_argument("-k", "--k", type=_positive, default=5, help="leading singular vectors (default 5)")
+    compare.add_argument("-k", "--k", type=positive_int, default=5, help="leading singular vectors (default 5)")
     compare.add_argument("--paired", action="store_true",
                          help="paired cosines (1/k)Σ|⟨u_P,j, u_Q,j⟩| instead of the subspace overlap")
     compare.add_argument("--method", choices=("auto", "full", "svds"), default="auto",

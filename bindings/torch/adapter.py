@@ -9,7 +9,6 @@ a component triggers it and later layers reuse the result until the forward ends
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from tensoradapt import SuperLoRA, SuperLoRAConfig, buffers
 from tensoradapt._version import __version__
 
 from ._io import FORMAT, FORMAT_VERSION, AdapterFileError, write_adapter
+from ._switch import Switchable
 from ._targets import TargetSpec, WeightView, match_targets, weight_view
 from .functional import superlora_component_delta
 
@@ -85,7 +85,7 @@ class AdaptedLayer(nn.Module):
         return f"target={self.index}, kind={self.view.kind}, delta_shape={self.view.shape}"
 
 
-class Adapter(nn.Module):
+class Adapter(Switchable, nn.Module):
     """SuperLoRA attached to a model (made by :func:`tensoradapt.torch.attach`).
 
     Attributes
@@ -373,15 +373,6 @@ class Adapter(nn.Module):
     @property
     def merged(self) -> bool:
         return self._merged_weights is not None
-
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Run the base model only, e.g. ``with adapter.disabled(): ref = model(x)``."""
-        self._disabled += 1
-        try:
-            yield
-        finally:
-            self._disabled -= 1
 
     def _uninstall(self) -> nn.Module:
         model = self._model

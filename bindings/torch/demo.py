@@ -63,6 +63,7 @@ from torch import nn
 import tensoradapt as ta
 from tensoradapt import SuperLoRAConfig, presets
 from tensoradapt.analysis import aggregate_by_kind, compare
+from tensoradapt.cli import non_negative_int, positive_int
 
 from .adapter import attach_superlora
 
@@ -806,26 +807,6 @@ def write_results(result: DemoResult, out: str | os.PathLike[str], *, plot: bool
 # ---------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a non-negative integer")
-    return value
-
-
 def _method_list(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     known = methods()
@@ -861,15 +842,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="fewer steps and methods (under a minute on two cores)")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: ./tensoradapt-demo-YYYYmmdd-HHMMSS)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of everything (default 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of everything (default 0)")
     parser.add_argument("--methods", type=_method_list, metavar="M[,M...]",
                         help="comma-separated subset of the methods below (default: all; --quick: "
                              f"all but {', '.join(m for m in DEFAULT_METHODS if m not in QUICK_METHODS)})")
-    parser.add_argument("--steps", type=_positive_int, metavar="N", help="transfer steps per method")
-    parser.add_argument("--pretrain-steps", type=_positive_int, metavar="N", help="pretraining steps")
-    parser.add_argument("--repeats", type=_positive_int, metavar="R",
+    parser.add_argument("--steps", type=positive_int, metavar="N", help="transfer steps per method")
+    parser.add_argument("--pretrain-steps", type=positive_int, metavar="N", help="pretraining steps")
+    parser.add_argument("--repeats", type=positive_int, metavar="R",
                         help="transfer runs per method with different seeds (default 3; --quick: 1)")
-    parser.add_argument("--threads", type=_positive_int, metavar="T",
+    parser.add_argument("--threads", type=positive_int, metavar="T",
                         help="torch threads (default min(2, number of CPUs))")
     parser.add_argument("--no-plot", action="store_true", help="do not write pareto.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -24,13 +24,12 @@ re-parameterisation: every wrapper is replaced by a fresh module of the original
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,7 @@ from tensoradapt.glora import glora_vjp as _core_vjp
 from tensoradapt.glora import glora_weight_bias as _core_weight_bias
 
 from ._io import FORMAT, FORMAT_VERSION, AdapterFileError, read_adapter, write_adapter
+from ._switch import Switchable
 from ._targets import TargetSpec, WeightView, match_targets, weight_view
 
 try:  # the attribute under which every tensoradapt adapter registers itself on its model
@@ -188,7 +188,7 @@ class GLoRALayer(nn.Module):
         return f"target={self.index}, kind={self.view.kind}, shape=({o}, {n}), config={state}"
 
 
-class GLoRAAdapter(nn.Module):
+class GLoRAAdapter(Switchable, nn.Module):
     """GLoRA attached to a model (made by :func:`attach_glora` / :func:`tensoradapt.torch.attach`).
 
     Attributes
@@ -277,15 +277,6 @@ class GLoRAAdapter(nn.Module):
     @property
     def merged(self) -> bool:
         return self._merged is not None
-
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Run the base model only, e.g. ``with adapter.disabled(): ref = model(x)``."""
-        self._disabled += 1
-        try:
-            yield
-        finally:
-            self._disabled -= 1
 
     def _layer_params(self, index: int) -> dict[str, torch.Tensor]:
         return dict(self.layers[index].items())
