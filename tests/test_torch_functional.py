@@ -82,3 +82,19 @@ def test_superlora_delta_unused_outputs_and_errors() -> None:
         F.superlora_delta(object(), params)
     with pytest.raises(TypeError, match=r"op must be a tensoradapt\.ops\.Shuffle"):
         F.shuffle(torch.ones(4), ops.Fastfood(4, 4, 0))
+
+
+def test_functions_compute_in_their_inputs_dtype_under_autocast() -> None:
+    gen = torch.Generator().manual_seed(0)
+    core = torch.randn(2, 2, 2, generator=gen, requires_grad=True)
+    factors = [torch.randn(5, 2, generator=gen, requires_grad=True) for _ in range(3)]
+    z = torch.randn(10, generator=gen, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = F.tucker_to_tensor(core, factors)
+        y = F.fastfood(z, ops.Fastfood(10, 40, seed=0))
+        k = F.kron([factors[0], factors[1]])
+    assert x.dtype == y.dtype == k.dtype == torch.float32
+    (x.sum() + y.sum() + k.sum()).backward()
+    assert core.grad.dtype == z.grad.dtype == torch.float32
+    reference = ops.tucker_to_tensor(core.detach().double(), [f.detach().double() for f in factors])
+    torch.testing.assert_close(x.double(), reference, rtol=1e-6, atol=1e-6)

@@ -8,7 +8,8 @@ generator as one Function.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,13 +40,30 @@ def _own(result: torch.Tensor, *inputs: torch.Tensor | None) -> torch.Tensor:
     return result
 
 
+def _no_autocast(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a Function's forward/backward with autocast off, so that reconstruction, projections
+    and VJPs compute in their inputs' dtype (fp32 parameters stay fp32 inside a bf16/fp16 region)."""
+
+    @functools.wraps(method)
+    def wrapped(ctx: Any, *args: Any) -> Any:
+        ref = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if ref is None:
+            return method(ctx, *args)
+        with torch.autocast(device_type=ref.device.type, enabled=False):
+            return method(ctx, *args)
+
+    return wrapped
+
+
 class _Tucker(torch.autograd.Function):
     @staticmethod
+    @_no_autocast
     def forward(ctx: Any, core: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(core, *factors)
         return ops.tucker_to_tensor(core, list(factors))
 
     @staticmethod
+    @_no_autocast
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
         core, *factors = ctx.saved_tensors
         core_grad, factor_grads = ops.tucker_vjp(core, factors, grad.contiguous())
@@ -54,11 +72,13 @@ class _Tucker(torch.autograd.Function):
 
 class _CP(torch.autograd.Function):
     @staticmethod
+    @_no_autocast
     def forward(ctx: Any, weights: torch.Tensor | None, *factors: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weights, *factors)
         return ops.cp_to_tensor(weights, list(factors))
 
     @staticmethod
+    @_no_autocast
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         weights, *factors = ctx.saved_tensors
         weights_grad, factor_grads = ops.cp_vjp(weights, factors, grad.contiguous())
@@ -67,33 +87,39 @@ class _CP(torch.autograd.Function):
 
 class _Kron(torch.autograd.Function):
     @staticmethod
+    @_no_autocast
     def forward(ctx: Any, *tensors: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(*tensors)
         return ops.kron(list(tensors))
 
     @staticmethod
+    @_no_autocast
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(ops.kron_vjp(list(ctx.saved_tensors), grad.contiguous()))
 
 
 class _Cut(torch.autograd.Function):
     @staticmethod
+    @_no_autocast
     def forward(ctx: Any, x: torch.Tensor, n: int) -> torch.Tensor:
         ctx.shape = tuple(x.shape)
         return _own(ops.cut(x, n), x)
 
     @staticmethod
+    @_no_autocast
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return ops.pad(grad.contiguous(), ctx.shape), None
 
 
 class _Pad(torch.autograd.Function):
     @staticmethod
+    @_no_autocast
     def forward(ctx: Any, v: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         ctx.n = v.shape[0]
         return _own(ops.pad(v, shape), v)
 
     @staticmethod
+    @_no_autocast
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return ops.cut(grad.contiguous(), ctx.n), None
 
@@ -102,28 +128,33 @@ class _Linear(torch.autograd.Function):
     """A fixed linear operator with ``apply``/``adjoint`` (Shuffle, Fastfood, FWHT)."""
 
     @staticmethod
+    @_no_autocast
     def forward(ctx: Any, x: torch.Tensor, op: Any) -> torch.Tensor:
         ctx.op = op
         return _own(op.apply(x), x)
 
     @staticmethod
+    @_no_autocast
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return ctx.op.adjoint(grad.contiguous()), None
 
 
 class _FWHT(torch.autograd.Function):
     @staticmethod
+    @_no_autocast
     def forward(ctx: Any, x: torch.Tensor, axis: int) -> torch.Tensor:
         ctx.axis = axis
         return ops.fwht(x, axis)
 
     @staticmethod
+    @_no_autocast
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return ops.fwht(grad.contiguous(), ctx.axis), None  # H is symmetric
 
 
 class _SuperLoRADelta(torch.autograd.Function):
     @staticmethod
+    @_no_autocast
     def forward(ctx: Any, plan: SuperLoRA, names: tuple[str, ...], *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.plan, ctx.names = plan, names
         ctx.save_for_backward(*values)
@@ -131,6 +162,7 @@ class _SuperLoRADelta(torch.autograd.Function):
         return tuple(_own(d, *values) for d in plan.delta(params))
 
     @staticmethod
+    @_no_autocast
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         values = ctx.saved_tensors
         params = dict(zip(ctx.names, values, strict=True))
@@ -147,6 +179,7 @@ class _ComponentDelta(torch.autograd.Function):
     """``ΔW`` of one :meth:`SuperLoRA.components` entry from that component's arrays only."""
 
     @staticmethod
+    @_no_autocast
     def forward(ctx: Any, plan: SuperLoRA, targets: tuple[int, ...], names: tuple[str, ...],
                 *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.plan, ctx.targets, ctx.names = plan, targets, names
@@ -155,12 +188,12 @@ class _ComponentDelta(torch.autograd.Function):
         # region saved) sees the same saved tensors whether a layer generated ΔW or reused it.
         ctx.values = values
         ctx.versions = tuple(v._version for v in values)
-        with _full_precision(values[0]):
-            out = plan.delta_for(dict(zip(names, values, strict=True)), targets)
+        out = plan.delta_for(dict(zip(names, values, strict=True)), targets)
         return tuple(_own(d, *values) for d in out)
 
     @staticmethod
     @once_differentiable
+    @_no_autocast
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         changed = [n for n, v, version in zip(ctx.names, ctx.values, ctx.versions, strict=True)
                    if v._version != version]
@@ -176,15 +209,8 @@ class _ComponentDelta(torch.autograd.Function):
             else g.to(ref.dtype).contiguous()
             for g, i in zip(grads, ctx.targets, strict=True)
         ]
-        with _full_precision(ref):
-            param_grads = ctx.plan.vjp_for(dict(zip(ctx.names, values, strict=True)), ctx.targets, cotangents)
+        param_grads = ctx.plan.vjp_for(dict(zip(ctx.names, values, strict=True)), ctx.targets, cotangents)
         return (None, None, None, *(param_grads[name] for name in ctx.names))
-
-
-def _full_precision(ref: torch.Tensor) -> Any:
-    """Autocast off: reconstruction and Fastfood run in the parameters' dtype (fp32) even
-    inside a bf16/fp16 ``torch.autocast`` region."""
-    return torch.autocast(device_type=ref.device.type, enabled=False)
 
 
 def superlora_component_delta(plan: SuperLoRA, targets: Sequence[int],
