@@ -555,3 +555,63 @@ def test_search_validation(capsys) -> None:
         adapter.merge()
     with pytest.raises(RuntimeError, match="call unmerge"):
         search(adapter, lambda: 0.0, 5, progress=False)
+
+
+# ---------------------------------------------------------------- from the review
+def test_each_generation_evaluates_a_full_population_of_new_individuals() -> None:
+    adapter, _, value = _toy()
+    counts = []
+
+    def evaluate() -> float:
+        counts.append(1)
+        return sum(value[(li, c)] for li, c in enumerate(adapter.configs))
+
+    result = search(adapter, evaluate, 40, population=20, top_k=5, iterations=4, seed=1, progress=False)
+    assert result.evaluations == len(counts) == 20 * 5  # 20 fresh feasible individuals per generation
+
+
+def test_checkpoint_recomputation_reuses_the_sampled_configuration() -> None:
+    ids = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for checkpointing in (False, True):
+        model = _gpt2()
+        adapter = attach_glora(model, GLoRAConfig(rank=2, seed=3), ["c_attn", "c_fc"])
+        _randomise(adapter)
+        if checkpointing:
+            options = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() if p.grad is not None else None for n, p in adapter.named_parameters()})
+    for name, value in grads[0].items():
+        if value is None:
+            assert grads[1][name] is None
+        else:
+            torch.testing.assert_close(grads[1][name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_base_layer_hooks_run_and_attributes_read_through() -> None:
+    model = _mlp()
+    calls = []
+    model[0].register_forward_hook(lambda module, args, out: calls.append(1))
+    adapter = attach_glora(model, GLoRAConfig(rank=2), ["0"])
+    adapter.set_configs(LayerChoice("lora", "vector", "none", "scalar", "vector"))
+    model(torch.randn(2, 6))
+    assert calls == [1]
+    assert model[0].weight is model[0].base_layer.weight and model[0].in_features == 6
+    adapter.merge()
+    model(torch.randn(2, 6))
+    assert calls == [1, 1]
+
+
+def test_train_mode_set_while_merged_survives_unmerge() -> None:
+    model = _mlp()
+    adapter = attach_glora(model, GLoRAConfig(rank=2), ["0", "4"])
+    model.eval()
+    adapter.merge()
+    model.train()
+    adapter.unmerge()
+    assert all(layer.training for layer in adapter._wrappers)

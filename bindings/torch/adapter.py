@@ -22,7 +22,7 @@ from tensoradapt import SuperLoRA, SuperLoRAConfig, buffers
 from tensoradapt._version import __version__
 
 from ._io import FORMAT, FORMAT_VERSION, AdapterFileError, write_adapter
-from ._switch import Switchable
+from ._switch import ReadsThrough, Switchable, graph_task_id
 from ._targets import TargetSpec, WeightView, match_targets, weight_view
 from .functional import superlora_component_delta
 
@@ -35,7 +35,7 @@ def _safe_key(name: str) -> str:
     return name.replace(".", "__")
 
 
-class AdaptedLayer(nn.Module):
+class AdaptedLayer(ReadsThrough, nn.Module):
     """A targeted module with its adapter: ``forward`` runs the original module with ``W + ΔW``.
 
     ``base_layer`` is the original module (its parameters untouched).  While the adapter is
@@ -48,16 +48,6 @@ class AdaptedLayer(nn.Module):
         self.index = index
         self.view = view
         object.__setattr__(self, "_owner", owner)  # not a submodule: the adapter is registered once, on the model
-
-    def __getattr__(self, name: str) -> Any:
-        """Attributes of the wrapped module (``weight``, ``bias``, ``in_features``…) read through,
-        for code that inspects its layers (e.g. ``layer.weight.dtype``)."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(super().__getattr__("base_layer"), name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         owner: Adapter = self._owner
@@ -241,7 +231,7 @@ class Adapter(Switchable, nn.Module):
             # Outside a model forward.  During a backward pass (activation checkpointing recomputing
             # a block) reuse within that pass: the parameters cannot change in the middle of it.
             # Otherwise (a submodule called on its own) generate afresh every call.
-            task = _graph_task_id()
+            task = graph_task_id()
             if task < 0:
                 return self._generate(c)[position]
             if self._backward_cache[0] != task:
@@ -433,20 +423,13 @@ class Adapter(Switchable, nn.Module):
         return write_adapter(path, dict(self.named_trainable_parameters()), self.metadata())
 
 
-def _graph_task_id() -> int:
-    """Id of the autograd backward pass running now, -1 outside one (the private hook
-    ``torch.utils.checkpoint`` itself uses; -1 where a torch build lacks it)."""
-    probe = getattr(torch._C, "_current_graph_task_id", None)
-    return -1 if probe is None else int(probe())
-
-
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
 
 
-def _resolve(model: nn.Module, found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+def check_targets(model: nn.Module, found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
     """Refuse targets a wrapper cannot adapt faithfully (see the messages)."""
     for name, module in found:
         if isinstance(module, AdaptedLayer) or ".base_layer" in f".{name}":
@@ -486,7 +469,7 @@ def attach_superlora(model: nn.Module, config: SuperLoRAConfig, targets: TargetS
     """Attach SuperLoRA to ``model`` (see :func:`tensoradapt.torch.attach`)."""
     if not isinstance(config, SuperLoRAConfig):
         raise TypeError(f"config must be a SuperLoRAConfig, got {type(config).__name__}")
-    found = _resolve(model, match_targets(model, targets))
+    found = check_targets(model, match_targets(model, targets))
     adapter = Adapter(model, config, found, freeze_base=freeze_base, seed=seed, dtype=dtype)
     adapter._install()
     return adapter
@@ -519,7 +502,7 @@ def load_superlora(model: nn.Module, tensors: dict[str, torch.Tensor], metadata:
             f"{path!r} targets modules the model does not have: {missing[:5]}"
             f"{' …' if len(missing) > 5 else ''} ({len(missing)} of {len(names)})"
         )
-    found = _resolve(model, [(n, modules[n]) for n in names])
+    found = check_targets(model, [(n, modules[n]) for n in names])
     mismatched = []
     for (name, module), shape, kind, weight_shape in zip(found, shapes, kinds, weight_shapes, strict=True):
         view = weight_view(name, module)

@@ -55,13 +55,9 @@ from tensoradapt.glora import glora_vjp as _core_vjp
 from tensoradapt.glora import glora_weight_bias as _core_weight_bias
 
 from ._io import FORMAT, FORMAT_VERSION, AdapterFileError, read_adapter, write_adapter
-from ._switch import Switchable
+from ._switch import ReadsThrough, Switchable, graph_task_id
 from ._targets import TargetSpec, WeightView, match_targets, weight_view
-
-try:  # the attribute under which every tensoradapt adapter registers itself on its model
-    from .adapter import ADAPTER_ATTRIBUTE
-except ImportError:  # pragma: no cover - the SuperLoRA adapter module is always shipped
-    ADAPTER_ATTRIBUTE = "tensoradapt"
+from .adapter import ADAPTER_ATTRIBUTE, check_targets
 
 __all__ = [
     "GLoRAAdapter",
@@ -127,7 +123,7 @@ def glora_weight_bias(W0: torch.Tensor, b0: torch.Tensor | None, params: Mapping
 
 
 # ---------------------------------------------------------------------------------- layers
-class GLoRALayer(nn.Module):
+class GLoRALayer(ReadsThrough, nn.Module):
     """A targeted ``nn.Linear`` or ``Conv1D`` with GLoRA: ``y = x W'ᵀ + b'``.
 
     ``base_layer`` is the original module, never modified.  The trainable tensors belong to the
@@ -162,6 +158,10 @@ class GLoRALayer(nn.Module):
         if self.choice is not None:
             return self.choice
         if self.training:
+            if self.last_choice is not None and graph_task_id() >= 0:
+                # activation checkpointing re-runs this forward during backward: use the choice
+                # the forward drew, or the gradients would belong to another configuration
+                return self.last_choice
             return owner._sample(self.index)
         return owner._largest[self.index]
 
@@ -180,7 +180,12 @@ class GLoRALayer(nn.Module):
         choice = self.current_choice()
         self.last_choice = choice
         W, b = self.weight_bias(choice)
-        return F.linear(x, W.to(x.dtype), None if b is None else b.to(x.dtype))
+        base = self.base_layer
+        W, b = W.to(x.dtype), None if b is None else b.to(x.dtype)
+        if (b is None) == (base.bias is None):  # through the module, so its hooks run as after merge
+            values = {"weight": self.view.to_weight(W)} | ({} if b is None else {"bias": b})
+            return torch.func.functional_call(base, values, (x,))
+        return F.linear(x, W, b)  # a bias-free layer that C or E gives a bias
 
     def extra_repr(self) -> str:
         o, n = self.view.shape
@@ -454,12 +459,14 @@ class GLoRAAdapter(Switchable, nn.Module):
         if self._merged is None:
             raise RuntimeError("the adapter is not merged")
         for name, wrapper in zip(self.target_names, self._wrappers, strict=True):
+            wrapper.train(self._model.get_submodule(name).training)  # the mode set while merged
             _replace(self._model, name, wrapper)
         self._merged = None
 
     def _uninstall(self, modules: Sequence[nn.Module]) -> nn.Module:
         model = self._model
         for name, module in zip(self.target_names, modules, strict=True):
+            module.train(model.get_submodule(name).training)
             _replace(model, name, module)
         if getattr(model, ADAPTER_ATTRIBUTE, None) is self:
             delattr(model, ADAPTER_ATTRIBUTE)
@@ -548,12 +555,11 @@ def _rebuilt(base: nn.Module, view: WeightView, W: torch.Tensor, b: torch.Tensor
     return module
 
 
-def _resolve(found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+def _resolve(model: nn.Module, found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
     for name, module in found:
-        if isinstance(module, GLoRALayer) or type(module).__name__ == "AdaptedLayer" or \
-                ".base_layer" in f".{name}" or f"{ADAPTER_ATTRIBUTE}." in f"{name}.":
+        if isinstance(module, GLoRALayer) or f"{ADAPTER_ATTRIBUTE}." in f"{name}.":
             raise RuntimeError(f"module {name!r} belongs to an attached adapter; detach it first")
-    return found
+    return check_targets(model, found)  # the refusals SuperLoRA makes too (tied, aliased, attention)
 
 
 def attach_glora(model: nn.Module, config: GLoRAConfig, targets: TargetSpec, *, freeze_base: bool = True,
@@ -581,7 +587,7 @@ def attach_glora(model: nn.Module, config: GLoRAConfig, targets: TargetSpec, *, 
     """
     if not isinstance(config, GLoRAConfig):
         raise TypeError(f"config must be a GLoRAConfig, got {type(config).__name__}")
-    found = _resolve(match_targets(model, targets))
+    found = _resolve(model, match_targets(model, targets))
     adapter = GLoRAAdapter(model, config, found, freeze_base=freeze_base, dtype=dtype)
     adapter._install()
     return adapter
@@ -614,7 +620,7 @@ def load_glora(model: nn.Module, tensors: Mapping[str, torch.Tensor], metadata: 
     if missing:
         raise AdapterFileError(f"the adapter targets modules the model does not have: {missing[:5]} "
                                f"({len(missing)} of {len(names)})")
-    found = _resolve([(n, modules[n]) for n in names])
+    found = _resolve(model, [(n, modules[n]) for n in names])
     problems = []
     for (name, module), shape, bias in zip(found, shapes, biases, strict=True):
         view = weight_view(name, module)
@@ -868,7 +874,8 @@ def search(adapter: GLoRAAdapter, evaluate: Callable[[], float], max_params: int
             taken: set[tuple[int, ...]] = set()
 
             def add(genes: tuple[int, ...], _children: list = children, _taken: set = taken) -> bool:
-                if genes in _taken or not feasible(genes):
+                # as the official is_legal: no duplicates and nothing evaluated before
+                if genes in _taken or genes in scores or not feasible(genes):
                     return False
                 _taken.add(genes)
                 _children.append(genes)
@@ -889,7 +896,7 @@ def search(adapter: GLoRAAdapter, evaluate: Callable[[], float], max_params: int
                 pick = rng.random(layers) < 0.5
                 made += add(tuple(int(g) for g in np.where(pick, first, second)))
             if len(children) < population:
-                children.extend(random_feasible(population - len(children), taken))
+                children.extend(random_feasible(population - len(children), taken | set(scores)))
             for genes in children:
                 score_of(genes)
             record(iteration, len(children))
