@@ -36,7 +36,7 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr with exit status 2."""
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (``prog: error: message``), status 2."""
 
     def error(self, message: str) -> NoReturn:
@@ -280,14 +280,22 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("writing the plot needs matplotlib (pip install matplotlib), or pass --no-plot") from None
-        folder = os.path.dirname(os.path.abspath(plot_path))
-        if not os.path.isdir(folder):
-            raise UsageError(f"--plot {plot_path}: folder {folder} does not exist")
+        if not os.path.splitext(plot_path)[1]:
+            plot_path += ".png"
+        _check_writable("--plot", plot_path)
+    if args.json:
+        _check_writable("--json", args.json)
     records = []
     progress = _progress(not args.no_progress, len(keys), "compare")
     for key in progress(keys):
-        p = _load_tensor(args.first, headers[0], key)
-        q = _load_tensor(args.second, headers[1], key)
+        try:
+            p = _load_tensor(args.first, headers[0], key)
+            q = _load_tensor(args.second, headers[1], key)
+        except Exception as exc:  # safetensors' own error type for data it cannot read
+            raise UsageError(f"tensor {key!r}: cannot read it ({_one_line(exc)})") from None
+        for path, value in ((args.first, p), (args.second, q)):
+            if not np.isfinite(value).all():
+                raise UsageError(f"tensor {key!r} in {path} has NaN or infinite entries")
         dtype = np.result_type(p.dtype, q.dtype, np.float32)
         records.append(geometry.compare_pair(p.astype(dtype, copy=False), q.astype(dtype, copy=False), name=key,
                                              k=args.k, paired=args.paired, method=args.method))
@@ -296,10 +304,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if skipped:
         print(f"({skipped} common tensors with fewer than 2 dimensions skipped)")
     if args.json:
+        payload = {"records": [r.as_dict() for r in records],
+                   "by_kind": {kind: dataclasses.asdict(s) for kind, s in summary.items()}}
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"records": [r.as_dict() for r in records],
-                       "by_kind": {kind: dataclasses.asdict(s) for kind, s in summary.items()}},
-                      fh, indent=1, default=_json_float)
+            json.dump(_finite_json(payload), fh, indent=1, allow_nan=False)
         print(f"records written to {args.json}")
     if plot_path is not None:
         _plot(records, plot_path, f"{os.path.basename(args.first)} vs {os.path.basename(args.second)}"
@@ -308,10 +316,24 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _json_float(value: Any) -> Any:
+def _finite_json(value: Any) -> Any:
+    """``value`` with NaN and infinities as the strings ``"nan"``, ``"inf"``, ``"-inf"`` (valid JSON)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    raise TypeError(f"cannot serialise {type(value).__name__}")
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def _check_writable(flag: str, path: str) -> None:
+    """Exit 2 before any work when ``path`` cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: folder {folder} does not exist")
+    if os.path.isdir(path) or not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{flag} {path}: cannot write there")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,10 +364,10 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     from ._version import __version__
 
-    parser = _Parser(prog=_PROG, description="SuperLoRA-family adapters: parameter tables, budget sweeps, "
+    parser = OneLineParser(prog=_PROG, description="SuperLoRA-family adapters: parameter tables, budget sweeps, "
                      "geometric comparison of weight updates, and the demo.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
 
     count = sub.add_parser(
         "count", help="parameter table or budget sweep for target shapes",

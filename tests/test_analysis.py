@@ -361,3 +361,16 @@ def test_budget_sweep():
     text = format_budget_sweep(shapes, entries, 40_000)
     assert "36,864" in text and "lotr" in text
     assert budget_sweep(shapes, 10, ["lora"]) == []
+
+
+@pytest.mark.parametrize("magnitude", [1e-25, 1e20])
+def test_distances_do_not_underflow_or_overflow_in_float32(magnitude) -> None:
+    from tensoradapt.analysis import compare_pair
+
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((6, 5))
+    p = q + 0.5 * rng.standard_normal((6, 5))
+    expected = np.linalg.norm(p - q) / np.linalg.norm(q)
+    record = compare_pair((magnitude * p).astype(np.float32), (magnitude * q).astype(np.float32))
+    assert record.dE == pytest.approx(expected, rel=1e-5)
+    assert np.isfinite(record.norm_P) and record.norm_P > 0

@@ -54,6 +54,18 @@ def files(tmp_path_factory):
     paths["shapes"] = folder / "shapes.json"
     paths["shapes"].write_text(json.dumps([{"name": "q", "shape": [768, 768], "count": 12},
                                            {"name": "v", "shape": [768, 768], "count": 12}]))
+    nan = {k: v.copy() for k, v in adapter.items()}
+    nan["encoder.layer.1.attention.self.value.weight"][0, 0] = np.nan
+    paths["nan"] = folder / "nan.safetensors"
+    save_file(nan, str(paths["nan"]))
+    # two tensors whose data_offsets overlap (the header check must refuse what safetensors would)
+    header = {"a.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+              "b.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 24]}}
+    text = json.dumps(header).encode()
+    paths["overlap"] = folder / "overlap.safetensors"
+    paths["overlap"].write_bytes(struct.pack("<Q", len(text)) + text + bytes(24))
+    paths["deep"] = folder / "deep.json"
+    paths["deep"].write_text("[" * 100_000)
     paths["folder"] = folder
     return paths
 
@@ -159,6 +171,11 @@ BAD = {
     "shape mismatch": (["compare", "{adapter}", "{reshaped}"], "has shape [12, 10]"),
     "plot folder": (["compare", "{adapter}", "{dense}", "--plot", "/nonexistent/x.png"], "does not exist"),
     "bad k": (["compare", "{adapter}", "{dense}", "-k", "0"], "positive integer"),
+    "NaN entries": (["compare", "{nan}", "{dense}", "--no-plot"], "has NaN or infinite entries"),
+    "overlapping offsets": (["compare", "{overlap}", "{overlap}"], "overlapping or non-contiguous"),
+    "deeply nested json": (["count", "{deep}"], "not valid JSON"),
+    "json folder": (["compare", "{adapter}", "{dense}", "--no-plot", "--json", "/nonexistent/x.json"],
+                    "does not exist"),
     "unknown command": (["train"], "invalid choice"),
     "missing argument": (["compare", "{adapter}"], "required"),
 }
@@ -190,3 +207,22 @@ def test_bad_input_exits_2_with_one_line(case, files, batch):
 def test_no_command_prints_usage():
     out = run()
     assert out.returncode == 2 and "usage" in out.stderr
+
+
+def test_compare_json_is_valid_json_with_non_finite_values(files, tmp_path):
+    from safetensors.numpy import save_file
+
+    zeros = tmp_path / "zeros.safetensors"
+    save_file({"layer.query.weight": np.zeros((6, 5), np.float32)}, str(zeros))
+    dense = tmp_path / "d.safetensors"
+    save_file({"layer.query.weight": np.ones((6, 5), np.float32)}, str(dense))
+    out = run("compare", zeros, dense, "--no-plot", "--json", tmp_path / "z.json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "z.json").read_text())  # strict JSON: no bare NaN
+    assert data["records"][0]["dL"] == "nan"
+
+
+def test_plot_without_extension_gets_png(files, tmp_path):
+    out = run("compare", files["adapter"], files["dense"], "--plot", tmp_path / "geometry", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "geometry.png").is_file() and str(tmp_path / "geometry.png") in out.stdout

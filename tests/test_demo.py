@@ -112,12 +112,14 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     assert demo.main(["--methods", "lora-r3"]) == 2
     assert "unknown method" in capsys.readouterr().err
     assert demo.main(["--steps", "0"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1  # one line, not the usage block
     assert demo.main(["--seed", "-1"]) == 2
     assert demo.main(["--frobnicate"]) == 2
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert demo.main(["--out", str(blocker), "--steps", "1"]) == 2
-    assert "not a folder" in capsys.readouterr().err
+    assert "cannot be used as the results folder" in capsys.readouterr().err
+    assert demo.main(["--out", str(blocker / "sub"), "--steps", "1"]) == 2  # checked before any training
     assert demo.main(["--help"]) == 0
     assert "fastfood-0.01" in capsys.readouterr().out
     with pytest.raises(ValueError, match="unknown methods"):

@@ -63,7 +63,7 @@ from torch import nn
 import tensoradapt as ta
 from tensoradapt import SuperLoRAConfig, presets
 from tensoradapt.analysis import aggregate_by_kind, compare
-from tensoradapt.cli import non_negative_int, positive_int
+from tensoradapt.cli import OneLineParser, non_negative_int, positive_int
 
 from .adapter import attach_superlora
 
@@ -430,8 +430,10 @@ def geometry(runs: Sequence[TransferRun], references: Sequence[TransferRun], nam
     records: list[dict[str, Any]] = []
     by_kind: dict[str, dict[str, list[float]]] = {}
     for repeat, (run_, ref) in enumerate(zip(runs, references, strict=True)):
-        Q = [ref.deltas[n].double().numpy() for n in names]
-        P = [run_.deltas[n].double().numpy() if n in run_.deltas else np.zeros_like(q)
+        # float32 as trained: in float64 the float32 rounding noise would count as rank, and
+        # k_eff = min(k, rank P, rank Q) would always be k
+        Q = [ref.deltas[n].float().numpy() for n in names]
+        P = [run_.deltas[n].float().numpy() if n in run_.deltas else np.zeros_like(q)
              for n, q in zip(names, Q, strict=True)]
         found = compare(P, Q, names=list(names), k=k)
         for kind, summary in aggregate_by_kind(found).items():
@@ -830,7 +832,7 @@ def _default_out() -> Path:
 
 def _parser() -> argparse.ArgumentParser:
     listing = "\n".join(f"  {m.name:<14} {m.description}" for m in methods().values())
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="tensoradapt demo",
         description="Pretrain a tiny ViT on scikit-learn's digits 0-4, transfer it to digits 5-9 with dense "
                     "fine-tuning, LoRA and SuperLoRA variants (adapters on query/value), and report accuracy, "
@@ -878,8 +880,14 @@ def main(argv: list[str] | None = None) -> int:
               "(pip install 'tensoradapt[demo]')", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else _default_out()
-    if out.exists() and not out.is_dir():
-        print(f"tensoradapt demo: error: --out {str(out)!r} exists and is not a folder", file=sys.stderr)
+    try:  # before any training, so a bad folder cannot lose a finished run
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".tensoradapt-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        print(f"tensoradapt demo: error: --out {str(out)!r} cannot be used as the results folder "
+              f"({exc.strerror or type(exc).__name__})", file=sys.stderr)
         return 2
     result = run(args.methods, quick=args.quick, seed=args.seed, settings=settings,
                  progress=not args.no_progress, threads=args.threads)

@@ -473,7 +473,7 @@ def rank_configs(configs: Mapping[str, SuperLoRAConfig] | Iterable[tuple[str, Su
     out = []
     for label, config in items:
         try:
-            SuperLoRA(config, shapes)
+            SuperLoRA(config, shapes, fit_kwargs.get("names"))
         except ValueError:
             continue
         result = fit(config, shapes, target_deltas, **fit_kwargs)

@@ -314,8 +314,16 @@ def infer_kind(name: str) -> str:
 
 
 def _frobenius(x: Any) -> float:
+    """``‖x‖_F`` without overflow or underflow: in float64, scaled by ``max |x|`` (as LAPACK's nrm2)."""
     xp = namespace(x=x)
-    return float(xp.sqrt(xp.sum(x * x)))
+    x = xp.astype(x, xp.float64)
+    if math.prod(x.shape) == 0:
+        return 0.0
+    peak = float(xp.max(xp.abs(x)))
+    if peak == 0.0 or not math.isfinite(peak):
+        return peak
+    scaled = x / peak
+    return peak * float(xp.sqrt(xp.sum(scaled * scaled)))
 
 
 def _overlap(a: np.ndarray, b: np.ndarray, k: int, paired: bool) -> float:

@@ -123,13 +123,16 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         raw = fh.read(length)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ShapeSourceError(f"{path}: the header is not valid UTF-8 JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 / JSON, huge integers, deep nesting
+        raise ShapeSourceError(f"{path}: the header is not valid UTF-8 JSON ({type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise ShapeSourceError(f"{path}: the header must be a JSON object, got {type(header).__name__}")
     data_size = size - 8 - length
+    spans = []
     for name, entry in header.items():
         if name == "__metadata__":
+            if not isinstance(entry, dict):
+                raise ShapeSourceError(f"{path}: __metadata__ must be a JSON object, got {type(entry).__name__}")
             continue
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
             raise ShapeSourceError(f"{path}: tensor {name!r} needs 'dtype', 'shape' and 'data_offsets', "
@@ -147,6 +150,13 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise ShapeSourceError(f"{path}: tensor {name!r} ({dtype}, shape {shape}) needs "
                                    f"{_DTYPE_BYTES[dtype] * math.prod(shape)} bytes but data_offsets span "
                                    f"{offsets[1] - offsets[0]}")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0  # the format packs the tensors' bytes back to back: no overlap, no gap
+    for start, stop, name in sorted(spans):
+        if start != end:
+            raise ShapeSourceError(f"{path}: tensor {name!r} starts at byte {start} of the data, expected {end} "
+                                   "(overlapping or non-contiguous data_offsets)")
+        end = stop
     return header
 
 
@@ -206,8 +216,8 @@ def shapes_from_json(source: str | os.PathLike[str] | Any, *, min_ndim: int = 1,
         with open(where, encoding="utf-8") as fh:  # FileNotFoundError for a missing file
             try:
                 data = json.load(fh)
-            except json.JSONDecodeError as exc:
-                raise ShapeSourceError(f"{where}: not valid JSON ({exc})") from None
+            except (ValueError, RecursionError) as exc:  # bad UTF-8 / JSON, huge integers, deep nesting
+                raise ShapeSourceError(f"{where}: not valid JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
     else:
         data = source
     if isinstance(data, Mapping) and "targets" in data:
