@@ -22,13 +22,12 @@ from tensoradapt import SuperLoRA, SuperLoRAConfig, buffers
 from tensoradapt._version import __version__
 
 from ._io import FORMAT, FORMAT_VERSION, AdapterFileError, write_adapter
-from ._switch import ReadsThrough, Switchable, graph_task_id
+from ._shared import ADAPTER_ATTRIBUTE, ReadsThrough, Switchable, graph_task_id
 from ._targets import TargetSpec, WeightView, match_targets, weight_view
 from .functional import superlora_component_delta
 
 __all__ = ["ADAPTER_ATTRIBUTE", "AdaptedLayer", "Adapter", "attach_superlora", "load_superlora"]
 
-ADAPTER_ATTRIBUTE = "tensoradapt"
 
 
 def _safe_key(name: str) -> str:
@@ -173,29 +172,14 @@ class Adapter(Switchable, nn.Module):
 
     # ------------------------------------------------------------------ installation
     def _install(self) -> None:
-        model = self._model
-        if hasattr(model, ADAPTER_ATTRIBUTE):
-            raise RuntimeError(
-                f"the model already has an attribute {ADAPTER_ATTRIBUTE!r} (an adapter is attached?); "
-                "detach it first"
-            )
         for name, module in zip(self.target_names, self._originals, strict=True):
             if isinstance(module, AdaptedLayer):
                 raise RuntimeError(f"target {name!r} is already adapted; detach the other adapter first")
-        if self._freeze_base:
-            self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-            for p in model.parameters():
-                p.requires_grad_(False)
-        for i, (name, module) in enumerate(zip(self.target_names, self._originals, strict=True)):
-            wrapper = AdaptedLayer(module, i, self.views[i], self)
-            self._wrappers.append(wrapper)
-            _replace(model, name, wrapper)
-        model.add_module(ADAPTER_ATTRIBUTE, self)
+        self._wrap_targets(lambda i, module: AdaptedLayer(module, i, self.views[i], self))
         self._hooks = [
-            model.register_forward_pre_hook(self._begin_forward),
-            model.register_forward_hook(self._end_forward, always_call=True),
+            self._model.register_forward_pre_hook(self._begin_forward),
+            self._model.register_forward_hook(self._end_forward, always_call=True),
         ]
-        self._attached = True
 
     def _begin_forward(self, module: nn.Module, args: Any) -> None:
         if self._depth == 0:
@@ -365,19 +349,11 @@ class Adapter(Switchable, nn.Module):
         return self._merged_weights is not None
 
     def _uninstall(self) -> nn.Module:
-        model = self._model
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        for name, module in zip(self.target_names, self._originals, strict=True):
-            _replace(model, name, module)
-        if getattr(model, ADAPTER_ATTRIBUTE, None) is self:
-            delattr(model, ADAPTER_ATTRIBUTE)
-        for name, p in model.named_parameters():
-            if name in self._requires_grad:
-                p.requires_grad_(self._requires_grad[name])
+        model = self._unwrap_targets(self._originals)
         self._wrappers = []
-        self._attached = False
         self._cache = None
         self._backward_cache = (-1, {})
         return model
@@ -421,12 +397,6 @@ class Adapter(Switchable, nn.Module):
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the adapter to ``path`` (``.safetensors``; tensors plus JSON metadata), atomically."""
         return write_adapter(path, dict(self.named_trainable_parameters()), self.metadata())
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def check_targets(model: nn.Module, found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:

@@ -55,9 +55,9 @@ from tensoradapt.glora import glora_vjp as _core_vjp
 from tensoradapt.glora import glora_weight_bias as _core_weight_bias
 
 from ._io import FORMAT, FORMAT_VERSION, AdapterFileError, read_adapter, write_adapter
-from ._switch import ReadsThrough, Switchable, graph_task_id
+from ._shared import ADAPTER_ATTRIBUTE, ReadsThrough, Switchable, graph_task_id, replace_module
 from ._targets import TargetSpec, WeightView, match_targets, weight_view
-from .adapter import ADAPTER_ATTRIBUTE, check_targets
+from .adapter import check_targets
 
 __all__ = [
     "GLoRAAdapter",
@@ -255,20 +255,7 @@ class GLoRAAdapter(Switchable, nn.Module):
 
     # ------------------------------------------------------------------ installation
     def _install(self) -> None:
-        model = self._model
-        if hasattr(model, ADAPTER_ATTRIBUTE):
-            raise RuntimeError(f"the model already has an attribute {ADAPTER_ATTRIBUTE!r} (an adapter is "
-                               "attached?); detach it first")
-        if self._freeze_base:
-            self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-            for p in model.parameters():
-                p.requires_grad_(False)
-        for i, (name, module) in enumerate(zip(self.target_names, self._originals, strict=True)):
-            wrapper = GLoRALayer(module, i, self.views[i], self)
-            self._wrappers.append(wrapper)
-            _replace(model, name, wrapper)
-        model.add_module(ADAPTER_ATTRIBUTE, self)
-        self._attached = True
+        self._wrap_targets(lambda i, module: GLoRALayer(module, i, self.views[i], self))
 
     def _check_attached(self) -> None:
         if not self._attached:
@@ -450,7 +437,7 @@ class GLoRAAdapter(Switchable, nn.Module):
         for wrapper, (W, b) in zip(self._wrappers, merged_wb.values(), strict=True):
             modules.append(_rebuilt(wrapper.base_layer, wrapper.view, W, b))
         for name, module in zip(self.target_names, modules, strict=True):
-            _replace(self._model, name, module)
+            replace_module(self._model, name, module)
         self._merged = modules
 
     def unmerge(self) -> None:
@@ -460,20 +447,11 @@ class GLoRAAdapter(Switchable, nn.Module):
             raise RuntimeError("the adapter is not merged")
         for name, wrapper in zip(self.target_names, self._wrappers, strict=True):
             wrapper.train(self._model.get_submodule(name).training)  # the mode set while merged
-            _replace(self._model, name, wrapper)
+            replace_module(self._model, name, wrapper)
         self._merged = None
 
     def _uninstall(self, modules: Sequence[nn.Module]) -> nn.Module:
-        model = self._model
-        for name, module in zip(self.target_names, modules, strict=True):
-            module.train(model.get_submodule(name).training)
-            _replace(model, name, module)
-        if getattr(model, ADAPTER_ATTRIBUTE, None) is self:
-            delattr(model, ADAPTER_ATTRIBUTE)
-        for name, p in model.named_parameters():
-            if name in self._requires_grad:
-                p.requires_grad_(self._requires_grad[name])
-        self._attached = False
+        model = self._unwrap_targets(modules)
         self._merged = None
         return model
 
@@ -527,12 +505,6 @@ class GLoRAAdapter(Switchable, nn.Module):
         """Attach the GLoRA adapter saved at ``path`` to ``model`` (see :func:`load_glora`)."""
         tensors, metadata = read_adapter(path)
         return load_glora(model, tensors, metadata, freeze_base=freeze_base)
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def _rebuilt(base: nn.Module, view: WeightView, W: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
