@@ -611,7 +611,8 @@ def test_train_mode_set_while_merged_survives_unmerge() -> None:
     model = _mlp()
     adapter = attach_glora(model, GLoRAConfig(rank=2), ["0", "4"])
     model.eval()
-    adapter.merge()
+    with pytest.warns(UserWarning, match="largest choice"):
+        adapter.merge()
     model.train()
     adapter.unmerge()
     assert all(layer.training for layer in adapter._wrappers)
