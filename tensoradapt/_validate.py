@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import operator
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["check_int", "check_shape"]
@@ -37,3 +39,17 @@ def check_shape(name: str, shape: Any, *, min_ndim: int = 1) -> tuple[int, ...]:
     if len(dims) < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} entries, got {shape!r}")
     return dims
+
+
+def config_fields(cls: type, data: Mapping[str, Any], version: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``data`` (a config's ``to_dict``) without its ``config_version``, checked: the version must
+    be ``version`` and every other key a field of the dataclass ``cls`` or one of ``extra``."""
+    data = dict(data)
+    found = data.pop("config_version", version)
+    if found != version:
+        raise ValueError(f"config_version {found!r} is not supported (this library reads {version})")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known - set(extra))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known fields are {sorted(known)}")
+    return data

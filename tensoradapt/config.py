@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+from ._validate import config_fields
+
 __all__ = ["CORES", "FOLDS", "LAYOUTS", "PROJECTIONS", "SuperLoRAConfig"]
 
 CORES = ("tucker", "cp", "identity", "dense")
@@ -246,12 +248,4 @@ class SuperLoRAConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SuperLoRAConfig:
         """Inverse of :meth:`to_dict`; unknown keys and other config versions are refused."""
-        data = dict(data)
-        version = data.pop("config_version", CONFIG_VERSION)
-        if version != CONFIG_VERSION:
-            raise ValueError(f"config_version {version!r} is not supported (this library reads {CONFIG_VERSION})")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown SuperLoRAConfig fields {unknown}; known fields are {sorted(known)}")
-        return cls(**data)
+        return cls(**config_fields(cls, data, CONFIG_VERSION))

@@ -51,7 +51,7 @@ import numpy as np
 
 from . import buffers
 from ._backend import check_floating, from_host, namespace
-from ._validate import check_int
+from ._validate import check_int, config_fields
 
 __all__ = [
     "CHOICES",
@@ -279,17 +279,10 @@ class GLoRAConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GLoRAConfig:
         """Inverse of :meth:`to_dict`; unknown keys and other config versions are refused."""
-        data = dict(data)
-        version = data.pop("config_version", CONFIG_VERSION)
-        if version != CONFIG_VERSION:
-            raise ValueError(f"config_version {version!r} is not supported (this library reads {CONFIG_VERSION})")
+        data = config_fields(cls, data, CONFIG_VERSION, extra=("method",))
         method = data.pop("method", "glora")
         if method != "glora":
             raise ValueError(f"method must be 'glora' for a GLoRAConfig, got {method!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown GLoRAConfig fields {unknown}; known fields are {sorted(known)}")
         return cls(**data)
 
 
