@@ -26,14 +26,17 @@ The SuperLoRA generator is :class:`SuperLoRA` (configured by :class:`SuperLoRACo
 :func:`count_params` and :func:`budget` count parameters from shapes alone.
 """
 
-from . import analysis, buffers, glora, ops, presets
+from . import (
+    analysis,
+    buffers,
+    glora,
+    ops,
+    superlora,
+)
 from ._version import __version__
-from .budget import BudgetEntry, budget, count_params
-from .config import SuperLoRAConfig
-from .factorize import factorization
 from .glora import GLoRAConfig, LayerChoice
 from .ops.fold import fold_shape, fold_side
-from .superlora import SuperLoRA
+from .superlora import BudgetEntry, SuperLoRA, SuperLoRAConfig, budget, count_params, factorization, presets
 
 __all__ = [
     "BudgetEntry",
@@ -52,4 +55,5 @@ __all__ = [
     "glora",
     "ops",
     "presets",
+    "superlora",
 ]

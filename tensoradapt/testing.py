@@ -23,8 +23,8 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 from ._backend import to_numpy
-from .config import SuperLoRAConfig
-from .superlora import SuperLoRA
+from .superlora.config import SuperLoRAConfig
+from .superlora.generator import SuperLoRA
 
 __all__ = ["assert_reduces_to", "configs", "params", "plans", "shapes"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import struct
 import subprocess
@@ -127,12 +128,20 @@ def test_compare_bf16_with_default_plot_path(files):
 
 
 # ------------------------------------------------------------------------------ demo and help
-def test_demo_dispatch(monkeypatch):
+def test_demo_is_an_entry_point():
+    entry = cli.plugin_commands()["demo"]
+    assert entry.value == "tensoradapt.demo:main"
+
+
+def test_plugin_dispatch(monkeypatch):
+    """Everything after a plugin command's name goes to its function, --help included."""
     seen = []
-    fake = types.ModuleType(cli.DEMO_MODULE)
+    fake = types.ModuleType("fake_tensoradapt_plugin")
     fake.main = lambda args: seen.append(args) or 7
-    monkeypatch.setitem(sys.modules, cli.DEMO_MODULE, fake)
-    assert cli.main(["demo", "--help", "x"]) == 7 and seen == [["--help", "x"]]
+    monkeypatch.setitem(sys.modules, "fake_tensoradapt_plugin", fake)
+    entry = importlib.metadata.EntryPoint("fake", "fake_tensoradapt_plugin:main", cli.COMMAND_GROUP)
+    monkeypatch.setattr(cli, "plugin_commands", lambda: {"fake": entry})
+    assert cli.main(["fake", "--help", "x"]) == 7 and seen == [["--help", "x"]]
 
 
 HELP = [["--help"], ["count", "--help"], ["compare", "--help"], ["demo", "--help"], ["--version"]]

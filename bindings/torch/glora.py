@@ -41,7 +41,7 @@ from torch import nn
 
 from tensoradapt import buffers
 from tensoradapt._version import __version__
-from tensoradapt.glora import (
+from tensoradapt.glora.algebra import (
     TENSORS,
     GLoRAConfig,
     LayerChoice,
@@ -51,8 +51,8 @@ from tensoradapt.glora import (
     largest_choice,
     search_space,
 )
-from tensoradapt.glora import glora_vjp as _core_vjp
-from tensoradapt.glora import glora_weight_bias as _core_weight_bias
+from tensoradapt.glora.algebra import glora_vjp as _core_vjp
+from tensoradapt.glora.algebra import glora_weight_bias as _core_weight_bias
 
 from ._io import FORMAT, FORMAT_VERSION, AdapterFileError, read_adapter, write_adapter
 from ._shared import ADAPTER_ATTRIBUTE, ReadsThrough, Switchable, graph_task_id, replace_module

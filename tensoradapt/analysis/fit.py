@@ -36,9 +36,9 @@ import numpy as np
 
 from .._backend import device_of, from_host, indexed, namespace, to_numpy
 from .._validate import check_int
-from ..config import SuperLoRAConfig
 from ..ops import kron_shape
-from ..superlora import GroupPlan, SplitPlan, SuperLoRA
+from ..superlora.config import SuperLoRAConfig
+from ..superlora.generator import GroupPlan, SplitPlan, SuperLoRA
 
 __all__ = ["FitResult", "fit", "rank_configs"]
 

@@ -29,10 +29,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .. import presets as _presets
-from ..budget import FAMILIES, BudgetEntry, budget
-from ..config import SuperLoRAConfig
-from ..superlora import SuperLoRA
+from ..superlora import presets as _presets
+from ..superlora.budget import FAMILIES, BudgetEntry, budget
+from ..superlora.config import SuperLoRAConfig
+from ..superlora.generator import SuperLoRA
 
 __all__ = [
     "DEFAULT_PRESETS",

@@ -64,8 +64,7 @@ import tensoradapt as ta
 from tensoradapt import SuperLoRAConfig, presets
 from tensoradapt.analysis import aggregate_by_kind, compare
 from tensoradapt.cli import OneLineParser, non_negative_int, positive_int
-
-from .adapter import attach_superlora
+from tensoradapt.torch.adapter import attach_superlora
 
 __all__ = [
     "DEFAULT_METHODS",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._validate import check_int
+from .._validate import check_int
 
 __all__ = ["factorization", "split_side"]
 
@@ -49,7 +49,7 @@ def split_side(side: int, splits: int, dense_side: int | None = None) -> int:
     Without a dense factor: the smallest ``s`` with ``s^K >= side``; with a dense first split of
     side ``f``: the smallest ``s`` with ``f · s^(K-1) >= side``.
     """
-    from .ops.fold import fold_side
+    from ..ops.fold import fold_side
 
     side = check_int("side", side, minimum=1)
     splits = check_int("splits", splits, minimum=1)

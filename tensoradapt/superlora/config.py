@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from ._validate import config_fields
+from .._validate import config_fields
 
 __all__ = ["CORES", "FOLDS", "LAYOUTS", "PROJECTIONS", "SuperLoRAConfig"]
 

@@ -22,11 +22,9 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from . import buffers
-from ._backend import check_floating, device_of, from_host, indexed, namespace
-from .config import SuperLoRAConfig
-from .factorize import factorization, split_side
-from .ops import (
+from .. import buffers
+from .._backend import check_floating, device_of, from_host, indexed, namespace
+from ..ops import (
     Fastfood,
     Grouping,
     Shuffle,
@@ -38,7 +36,9 @@ from .ops import (
     tucker_to_tensor,
     tucker_vjp,
 )
-from .ops.fold import fold_side
+from ..ops.fold import fold_side
+from .config import SuperLoRAConfig
+from .factorize import factorization, split_side
 
 __all__ = ["GroupPlan", "SplitPlan", "SuperLoRA"]
 

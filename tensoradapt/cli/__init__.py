@@ -1,4 +1,4 @@
-"""The ``tensoradapt`` command line: ``count``, ``compare`` and ``demo``.
+"""The ``tensoradapt`` command line: ``count``, ``compare``, and the commands other packages add (``demo``).
 
 Examples
 --------
@@ -114,8 +114,8 @@ def _progress(enabled: bool, total: int, desc: str) -> Any:
 # count
 # ---------------------------------------------------------------------------------------------
 def _cmd_count(args: argparse.Namespace) -> int:
-    from .analysis import shapes as sh
-    from .budget import FAMILIES
+    from ..analysis import shapes as sh
+    from ..superlora.budget import FAMILIES
 
     try:
         targets = sh.parse_shapes(args.shapes, min_ndim=args.min_ndim, pattern=args.filter)
@@ -242,8 +242,8 @@ def _format_records(records: Sequence[Any], summary: dict[str, Any], k: int, pai
 def _cmd_compare(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .analysis import geometry
-    from .analysis.shapes import ShapeSourceError, read_safetensors_header
+    from ..analysis import geometry
+    from ..analysis.shapes import ShapeSourceError, read_safetensors_header
 
     headers = []
     for path in (args.first, args.second):
@@ -337,24 +337,32 @@ def _check_writable(flag: str, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# demo
+# commands from other packages (the demo, the study), found through an entry point
 # ---------------------------------------------------------------------------------------------
-DEMO_MODULE = "tensoradapt.torch.demo"  # the demo trains torch models, so it lives in the bindings
+#: Entry-point group of the commands other packages add; each entry names ``module:function`` with
+#: ``function(argv: list[str]) -> int``.  ``tensoradapt demo`` and ``tensoradapt study`` are such
+#: commands (they train torch models, so the core cannot import them).
+COMMAND_GROUP = "tensoradapt.commands"
 
 
-def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import importlib
+def plugin_commands() -> dict[str, Any]:
+    """The installed commands of :data:`COMMAND_GROUP`, by name (entry points, not yet loaded)."""
+    from importlib.metadata import entry_points
 
+    return {ep.name: ep for ep in entry_points(group=COMMAND_GROUP) if ep.name not in ("count", "compare")}
+
+
+def _run_plugin(name: str, entry: Any, argv: list[str]) -> int:
     try:
-        demo = importlib.import_module(DEMO_MODULE)
+        command = entry.load()
     except ModuleNotFoundError as exc:
-        if exc.name == DEMO_MODULE:
-            if any(a in ("-h", "--help") for a in args.demo_args):
-                parser.print_help()
-                return 0
-            raise UsageError(f"the demo is not available in this installation (no module {DEMO_MODULE})") from None
-        raise UsageError(f"the demo needs the package {exc.name!r}: pip install 'tensoradapt[demo]'") from None
-    result = demo.main(list(args.demo_args))
+        missing = exc.name or "?"
+        if missing.split(".")[0] == "tensoradapt":
+            raise UsageError(f"the {name} command is not available in this installation (no module {missing})") \
+                from None
+        raise UsageError(f"the {name} command needs the package {missing!r}: pip install 'tensoradapt[demo]'") \
+            from None
+    result = command(list(argv))
     return int(result) if result is not None else 0
 
 
@@ -362,7 +370,7 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 # parser and entry point
 # ---------------------------------------------------------------------------------------------
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    from ._version import __version__
+    from .._version import __version__
 
     parser = OneLineParser(prog=_PROG, description="SuperLoRA-family adapters: parameter tables, budget sweeps, "
                      "geometric comparison of weight updates, and the demo.")
@@ -415,23 +423,23 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     compare.add_argument("--json", metavar="PATH", help="also write the records as JSON")
     compare.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    demo = sub.add_parser("demo", help="run the demonstration (tensoradapt.torch.demo)", add_help=False,
-                          description="Runs tensoradapt.torch.demo.main(ARGS); its own --help lists the options.")
-    demo.add_argument("demo_args", nargs=argparse.REMAINDER, metavar="ARGS")
-    return parser, {"count": count, "compare": compare, "demo": demo}
+    for name, entry in sorted(plugin_commands().items()):
+        sub.add_parser(name, add_help=False, help=f"runs {entry.value} (`{_PROG} {name} --help` lists its options)")
+    return parser, {"count": count, "compare": compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 success, 2 bad input)."""
-    parser, subparsers = _build_parser()
     arguments = list(sys.argv[1:] if argv is None else argv)
-    if arguments[:1] == ["demo"]:  # everything after ``demo`` belongs to the demo (its --help too)
-        args = argparse.Namespace(command="demo", demo_args=arguments[1:])
+    plugins = plugin_commands()
+    if arguments[:1] and arguments[0] in plugins:  # everything after the name belongs to it (--help too)
+        name = arguments[0]
         try:
-            return _cmd_demo(args, subparsers["demo"])
+            return _run_plugin(name, plugins[name], arguments[1:])
         except UsageError as exc:
-            print(f"{_PROG} demo: error: {_one_line(exc)}", file=sys.stderr)
+            print(f"{_PROG} {name}: error: {_one_line(exc)}", file=sys.stderr)
             return 2
+    parser, _ = _build_parser()
     try:
         args = parser.parse_args(arguments)
     except SystemExit as exc:  # --help, --version and usage errors
@@ -442,9 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "count":
             return _cmd_count(args)
-        if args.command == "compare":
-            return _cmd_compare(args)
-        return _cmd_demo(args, subparsers["demo"])
+        return _cmd_compare(args)
     except UsageError as exc:
         print(f"{_PROG} {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -49,9 +49,9 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from . import buffers
-from ._backend import check_floating, from_host, namespace
-from ._validate import check_int, config_fields
+from .. import buffers
+from .._backend import check_floating, from_host, namespace
+from .._validate import check_int, config_fields
 
 __all__ = [
     "CHOICES",

@@ -6,10 +6,10 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from .._validate import check_int
 from . import presets
-from ._validate import check_int
 from .config import SuperLoRAConfig
-from .superlora import SuperLoRA
+from .generator import SuperLoRA
 
 __all__ = ["FAMILIES", "BudgetEntry", "budget", "count_params"]
 
