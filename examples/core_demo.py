@@ -1,7 +1,7 @@
 """Core demo: fit a cross-layer weight update with a Tucker generator and a Fastfood projection.
 
 Everything here runs on the framework-free core (NumPy by default; pass ``--backend torch`` to
-run the very same code on torch tensors).  The pipeline is the SuperLoRA map of spec §2 written
+run the very same code on torch tensors).  The pipeline is the SuperLoRA map of docs/math.md §2 written
 out by hand from the core operators:
 
     θ = (C, A_1, A_2, A_3) → X = Tucker(C, A) → z = Cut_n(X) → y = Fastfood(z) → ΔW_i = split(y)

@@ -1,6 +1,6 @@
 """The Fastfood projection on its own: a fixed random map R^n → R^N in O(L log L).
 
-``F = c · Trunc_N · H · diag(g) · Π · H · diag(b) · Pad_L`` (Li et al. 2018; spec Part I §5) with
+``F = c · Trunc_N · H · diag(g) · Π · H · diag(b) · Pad_L`` (Li et al. 2018; docs/math.md D5) with
 ``L`` the next power of two, unnormalised Hadamard ``H``, random signs ``b``, a permutation ``Π``
 and Gaussian ``g``, all derived from the seed.  This script shows that it is linear, that its
 adjoint is exact, that it roughly preserves norms, that it equals the dense matrix it stands for,

@@ -18,7 +18,8 @@ analysis
     Geometry of ΔW (dE, dL, dR, φ grids), parameter tables from shapes / safetensors headers,
     and ``fit`` (the best approximation of given ΔW by a configuration).
 glora
-    GLoRA's layer algebra (support tensors, merged weight and bias, VJPs, parameter counts).
+    GLoRA: configuration, the layer algebra (merged weight and bias, VJPs, parameter counts) and
+    the evolutionary search.
 testing
     Hypothesis strategies and a reduction checker (needs ``hypothesis``; imported on request).
 

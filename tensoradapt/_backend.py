@@ -96,6 +96,14 @@ def namespace(**arrays: Any) -> Any:
     return xp
 
 
+def compat_namespace(xp: Any = None) -> Any:
+    """The array-API namespace of a library given as a module (``numpy``, ``torch``, ``cupy``, an
+    array-API namespace) or ``None`` (NumPy): ``array_api_compat.numpy`` for ``numpy`` and so on."""
+    if xp is None or xp is np:
+        return _NUMPY_NAMESPACE
+    return array_api_compat.array_namespace(xp.zeros(1))
+
+
 def device_of(x: Any) -> Any:
     """The device an array lives on (``array_api_compat.device``)."""
     return array_api_compat.device(x)

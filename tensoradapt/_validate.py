@@ -3,32 +3,86 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import operator
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["check_int", "check_shape"]
+__all__ = ["check_choice", "check_float", "check_int", "check_shape", "config_fields", "is_int"]
 
 
-def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
-    """Return ``value`` as an ``int`` if it is an integer (not a bool) ``>= minimum``.
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer: a Python or NumPy int (anything with ``__index__``), not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None,
+              rule: str | None = None) -> int:
+    """Return ``value`` as an ``int`` if it is an integer (not a bool) in ``[minimum, maximum]``.
+
+    ``rule`` replaces the default wording of the requirement in both messages, e.g.
+    ``check_int("order", 0, minimum=1, rule="an integer >= 1")`` raises
+    ``ValueError("order must be an integer >= 1, got 0")``.
 
     Raises
     ------
     TypeError
         If ``value`` is not an integer.
     ValueError
-        If ``value < minimum``.
+        If ``value < minimum`` or ``value > maximum``.
     """
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got bool {value!r}")
-    try:
-        as_int = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+    if not is_int(value):
+        raise TypeError(f"{name} must be {rule or 'an integer'}, got {type(value).__name__} {value!r}")
+    as_int = operator.index(value)
     if minimum is not None and as_int < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {as_int}")
+        raise ValueError(f"{name} must be {rule or f'>= {minimum}'}, got {as_int}")
+    if maximum is not None and as_int > maximum:
+        raise ValueError(f"{name} must be {rule or f'<= {maximum}'}, got {as_int}")
     return as_int
+
+
+def check_float(name: str, value: Any, *, minimum: float | None = None, maximum: float | None = None,
+                open_minimum: bool = False, rule: str | None = None) -> float:
+    """Return ``value`` as a ``float`` if it is a finite real number (not a bool) in range.
+
+    The range is ``[minimum, maximum]``, or ``(minimum, maximum]`` with ``open_minimum=True``;
+    ``rule`` replaces the default wording of the range in the ``ValueError``.
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is not a real number (ints and floats, NumPy's included).
+    ValueError
+        If ``value`` is NaN or infinite, or out of range.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
+    as_float = float(value)
+    if not math.isfinite(as_float):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    low = minimum is not None and (as_float <= minimum if open_minimum else as_float < minimum)
+    high = maximum is not None and as_float > maximum
+    if low or high:
+        if rule is None:
+            lower = "" if minimum is None else f"{'>' if open_minimum else '>='} {minimum:g}"
+            upper = "" if maximum is None else f"<= {maximum:g}"
+            rule = " and ".join(part for part in (lower, upper) if part)
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return as_float
+
+
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of the strings ``allowed``, else raise ``ValueError`` listing them."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
 
 
 def check_shape(name: str, shape: Any, *, min_ndim: int = 1) -> tuple[int, ...]:

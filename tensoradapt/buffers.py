@@ -1,4 +1,4 @@
-r"""Reproducible fixed random buffers (spec Part I §6).
+r"""Reproducible fixed random buffers (docs/math.md D6).
 
 Every fixed random buffer of the library (Rademacher signs, permutations, Gaussians) is a pure
 function of ``(seed, group, purpose)``:

@@ -43,19 +43,23 @@ def shapes(max_targets: int = 4, max_side: int = 8, *, equal: bool = False,
 def configs(draw: Any, *, max_rank: int = 3, max_order: int = 4, max_splits: int = 3,
             max_groups: int = 4) -> SuperLoRAConfig:
     """Valid :class:`SuperLoRAConfig` values across folds, cores, splits, groupings and projections
-    (shape-independent rules only; pair with :func:`plans` for configs valid on given shapes)."""
+    (the matrix-fold adapters with Fastfood too; shape-independent rules only; pair with
+    :func:`plans` for configs valid on given shapes)."""
     kind = draw(st.sampled_from(["cubic", "cubic", "cubic", "matrix", "stack"]))
     seed = draw(st.integers(0, 2**31 - 1))
     scale = draw(st.sampled_from([1.0, 0.5, 2.0]))
     if kind == "matrix":
         family = draw(st.sampled_from(["lora", "lokr", "loha"]))
         rank = draw(st.integers(1, max_rank))
+        projection = draw(st.sampled_from(["none", "none", "shuffle", "fastfood"]))
+        ratio = draw(st.sampled_from([1.0, 0.5, 0.3])) if projection == "fastfood" else 1.0
+        common = {"projection": projection, "ratio": ratio, "fold": "matrix", "seed": seed, "scale": scale}
         if family == "lora":
-            return SuperLoRAConfig(rank=rank, fold="matrix", seed=seed, scale=scale)
+            return SuperLoRAConfig(rank=rank, **common)
         if family == "loha":
-            return SuperLoRAConfig(rank=rank, splits=2, fold="matrix", unit="hadamard", seed=seed, scale=scale)
-        return SuperLoRAConfig(rank=rank, splits=2, fold="matrix", dense_side=draw(st.sampled_from([-1, 2, 3])),
-                               decompose_both=draw(st.booleans()), seed=seed, scale=scale)
+            return SuperLoRAConfig(rank=rank, splits=2, unit="hadamard", **common)
+        return SuperLoRAConfig(rank=rank, splits=2, dense_side=draw(st.sampled_from([-1, 2, 3])),
+                               decompose_both=draw(st.booleans()), **common)
     grouping = draw(st.one_of(st.just("weight"), st.integers(1, max_groups)))
     if kind == "stack":
         return SuperLoRAConfig(rank=draw(st.integers(1, max_rank)), layout="stack", grouping=grouping,

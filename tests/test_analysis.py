@@ -42,7 +42,7 @@ def _random(rng: np.random.Generator, o: int, n: int) -> np.ndarray:
 
 
 def _direct(P: np.ndarray, Q: np.ndarray, k: int) -> tuple[float, float, float]:
-    """dE, dL, dR straight from numpy.linalg.svd (the definition, spec §8.2)."""
+    """dE, dL, dR straight from numpy.linalg.svd (the definition, docs/math.md §8.2)."""
     up, _, vpt = np.linalg.svd(P)
     uq, _, vqt = np.linalg.svd(Q)
     de = np.linalg.norm(P - Q) / np.linalg.norm(Q)
@@ -311,6 +311,14 @@ def test_shapes_from_model():
         shapes_from_model(model, ["key"])
     with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         shapes_from_model(object())
+    with pytest.raises(ShapeSourceError, match="not a valid regular expression"):
+        shapes_from_model(model, "(")
+    # the (o, n) matrices attach() adapts: convolutions as (o, i/groups · Π k); 1-D weights as stored
+    conv = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3), torch.nn.LayerNorm(5))
+    assert [(t.name, t.shape) for t in shapes_from_model(conv, min_ndim=1)] == [("0.weight", (6, 36)),
+                                                                                 ("1.weight", (5,))]
+    assert [t.name for t in shapes_from_model(model, lambda name, module: name.endswith("0.value"))] == [
+        "0.value.weight"]
 
 
 def test_core_does_not_import_torch_tensorly_or_matplotlib():
@@ -325,7 +333,7 @@ def test_count_table_matches_spec_vectors():
     shapes = [(768, 768)] * 24
     rows = count_table(shapes, ["lora", "lotr:rank=2", "lorta:order=3,groups=1", "dense"], ranks=[1, 8])
     counts = {r.label: r.params for r in rows}
-    assert counts["lora(rank=1)"] == 36_864 and counts["lora(rank=8)"] == 294_912  # spec §4.1
+    assert counts["lora(rank=1)"] == 36_864 and counts["lora(rank=8)"] == 294_912  # docs/math.md §4.1
     assert counts["lotr(rank=2)"] == 3_168
     assert counts["lorta(order=3, groups=1, rank=8)"] == 6_320
     assert counts["dense()"] == 14_155_776

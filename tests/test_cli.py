@@ -1,14 +1,21 @@
-"""The ``tensoradapt`` command line, run as a subprocess (``python -m tensoradapt.cli``)."""
+"""The ``tensoradapt`` command line.
+
+Every case calls :func:`tensoradapt.cli.main` in-process (``main(argv) -> int``, output captured with
+``capfd``); two smoke tests start real processes: ``python -m tensoradapt`` and the installed
+``tensoradapt`` console script.
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import shutil
 import struct
 import subprocess
 import sys
+import sysconfig
 import types
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -16,9 +23,29 @@ import pytest
 from tensoradapt import cli
 
 
-def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tensoradapt.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=120)
+@dataclass(frozen=True)
+class Result:
+    """What a process would report: the exit status and the text written to stdout and stderr."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run(capfd, monkeypatch):
+    """``run(*args, cwd=None)``: ``cli.main(args)`` in-process, with its stdout/stderr captured."""
+
+    def call(*args, cwd=None) -> Result:
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        capfd.readouterr()  # drop anything printed before the call
+        code = cli.main([str(a) for a in args])
+        out, err = capfd.readouterr()
+        assert isinstance(code, int), f"main() returned {code!r}, not an exit status"
+        return Result(code, out, err)
+
+    return call
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +99,14 @@ def files(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------ count
-def test_count_presets():
+def test_count_presets(run):
     out = run("count", "24x768x768", "--preset", "lora", "--preset", "lotr:rank=2", "--rank", "1,8")
     assert out.returncode == 0, out.stderr
     assert "N = 14,155,776" in out.stdout
     assert "36,864" in out.stdout and "294,912" in out.stdout and "3,168" in out.stdout
 
 
-def test_count_default_table_from_json(files):
+def test_count_default_table_from_json(files, run):
     out = run("count", files["shapes"])
     assert out.returncode == 0, out.stderr
     for family in ("dense", "lora", "lokr", "loha", "lotr", "lonkr", "lorta"):
@@ -87,7 +114,7 @@ def test_count_default_table_from_json(files):
     assert "24 targets" in out.stdout
 
 
-def test_count_budget_sweep_json():
+def test_count_budget_sweep_json(run):
     out = run("count", "768x768,768x768", "--budget", "10k", "--family", "lora", "--family", "lorta", "--json")
     assert out.returncode == 0, out.stderr
     entries = json.loads(out.stdout)
@@ -96,14 +123,14 @@ def test_count_budget_sweep_json():
     assert 3_072 in [e["params"] for e in entries if e["family"] == "lora"]  # LoRA r=1 on two 768x768
 
 
-def test_count_safetensors_header(files):
+def test_count_safetensors_header(files, run):
     out = run("count", files["dense"], "--preset", "lora:rank=2", "--filter", "query")
     assert out.returncode == 0, out.stderr
     assert "3 targets (3×12x10)" in out.stdout and "132" in out.stdout  # 3 · 2 · (12 + 10)
 
 
 # ------------------------------------------------------------------------------ compare
-def test_compare_writes_table_plot_and_json(files, tmp_path):
+def test_compare_writes_table_plot_and_json(files, tmp_path, run):
     plot, records = tmp_path / "geometry.png", tmp_path / "records.json"
     out = run("compare", files["adapter"], files["dense"], "--plot", plot, "--json", records, "-k", "3")
     assert out.returncode == 0, out.stderr
@@ -117,7 +144,7 @@ def test_compare_writes_table_plot_and_json(files, tmp_path):
     assert all(0 < r["dE"] < 1 and 0 < r["dL"] <= 1 and r["k_eff"] == 3 for r in data["records"])
 
 
-def test_compare_bf16_with_default_plot_path(files):
+def test_compare_bf16_with_default_plot_path(files, run):
     out = run("compare", files["bf16"], files["dense"], "--paired", "--filter", "value")
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines() if ".weight" in line]
@@ -129,35 +156,52 @@ def test_compare_bf16_with_default_plot_path(files):
 
 # ------------------------------------------------------------------------------ demo and help
 def test_demo_is_an_entry_point():
-    entry = cli.plugin_commands()["demo"]
-    assert entry.value == "tensoradapt.demo:main"
+    entries = {ep.name: ep for ep in importlib.metadata.entry_points(group="tensoradapt.commands")}
+    assert entries["demo"].value == "tensoradapt.demo:main"
 
 
-def test_plugin_dispatch(monkeypatch):
-    """Everything after a plugin command's name goes to its function, --help included."""
+def test_plugin_dispatch(monkeypatch, tmp_path, run):
+    """Everything after a plugin command's name goes to its function, --help included.  The plugin is
+    a real entry point: a ``*.dist-info`` folder on ``sys.path`` declaring ``tensoradapt.commands``."""
     seen = []
     fake = types.ModuleType("fake_tensoradapt_plugin")
     fake.main = lambda args: seen.append(args) or 7
     monkeypatch.setitem(sys.modules, "fake_tensoradapt_plugin", fake)
-    entry = importlib.metadata.EntryPoint("fake", "fake_tensoradapt_plugin:main", cli.COMMAND_GROUP)
-    monkeypatch.setattr(cli, "plugin_commands", lambda: {"fake": entry})
-    assert cli.main(["fake", "--help", "x"]) == 7 and seen == [["--help", "x"]]
+    info = tmp_path / "fake_tensoradapt_plugin-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-tensoradapt-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[tensoradapt.commands]\nfake = fake_tensoradapt_plugin:main\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = run("fake", "--help", "x")
+    assert out.returncode == 7 and seen == [["--help", "x"]]
 
 
 HELP = [["--help"], ["count", "--help"], ["compare", "--help"], ["demo", "--help"], ["--version"]]
 
 
-@pytest.mark.parametrize("args", HELP)
-def test_help(args, batch):
-    out = batch[tuple(args)]
+@pytest.mark.parametrize("args", HELP, ids=" ".join)
+def test_help(args, run):
+    out = run(*args)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
 
 
+# ------------------------------------------------------------------------------ real processes (smoke tests)
 def test_python_dash_m_tensoradapt():
     out = subprocess.run([sys.executable, "-m", "tensoradapt", "count", "2x4x4", "--preset", "lora:rank=1"],
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "16" in out.stdout
+    assert out.returncode == 0, out.stderr
+    assert "16" in out.stdout
+
+
+def test_console_script():
+    script = shutil.which("tensoradapt", path=sysconfig.get_path("scripts"))
+    if script is None:
+        pytest.skip("the tensoradapt console script is not installed next to this interpreter")
+    out = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: tensoradapt")
+    assert all(command in out.stdout for command in ("count", "compare", "demo"))
 
 
 # ------------------------------------------------------------------------------ bad input: exit 2, one line
@@ -194,31 +238,21 @@ def _bad_args(case: str, files) -> list[str]:
     return [a.format(**{k: str(v) for k, v in files.items()}) for a in BAD[case][0]]
 
 
-@pytest.fixture(scope="module")
-def batch(files, tmp_path_factory):
-    """The help and bad-input invocations, run as concurrent subprocesses (they are independent)."""
-    cwd = tmp_path_factory.mktemp("bad")
-    calls = [tuple(args) for args in HELP] + [tuple(_bad_args(case, files)) for case in BAD]
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(lambda args: run(*args, cwd=cwd), calls))
-    return dict(zip(calls, results, strict=True))
-
-
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_exits_2_with_one_line(case, files, batch):
-    out = batch[tuple(_bad_args(case, files))]
+def test_bad_input_exits_2_with_one_line(case, files, run, tmp_path):
+    out = run(*_bad_args(case, files), cwd=tmp_path)
     assert out.returncode == 2, (out.stdout, out.stderr)
     assert out.stderr.count("\n") == 1, out.stderr
     assert BAD[case][1] in out.stderr and "Traceback" not in out.stderr
     assert out.stdout == ""
 
 
-def test_no_command_prints_usage():
+def test_no_command_prints_usage(run):
     out = run()
     assert out.returncode == 2 and "usage" in out.stderr
 
 
-def test_compare_json_is_valid_json_with_non_finite_values(files, tmp_path):
+def test_compare_json_is_valid_json_with_non_finite_values(files, tmp_path, run):
     from safetensors.numpy import save_file
 
     zeros = tmp_path / "zeros.safetensors"
@@ -231,7 +265,7 @@ def test_compare_json_is_valid_json_with_non_finite_values(files, tmp_path):
     assert data["records"][0]["dL"] == "nan"
 
 
-def test_plot_without_extension_gets_png(files, tmp_path):
+def test_plot_without_extension_gets_png(files, tmp_path, run):
     out = run("compare", files["adapter"], files["dense"], "--plot", tmp_path / "geometry", "--no-progress")
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "geometry.png").is_file() and str(tmp_path / "geometry.png") in out.stdout

@@ -1,4 +1,4 @@
-"""Shuffle and Fastfood: spec vectors, adjoints, dense references and statistics."""
+"""Shuffle and Fastfood: the test vectors of docs/math.md §3.7–3.8, adjoints, dense references and statistics."""
 
 from __future__ import annotations
 

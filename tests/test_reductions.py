@@ -1,4 +1,4 @@
-"""SuperLoRA reduces exactly to the published adapters (spec Part II §5), each checked against a
+"""SuperLoRA reduces exactly to the published adapters (docs/math.md §5), each checked against a
 reference formula written here independently of the library."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from scipy.linalg import hadamard
 
 from tensoradapt import SuperLoRA, SuperLoRAConfig, buffers, factorization, fold_side, presets
+from tensoradapt.superlora.plan import param_name
 from tensoradapt.testing import assert_reduces_to
 
 VIT_QV = [(768, 768)] * 24
@@ -40,7 +41,7 @@ def test_dense_is_a_free_update(target_shapes, parts, seed) -> None:
     parts = min(parts, total)
 
     def reference(p):
-        return _targets_from_stream(np.concatenate([p[f"g{g}.split1.dense"] for g in range(parts)]),
+        return _targets_from_stream(np.concatenate([p[param_name(g, 1, "dense")] for g in range(parts)]),
                                     target_shapes)
 
     plan = assert_reduces_to(presets.dense(parts), target_shapes, reference, seed=seed)
@@ -53,7 +54,8 @@ def test_lora(target_shapes, rank, alpha, seed) -> None:
     scale = 1.0 if alpha is None else alpha / rank
 
     def reference(p):  # ΔW_i = (α/r) B_i A_i with B = factor0, A = factor1ᵀ
-        return [scale * p[f"g{i}.split1.factor0"] @ p[f"g{i}.split1.factor1"].T for i in range(len(target_shapes))]
+        return [scale * p[param_name(i, 1, "factor0")] @ p[param_name(i, 1, "factor1")].T
+                for i in range(len(target_shapes))]
 
     plan = assert_reduces_to(presets.lora(rank, alpha), target_shapes, reference, seed=seed)
     assert plan.num_params == rank * sum(o + n for o, n in target_shapes)
@@ -65,7 +67,7 @@ def test_cubic_fold_on_square_weights_is_lora() -> None:
     assert fold_side(36, 2) == 6
 
     def reference(p):
-        return [p[f"g{i}.split1.factor0"] @ p[f"g{i}.split1.factor1"].T for i in range(3)]
+        return [p[param_name(i, 1, "factor0")] @ p[param_name(i, 1, "factor1")].T for i in range(3)]
 
     assert_reduces_to(config, shapes, reference)
 
@@ -102,7 +104,7 @@ def test_lokr_decompose_both_is_the_papers_table1_lokr() -> None:
 
 def test_krona() -> None:
     def reference(p):
-        return [np.kron(p[f"g{i}.split1.dense"], p[f"g{i}.split2.dense"]) for i in range(2)]
+        return [np.kron(p[param_name(i, 1, "dense")], p[param_name(i, 2, "dense")]) for i in range(2)]
 
     plan = assert_reduces_to(presets.krona(), [(12, 10), (6, 8)], reference)
     assert plan.num_params == (3 * 2 + 4 * 5) + (2 * 2 + 3 * 4)
@@ -113,8 +115,8 @@ def test_loha(target_shapes, rank, seed) -> None:
     def reference(p):
         out = []
         for i in range(len(target_shapes)):
-            first = p[f"g{i}.split1.factor0"] @ p[f"g{i}.split1.factor1"].T
-            second = p[f"g{i}.split2.factor0"] @ p[f"g{i}.split2.factor1"].T
+            first = p[param_name(i, 1, "factor0")] @ p[param_name(i, 1, "factor1")].T
+            second = p[param_name(i, 2, "factor0")] @ p[param_name(i, 2, "factor1")].T
             out.append(first * second)
         return out
 
@@ -132,13 +134,14 @@ def test_loha_as_a_selection_of_the_kronecker_product() -> None:
 
 
 @given(count=st.integers(1, 5), o=st.integers(1, 6), n=st.integers(1, 6), rank=st.integers(1, 3),
-       seed=st.integers(0, 2**31 - 1))
-def test_lotr(count, o, n, rank, seed) -> None:
+       seed=st.integers(0, 2**31 - 1), explicit=st.booleans())
+def test_lotr(count, o, n, rank, seed, explicit) -> None:
     def reference(p):  # ΔW_s = (σ/r) U G_s Vᵀ with U, V shared by all weights
         u, v, core = p["g0.split1.factor1"], p["g0.split1.factor2"], p["g0.split1.core"]
         return [0.5 * u @ core[s] @ v.T for s in range(count)]
 
-    plan = assert_reduces_to(presets.lotr(rank, count, sigma=0.5 * rank), [(o, n)] * count, reference, seed=seed)
+    config = presets.lotr(rank, count if explicit else None, sigma=0.5 * rank)  # S from the shapes when None
+    plan = assert_reduces_to(config, [(o, n)] * count, reference, seed=seed)
     assert plan.num_params == count * rank * rank + (o + n) * rank
 
 
@@ -154,7 +157,7 @@ def test_lonkr_is_a_kronecker_of_lora_units(splits, dense_side) -> None:
             if k == 1 and dense_side is not None:
                 units.append(p["g0.split1.dense"])
             else:
-                units.append(p[f"g0.split{k}.factor0"] @ p[f"g0.split{k}.factor1"].T)
+                units.append(p[param_name(0, k, "factor0")] @ p[param_name(0, k, "factor1")].T)
         product = units[0]
         for unit in units[1:]:
             product = np.kron(product, unit)
@@ -177,8 +180,8 @@ def test_lorta_is_tucker_of_the_cubic_fold(order, rank, parts, target_shapes, se
         for g in range(parts):
             size = bounds[g + 1] - bounds[g]
             expr = f"{letters},{','.join(ch.upper() + ch for ch in letters)}->{letters.upper()}"
-            factors = [p[f"g{g}.split1.factor{m}"] for m in range(order)]
-            tensor = np.einsum(expr, p[f"g{g}.split1.core"], *factors)
+            factors = [p[param_name(g, 1, f"factor{m}")] for m in range(order)]
+            tensor = np.einsum(expr, p[param_name(g, 1, "core")], *factors)
             assert tensor.shape == (fold_side(size, order),) * order
             pieces.append(tensor.reshape(-1)[:size])
         return _targets_from_stream(np.concatenate(pieces), target_shapes)
@@ -228,11 +231,85 @@ def test_fastfood_projection_against_a_dense_matrix() -> None:
     matrix = (h @ np.diag(gauss) @ np.eye(32)[perm] @ h @ np.diag(signs))[:big, :n] / np.sqrt(big * np.sum(gauss**2))
 
     def reference(p):
-        factors = [p[f"g0.split1.factor{m}"] for m in range(3)]
+        factors = [p[param_name(0, 1, f"factor{m}")] for m in range(3)]
         tensor = np.einsum("abc,Aa,Bb,Cc->ABC", p["g0.split1.core"], *factors)
         return _targets_from_stream(matrix @ tensor.reshape(-1)[:n], target_shapes)
 
     assert_reduces_to(config, target_shapes, reference)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.3])
+def test_lora_with_fastfood_folds_the_reduced_vector_square(ratio) -> None:
+    """``fold="matrix"`` with ρ < 1: a rank-r product of the square (d, d) fold of the n_g generated
+    entries, cut and mapped by Fastfood to the weight's N entries (docs/superlora.md, projections)."""
+    from tensoradapt.ops import Fastfood
+
+    target_shapes = [(6, 8), (5, 7)]
+    config = presets.with_projection(presets.lora(2, alpha=4.0), "fastfood", ratio)
+
+    def reference(p):
+        out = []
+        for i, shape in enumerate(target_shapes):
+            size = math.prod(shape)
+            n = math.ceil(ratio * size)
+            x = p[param_name(i, 1, "factor0")] @ p[param_name(i, 1, "factor1")].T
+            assert x.shape == (fold_side(n, 2),) * 2
+            op = Fastfood(n, size, config.seed, group=i)
+            out.append(2.0 * op.apply(x.reshape(-1)[:n]).reshape(shape))
+        return out
+
+    assert_reduces_to(config, target_shapes, reference)
+
+
+def _projected_count(name: str, ratio: float, shape: tuple[int, int], count: int) -> int:
+    """Parameters of ``with_projection(preset, "fastfood", ratio)`` on ``count`` weights of ``shape``,
+    by the rule of docs/superlora.md: the §4 count of the preset on the fold of the n_g entries."""
+    size = math.prod(shape)
+    if name == "lotr":  # one group of S weights, fold (S, d, d)
+        n = math.ceil(ratio * size * count)
+        d = fold_side(math.ceil(n / count), 2)
+        return count * 2 * 2 + 2 * d * 2
+    n = math.ceil(ratio * size)
+    d = fold_side(n, 2)
+    a, c = factorization(d)
+    per_weight = {
+        "dense": n,
+        "lora": 2 * d * 2,
+        "loha": 2 * 2 * d * 2,
+        "lokr": a * a + (2 * (c + c) if 2 < c / 2 else c * c),
+        "krona": a * a + c * c,
+        "lorta": 3 * fold_side(n, 3) * 2 + 2**3,
+        "lonkr": None,
+    }[name]
+    if per_weight is None:  # lonkr(2, 2): two identity-core units of side s, s² >= d
+        s = fold_side(d, 2)
+        per_weight = 2 * (2 * s * 2)
+    return count * per_weight
+
+
+PRESETS = {
+    "dense": presets.dense(), "lora": presets.lora(2), "lokr": presets.lokr(2), "krona": presets.krona(),
+    "loha": presets.loha(2), "lotr": presets.lotr(2), "lonkr": presets.lonkr(2, 2, groups="weight"),
+    "lorta": presets.lorta(3, 2, groups="weight"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_takes_a_projection(name) -> None:
+    """``with_projection`` works on every preset: Fastfood with ρ = 0.5 generates ⌈ρ N_g⌉ entries
+    per group (weight-shaped folds become square), a Shuffle (ρ = 1) leaves the count unchanged."""
+    from tensoradapt import count_params
+
+    shape, count = (20, 24), 3
+    shapes = [shape] * count
+    fastfood = presets.with_projection(PRESETS[name], "fastfood", 0.5)
+    plan = SuperLoRA(fastfood, shapes)
+    assert plan.num_params == _projected_count(name, 0.5, shape, count)
+    assert [d.shape for d in plan.delta(plan.init(0, zero=False))] == shapes
+    shuffle = presets.with_projection(PRESETS[name], "shuffle", 1)
+    assert count_params(shuffle, shapes) == count_params(PRESETS[name], shapes)
+    shuffled = SuperLoRA(shuffle, shapes)
+    assert [d.shape for d in shuffled.delta(shuffled.init(0, zero=False))] == shapes
 
 
 def test_one_split_kronecker_is_the_split_itself() -> None:
@@ -258,7 +335,7 @@ def test_stack_layout_is_horizontal_lora() -> None:
     assert plan.num_params == 2 * (4 + 8) + 2 * (6 + 2)
 
 
-# ---------------------------------------------------------------- worked ViT-Base numbers (spec §4.1)
+# ---------------------------------------------------------------- worked ViT-Base numbers (docs/math.md §4.1)
 @pytest.mark.parametrize(
     ("config", "expected"),
     [
@@ -269,6 +346,7 @@ def test_stack_layout_is_horizontal_lora() -> None:
         (presets.lorta(3, 4, 1, "cp"), 2_908), (presets.lorta(3, 4, 1, "identity"), 2_904),
         (presets.lorta(5, 4, 1, "cp"), 544),
         (presets.lotr(1, 24), 1_560), (presets.lotr(2, 24), 3_168), (presets.lotr(8, 24), 13_824),
+        (presets.lotr(1), 1_560), (presets.lotr(2), 3_168),
         (presets.lokr(1), 15_360), (presets.lokr(8), 26_112), (presets.lokr(1, 6), 7_008),
         (presets.lokr(4, 6), 25_440), (presets.lokr(1, 10), 6_144),
         (presets.lonkr(2, 1, 6), 1_292), (presets.lonkr(3, 4, 6), 452), (presets.lonkr(4, 1, 6), 90),

@@ -11,6 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tensoradapt import SuperLoRA, SuperLoRAConfig, budget, count_params, presets
+from tensoradapt._validate import check_choice, check_float, check_int, is_int
+from tensoradapt.superlora.plan import Plan, param_name, param_prefix, parse_param_name
 from tensoradapt.testing import configs, plans
 
 from .conftest import inner, np_
@@ -57,7 +59,6 @@ def test_config_json_round_trip(config) -> None:
         ({"ratio": float("nan"), "projection": "fastfood"}, "ratio must be a finite number"),
         ({"ratio": 0.5}, "projection='none' needs ratio=1"),
         ({"ratio": 0.5, "projection": "shuffle"}, "projection='shuffle' needs ratio=1"),
-        ({"ratio": 0.5, "projection": "fastfood", "fold": "matrix"}, "fold='matrix' fixes the generated size"),
         ({"shuffle_scope": "global"}, "shuffle_scope='global' needs projection='shuffle'"),
         ({"unit": "hadamard"}, "unit='hadamard' .* needs splits=2"),
         ({"decompose_both": True}, "decompose_both needs fold='matrix'"),
@@ -74,6 +75,68 @@ def test_config_json_round_trip(config) -> None:
 def test_invalid_configs(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         SuperLoRAConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"order": 1.5}, "order must be an integer >= 1, got float 1.5"),
+        ({"splits": True}, "splits must be an integer >= 1, got bool True"),
+        ({"rank": 2.0}, "rank must be a positive integer or a tuple of them, got float"),
+        ({"rank": (2, "3"), "core": "tucker"}, r"rank\[1\] must be a positive integer, got str"),
+        ({"dense_side": 2.5, "splits": 2}, "dense_side must be a positive integer"),
+        ({"fold": (4, 2.0)}, r"fold\[1\] must be a positive integer, got float"),
+        ({"ratio": "0.5", "projection": "fastfood"}, "ratio must be a finite number, got str"),
+        ({"seed": 1.0}, "seed must be a non-negative integer, got float"),
+        ({"scale": None}, "scale must be a finite number, got NoneType"),
+        ({"alpha": "8"}, "alpha must be a finite number, got str"),
+    ],
+)
+def test_configs_of_the_wrong_kind_raise_type_errors(kwargs, match) -> None:
+    with pytest.raises(TypeError, match=match):
+        SuperLoRAConfig(**kwargs)
+
+
+def test_numpy_integers_are_stored_as_python_ints() -> None:
+    config = SuperLoRAConfig(rank=(np.int64(2), np.int32(3)), order=np.int64(2), core="tucker",
+                             grouping=((np.int64(0),),), seed=np.uint8(3))
+    assert config == SuperLoRAConfig(rank=(2, 3), order=2, core="tucker", grouping=((0,),), seed=3)
+    assert all(type(v) is int for v in (*config.rank, config.order, config.seed, *config.grouping[0]))
+    json.dumps(config.to_dict())
+
+
+def test_validate_helpers() -> None:
+    assert is_int(3) and is_int(np.int64(3)) and not is_int(True) and not is_int(3.0)
+    assert check_int("n", np.int64(4), minimum=1, maximum=4) == 4
+    with pytest.raises(TypeError, match="n must be an integer, got bool True"):
+        check_int("n", True)
+    with pytest.raises(ValueError, match="n must be <= 4, got 5"):
+        check_int("n", 5, maximum=4)
+    with pytest.raises(ValueError, match="n must be an integer >= 1, got 0"):
+        check_int("n", 0, minimum=1, rule="an integer >= 1")
+    assert check_float("x", np.float32(0.5), minimum=0, open_minimum=True) == 0.5
+    with pytest.raises(ValueError, match="x must be > 0 and <= 1, got 0"):
+        check_float("x", 0, minimum=0, maximum=1, open_minimum=True)
+    with pytest.raises(ValueError, match="x must be a finite number, got nan"):
+        check_float("x", float("nan"))
+    with pytest.raises(TypeError, match="x must be a finite number, got bool"):
+        check_float("x", False)
+    assert check_choice("kind", "a", ("a", "b")) == "a"
+    with pytest.raises(ValueError, match=r"kind must be one of \('a', 'b'\), got \['a'\]"):
+        check_choice("kind", ["a"], ("a", "b"))
+
+
+def test_parameter_names_round_trip() -> None:
+    assert param_name(3, 2, "factor1") == "g3.split2.factor1"
+    assert parse_param_name("g3.split2.factor1") == (3, 2, "factor1")
+    assert param_prefix(3) == "g3." and param_prefix(3, 2) == "g3.split2."
+    plan = SuperLoRA(presets.lonkr(3, 2, 2, groups=2), [(6, 8), (5, 7)])
+    assert isinstance(plan, Plan)
+    for name in plan.parameter_shapes():
+        assert param_name(*parse_param_name(name)) == name
+    for bad in ("g0.split1", "g0.split1.", "x0.split1.core", "g0.split1.core.extra", "g-1.split1.core"):
+        with pytest.raises(ValueError, match="is not a SuperLoRA parameter name"):
+            parse_param_name(bad)
 
 
 def test_from_dict_errors() -> None:
@@ -108,6 +171,20 @@ def test_plan_errors() -> None:
         SuperLoRA(presets.lotr(2, 2), [(2, 2)] * 3)
     with pytest.raises(ValueError, match=r"fold shape \(2, 2\) holds 4 entries, fewer than the n_g = 6"):
         SuperLoRA(SuperLoRAConfig(fold=(2, 2)), [(2, 3)])
+
+
+def test_lotr_takes_the_number_of_weights_from_the_shapes() -> None:
+    shapes = [(6, 5)] * 4
+    implicit, explicit = SuperLoRA(presets.lotr(2), shapes), SuperLoRA(presets.lotr(2, 4), shapes)
+    assert implicit.groups == explicit.groups
+    assert implicit.parameter_shapes() == explicit.parameter_shapes()
+    params = implicit.init(1, dtype=np.float64, zero=False)
+    for a, b in zip(implicit.delta(params), explicit.delta(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert count_params(presets.lotr(2), [(768, 768)] * 24) == 3_168
+    with pytest.raises(ValueError, match=r"fold='layers' stacks weights of one shape; group 0 has shapes "
+                                         r"\[\(6, 5\), \(6, 4\)\] \(LoTR needs equal-shape targets"):
+        SuperLoRA(presets.lotr(2), [(6, 5), (6, 4)])
 
 
 def test_layer_grouping_uses_parent_module_names() -> None:
@@ -161,7 +238,7 @@ def test_init_is_a_no_op_with_a_live_gradient(plan, seed) -> None:
     # the zero block of every group receives a gradient at step 0 ...
     for group in plan.groups:
         k = len(group.splits)
-        name = f"g{group.index}.split{k}.{group.splits[-1].zero_block}"
+        name = param_name(group.index, k, group.splits[-1].zero_block)
         assert np.any(grads[name] != 0), name
     # ... and after one SGD step every trainable array does (no dead blocks)
     stepped = {k: v - 0.1 * grads[k] for k, v in params.items()}

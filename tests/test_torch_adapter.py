@@ -420,7 +420,7 @@ def test_in_place_change_between_forward_and_backward_and_double_backward_are_re
         adapter.trainable_parameters()[0].add_(1.0)
     with pytest.raises(RuntimeError, match=r"modified in place|modified by an inplace operation"):
         loss.backward()
-    if adapter._factored:  # plain autograd: double backward is fine there
+    if adapter.factored_targets:  # plain autograd: double backward is fine there
         return
     out = model(_x()).square().sum()
     grads = torch.autograd.grad(out, adapter.trainable_parameters(), create_graph=True)
@@ -459,9 +459,9 @@ def test_lora_factored_path_equals_the_generated_delta_path(target) -> None:
         torch.manual_seed(0)
         model = make()
         adapter = tat.attach(model, presets.lora(3, alpha=6), [target], seed=4)
-        assert bool(adapter._factored) is True
+        assert bool(adapter.factored_targets) is True
         if not factored:
-            adapter._factored = {}
+            adapter.factored_targets = {}
         with torch.no_grad():
             for p in adapter.trainable_parameters():
                 p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -471,4 +471,4 @@ def test_lora_factored_path_equals_the_generated_delta_path(target) -> None:
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     for name, grad in results[1][1].items():
         torch.testing.assert_close(results[0][1][name], grad, rtol=1e-4, atol=1e-5)
-    assert not tat.attach(_model(), presets.lokr(2, factor=4), ["query"])._factored
+    assert not tat.attach(_model(), presets.lokr(2, factor=4), ["query"]).factored_targets

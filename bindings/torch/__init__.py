@@ -24,7 +24,7 @@ from . import functional, glora
 from ._io import FORMAT_VERSION, AdapterFileError, read_metadata
 from ._targets import match_targets
 from .adapter import AdaptedLayer, Adapter, attach_superlora, load_superlora
-from .glora import GLoRAAdapter, GLoRALayer, GLoRASearchResult, attach_glora, load_glora
+from .glora import GLoRAAdapter, GLoRALayer, attach_glora, load_glora
 
 __all__ = [
     "FORMAT_VERSION",
@@ -34,7 +34,6 @@ __all__ = [
     "AdapterFileError",
     "GLoRAAdapter",
     "GLoRALayer",
-    "GLoRASearchResult",
     "attach",
     "functional",
     "glora",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,12 +18,13 @@ from typing import Any
 
 import torch
 
+import tensoradapt._safetensors as safetensors_header
+
 __all__ = ["FORMAT", "FORMAT_VERSION", "AdapterFileError", "read_adapter", "read_metadata", "write_adapter"]
 
 FORMAT = "tensoradapt.adapter"
 FORMAT_VERSION = 1
 _METADATA_KEY = "tensoradapt"
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 class AdapterFileError(ValueError):
@@ -91,24 +91,11 @@ def _file_mode(path: Path) -> int:
 
 
 def _read_header(path: Path) -> dict[str, Any]:
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        head = handle.read(8)
-        if len(head) != 8:
-            raise AdapterFileError(f"{str(path)!r} is corrupted: {size} bytes is too short for a safetensors file")
-        (length,) = struct.unpack("<Q", head)
-        if length > min(size - 8, _MAX_HEADER):
-            raise AdapterFileError(
-                f"{str(path)!r} is corrupted or not a safetensors file: header length {length} exceeds the file"
-            )
-        raw = handle.read(length)
+    """The checked safetensors header (the library's one reader), errors naming the file."""
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AdapterFileError(f"{str(path)!r} is corrupted: its header is not JSON ({error})") from None
-    if not isinstance(header, dict):
-        raise AdapterFileError(f"{str(path)!r} is corrupted: its header is not a JSON object")
-    return header
+        return safetensors_header.read_header(path).header
+    except safetensors_header.SafetensorsHeaderError as error:
+        raise AdapterFileError(f"{str(path)!r} is corrupted or not a safetensors file: {error}") from None
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -124,11 +111,8 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no adapter file at {str(path)!r}")
-    header = _read_header(path)
-    meta = header.get("__metadata__") or {}
-    text = meta.get(_METADATA_KEY) if isinstance(meta, dict) else None
-    if text is not None and not isinstance(text, str):
-        raise AdapterFileError(f"{str(path)!r} is corrupted: its tensoradapt metadata is not a string")
+    header = _read_header(path)  # __metadata__ is checked there: an object of strings to strings
+    text = (header.get(safetensors_header.METADATA_KEY) or {}).get(_METADATA_KEY)
     if text is None:
         raise AdapterFileError(f"{str(path)!r} is a safetensors file without tensoradapt metadata (not an adapter)")
     try:

@@ -3,48 +3,31 @@
 Targets are chosen the way PEFT users expect: a list of module-name suffixes, one regular
 expression (matched against the whole module name), or a callable ``(name, module) -> bool``.
 Matches come in ``model.named_modules()`` order, which is the order of the SuperLoRA target list
-(spec Part I §1).
+(docs/math.md D1).  The selection rule and the module → ``(kind, (o, n), stored shape)`` rule live
+in the core (:mod:`tensoradapt._targets`), shared with
+:func:`tensoradapt.analysis.shapes_from_model`; this module adds the torch-side checks and
+:meth:`WeightView.to_weight`.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from tensoradapt._targets import TargetView, select_targets, target_view
+
 __all__ = ["TargetSpec", "WeightView", "match_targets", "weight_view"]
 
 TargetSpec = str | Sequence[str] | Callable[[str, nn.Module], bool]
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W`` stored ``(in, out)``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
-
-
 @dataclass(frozen=True)
-class WeightView:
-    """How a target's stored weight relates to the ``(o, n)`` matrix the adapter generates.
-
-    Attributes
-    ----------
-    kind : {"linear", "conv1d", "weight"}
-        ``"linear"``: ``nn.Linear`` (weight ``(o, n)``); ``"conv1d"``: transformers' ``Conv1D``
-        (weight stored transposed, ``(n, o)``); ``"weight"``: any other module with an ``(o, …)``
-        weight (convolutions: ``(o, i/groups, k…)``), adapted as the ``(o, ∏ rest)`` matrix.
-    shape : tuple of int
-        The ``(o, n)`` matrix shape ``ΔW`` has.
-    weight_shape : tuple of int
-        The stored weight's shape.
-    """
-
-    kind: str
-    shape: tuple[int, int]
-    weight_shape: tuple[int, ...]
+class WeightView(TargetView):
+    """A :class:`tensoradapt._targets.TargetView` (``kind``, ``(o, n)`` ``shape``,
+    ``weight_shape``) that maps ``ΔW`` back to the stored layout."""
 
     def to_weight(self, delta: torch.Tensor) -> torch.Tensor:
         """``ΔW`` ``(o, n)`` → the stored weight's layout (transposed for Conv1D, reshaped for convs)."""
@@ -55,45 +38,14 @@ class WeightView:
         return delta
 
 
+def _is_tensor(value: object) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
 def weight_view(name: str, module: nn.Module) -> WeightView:
     """The :class:`WeightView` of a targeted module; ``TypeError`` when it has no usable weight."""
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(
-            f"target {name!r} ({type(module).__name__}) has no `weight` tensor; targets must be nn.Linear, "
-            "transformers' Conv1D or a module with a 2-D or convolution weight"
-        )
-    shape = tuple(int(d) for d in weight.shape)
-    if _is_conv1d(module):
-        if len(shape) != 2:
-            raise TypeError(f"target {name!r}: a Conv1D weight must be 2-D, got shape {shape}")
-        return WeightView("conv1d", (shape[1], shape[0]), shape)
-    if isinstance(module, nn.Linear):
-        return WeightView("linear", (shape[0], shape[1]), shape)
-    if len(shape) < 2:
-        raise TypeError(
-            f"target {name!r} ({type(module).__name__}) has a {len(shape)}-D weight of shape {shape}; "
-            "only 2-D and convolution (o, i, k…) weights can be adapted"
-        )
-    return WeightView("weight", (shape[0], math.prod(shape[1:])), shape)
-
-
-def _matcher(targets: TargetSpec) -> Callable[[str, nn.Module], bool]:
-    if callable(targets):
-        return targets
-    if isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as error:
-            raise ValueError(f"targets={targets!r} is not a valid regular expression: {error}") from None
-        return lambda name, module: pattern.fullmatch(name) is not None
-    if isinstance(targets, Sequence) and targets and all(isinstance(t, str) and t for t in targets):
-        suffixes = tuple(targets)
-        return lambda name, module: any(name == s or name.endswith("." + s) for s in suffixes)
-    raise TypeError(
-        "targets must be a non-empty list of module-name suffixes, a regular expression string, or a "
-        f"callable (name, module) -> bool; got {targets!r:.80}"
-    )
+    view = target_view(name, module, is_array=_is_tensor)
+    return WeightView(view.kind, view.shape, view.weight_shape)
 
 
 def match_targets(model: nn.Module, targets: TargetSpec) -> list[tuple[str, nn.Module]]:
@@ -118,8 +70,7 @@ def match_targets(model: nn.Module, targets: TargetSpec) -> list[tuple[str, nn.M
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    keep = _matcher(targets)
-    found = [(name, module) for name, module in model.named_modules() if name and keep(name, module)]
+    found = select_targets(model.named_modules(), targets)
     if not found:
         names = [name for name, _ in model.named_modules() if name]
         raise ValueError(

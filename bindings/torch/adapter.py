@@ -20,6 +20,7 @@ from torch import nn
 
 from tensoradapt import SuperLoRA, SuperLoRAConfig, buffers
 from tensoradapt._version import __version__
+from tensoradapt.superlora.plan import param_name
 
 from ._io import FORMAT, FORMAT_VERSION, AdapterFileError, write_adapter
 from ._shared import ADAPTER_ATTRIBUTE, ReadsThrough, Switchable, graph_task_id
@@ -27,7 +28,6 @@ from ._targets import TargetSpec, WeightView, match_targets, weight_view
 from .functional import superlora_component_delta
 
 __all__ = ["ADAPTER_ATTRIBUTE", "AdaptedLayer", "Adapter", "attach_superlora", "load_superlora"]
-
 
 
 def _safe_key(name: str) -> str:
@@ -52,11 +52,11 @@ class AdaptedLayer(ReadsThrough, nn.Module):
         owner: Adapter = self._owner
         if not owner.active:
             return self.base_layer(*args, **kwargs)
-        if self.index in owner._factored and len(args) == 1 and not kwargs:
+        if self.index in owner.factored_targets and len(args) == 1 and not kwargs:
             out = self.base_layer(args[0])
-            return out + owner._low_rank(self.index, args[0].to(out.device)).to(out.dtype)
+            return out + owner.low_rank_update(self.index, args[0].to(out.device)).to(out.dtype)
         weight = self.base_layer.weight
-        delta = self.view.to_weight(owner._delta(self.index)).to(weight.device)  # no-op on one device
+        delta = self.view.to_weight(owner.target_delta(self.index)).to(weight.device)  # no-op on one device
         if weight.dtype == delta.dtype:
             effective = weight + delta
         else:  # half-precision weights: add in fp32, round once
@@ -85,10 +85,17 @@ class Adapter(Switchable, nn.Module):
         Module names of the targets, in ``named_modules()`` order.
     params : nn.ParameterDict
         The trainable arrays (keys are the generator's names with ``.`` → ``__``).
+    factored_targets : dict of int -> (str, str, float)
+        The targets computed as ``base(x) + s (x V) Uᵀ`` without forming ``ΔW`` (see
+        :meth:`low_rank_update`): ``{index: (U name, V name, s)}``.
+
+    Constructing one puts the wrappers in place (``attach`` and ``load`` do it); ``values`` (a
+    ``{generator name: tensor}`` dict of the plan's shapes) replaces the initial parameters first.
     """
 
     def __init__(self, model: nn.Module, config: SuperLoRAConfig, found: list[tuple[str, nn.Module]], *,
-                 freeze_base: bool, seed: int | None, dtype: torch.dtype | None) -> None:
+                 freeze_base: bool, seed: int | None, dtype: torch.dtype | None,
+                 values: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         views = [weight_view(name, module) for name, module in found]
         names = [name for name, _ in found]
@@ -112,7 +119,9 @@ class Adapter(Switchable, nn.Module):
         self._group_names = [
             tuple(sorted(self.plan.parameter_shapes(groups))) for _, groups in self._components
         ]
-        self._factored = {i: f for i, f in ((i, self._factored_form(i, m)) for i, (_, m) in enumerate(found)) if f}
+        self.factored_targets = {
+            i: f for i, f in ((i, self._factored_form(i, m)) for i, (_, m) in enumerate(found)) if f
+        }
         object.__setattr__(self, "_model", model)
         self._originals = [module for _, module in found]
         self._wrappers: list[AdaptedLayer] = []
@@ -126,6 +135,11 @@ class Adapter(Switchable, nn.Module):
         self._hooks: list[Any] = []
         self._attached = False
         self._freeze_base = freeze_base
+        if values is not None:
+            with torch.no_grad():
+                for name, value in values.items():
+                    self.params[_safe_key(name)].copy_(value)
+        self._install()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The identity on its first argument.
@@ -159,12 +173,11 @@ class Adapter(Switchable, nn.Module):
         split = group.splits[0]
         if split.kind != "identity" or split.shape != view.shape or split.fixed_modes:
             return None
-        prefix = f"g{group.index}.split1."
-        return prefix + "factor0", prefix + "factor1", float(group.scale)
+        return param_name(group.index, 1, "factor0"), param_name(group.index, 1, "factor1"), float(group.scale)
 
-    def _low_rank(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """``s (x V) Uᵀ`` for a factored target (see :meth:`_factored_form`)."""
-        u_name, v_name, scale = self._factored[index]
+    def low_rank_update(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """``s (x V) Uᵀ``, the adapter's part of the output of a target in :attr:`factored_targets`."""
+        u_name, v_name, scale = self.factored_targets[index]
         U, V = self.params[_safe_key(u_name)], self.params[_safe_key(v_name)]
         dtype = x.dtype if x.is_floating_point() else U.dtype
         hidden = F.linear(x.to(dtype), V.t().to(dtype))
@@ -208,7 +221,9 @@ class Adapter(Switchable, nn.Module):
     def _release_backward_cache(self) -> None:
         self._backward_cache = (-1, {})
 
-    def _delta(self, index: int) -> torch.Tensor:
+    def target_delta(self, index: int) -> torch.Tensor:
+        """``ΔW`` of target ``index`` as the adapted layers use it: differentiable, generated once
+        per model forward for the target's whole component (and reused within it)."""
         c, position = self._component_of[index]
         cache = self._cache
         if cache is None:
@@ -440,9 +455,7 @@ def attach_superlora(model: nn.Module, config: SuperLoRAConfig, targets: TargetS
     if not isinstance(config, SuperLoRAConfig):
         raise TypeError(f"config must be a SuperLoRAConfig, got {type(config).__name__}")
     found = check_targets(model, match_targets(model, targets))
-    adapter = Adapter(model, config, found, freeze_base=freeze_base, seed=seed, dtype=dtype)
-    adapter._install()
-    return adapter
+    return Adapter(model, config, found, freeze_base=freeze_base, seed=seed, dtype=dtype)
 
 
 def load_superlora(model: nn.Module, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], *,
@@ -485,15 +498,10 @@ def load_superlora(model: nn.Module, tensors: dict[str, torch.Tensor], metadata:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise AdapterFileError(f"{path!r}: param_dtype {metadata.get('param_dtype')!r} is not a floating torch dtype")
     try:
-        adapter = Adapter(model, config, found, freeze_base=freeze_base, seed=seed, dtype=dtype)
+        expected = SuperLoRA(config, shapes, names).parameter_shapes()
     except ValueError as error:
         raise AdapterFileError(f"{path!r}: its config does not fit the targets ({error})") from None
-    expected = adapter.plan.parameter_shapes()
     if set(expected) != set(tensors) or any(list(tensors[k].shape) != list(s) for k, s in expected.items()):
         raise AdapterFileError(f"{path!r}: the stored parameters do not match the plan their config makes")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            adapter.params[_safe_key(name)].copy_(value)
-    adapter._install()
-    return adapter
+    return Adapter(model, config, found, freeze_base=freeze_base, seed=seed, dtype=dtype, values=tensors)
 

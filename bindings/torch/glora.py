@@ -3,7 +3,7 @@ r"""GLoRA on a live PyTorch model: supernet training, evolutionary search, struc
 ``attach_glora(model, GLoRAConfig(...), targets)`` (also reached through
 :func:`tensoradapt.torch.attach`) wraps each targeted ``nn.Linear`` or transformers ``Conv1D`` in a
 :class:`GLoRALayer` and registers a :class:`GLoRAAdapter` on the model as ``model.tensoradapt``;
-the adapter owns every trainable tensor.  Each wrapped layer computes (spec Part II §7.1)::
+the adapter owns every trainable tensor.  Each wrapped layer computes (docs/math.md §7.1)::
 
     W' = W0 + W0 ⊙ A + B,   b' = b0 + b0 ⊙ D + E + W0 · C,   y = x W'ᵀ + b'
 
@@ -16,7 +16,7 @@ with the support tensors chosen per layer by a :class:`tensoradapt.glora.LayerCh
   supernet: A, B, C LoRA at the largest rank, D, E vector), deterministic.
 
 ``W'`` and ``b'`` come from an autograd Function whose backward is the core's analytic VJP
-(:func:`tensoradapt.glora.glora_vjp`).  :meth:`GLoRAAdapter.merge` is the structural
+(:func:`tensoradapt.glora.vjp`).  :meth:`GLoRAAdapter.merge` is the structural
 re-parameterisation: every wrapper is replaced by a fresh module of the original type holding
 ``W'`` and ``b'`` (zero inference overhead); :meth:`GLoRAAdapter.unmerge` puts the wrappers back
 (the original ``W0``, ``b0`` were never modified, so nothing is divided out).
@@ -25,12 +25,10 @@ re-parameterisation: every wrapper is replaced by a fresh module of the original
 from __future__ import annotations
 
 import copy
-import math
+import dataclasses
 import os
-import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +39,9 @@ from torch import nn
 
 from tensoradapt import buffers
 from tensoradapt._version import __version__
-from tensoradapt.glora.algebra import (
-    TENSORS,
-    GLoRAConfig,
-    LayerChoice,
-    glora_init,
-    glora_param_count,
-    glora_stored_param_count,
-    largest_choice,
-    search_space,
-)
-from tensoradapt.glora.algebra import glora_vjp as _core_vjp
-from tensoradapt.glora.algebra import glora_weight_bias as _core_weight_bias
+from tensoradapt.glora import algebra
+from tensoradapt.glora.config import TENSORS, GLoRAConfig, LayerChoice, check_bias, largest_choice, search_space
+from tensoradapt.glora.search import SearchRecord, SearchResult, evolve
 
 from ._io import FORMAT, FORMAT_VERSION, AdapterFileError, read_adapter, write_adapter
 from ._shared import ADAPTER_ATTRIBUTE, ReadsThrough, Switchable, graph_task_id, replace_module
@@ -62,27 +51,28 @@ from .adapter import check_targets
 __all__ = [
     "GLoRAAdapter",
     "GLoRALayer",
-    "GLoRASearchResult",
     "SearchRecord",
+    "SearchResult",
     "attach_glora",
-    "glora_weight_bias",
     "load_glora",
     "search",
+    "weight_bias",
 ]
 
 _NAMES = ("A_d", "A_u", "B_d", "B_u", "C_d", "C_u", "D", "E")
-_SAMPLE_STREAM = 0x676C6F7261  # "glora": the SeedSequence entropy word of the supernet sampler
+_SAMPLE_STREAM = 0x676C6F7261  # "glora": the SeedSequence entropy word of the supernet sampler (the core
+# search draws from the stream (seed, "glora", 1), see tensoradapt.glora.search)
 
 
 # ---------------------------------------------------------------------------------- autograd
 class _GLoRAWeightBias(torch.autograd.Function):
-    """``(W', b') = glora_weight_bias(W0, b0, params, choice)``; backward = the core VJP."""
+    """``(W', b') = tensoradapt.glora.weight_bias(W0, b0, params, choice)``; backward = the core VJP."""
 
     @staticmethod
     def forward(ctx: Any, choice: LayerChoice, W0: torch.Tensor, b0: torch.Tensor | None,
                 *params: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         named = {k: p for k, p in zip(_NAMES, params, strict=True) if p is not None}
-        W, b = _core_weight_bias(W0, b0, named, choice)
+        W, b = algebra.weight_bias(W0, b0, named, choice)
         ctx.choice = choice
         ctx.save_for_backward(W0, b0, *params)
         return W, b
@@ -92,14 +82,14 @@ class _GLoRAWeightBias(torch.autograd.Function):
         W0, b0, *params = ctx.saved_tensors
         named = {k: p for k, p in zip(_NAMES, params, strict=True) if p is not None}
         wants_base = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        grads = _core_vjp(W0, b0, named, ctx.choice, W_bar.contiguous(), b_bar, include_base=wants_base)
+        grads = algebra.vjp(W0, b0, named, ctx.choice, W_bar.contiguous(), b_bar, include_base=wants_base)
         return (None, grads.get("W0"), grads.get("b0"),
                 *(grads[k] if p is not None else None for k, p in zip(_NAMES, params, strict=True)))
 
 
-def glora_weight_bias(W0: torch.Tensor, b0: torch.Tensor | None, params: Mapping[str, torch.Tensor],
-                      choice: LayerChoice | Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Differentiable :func:`tensoradapt.glora.glora_weight_bias` on torch tensors.
+def weight_bias(W0: torch.Tensor, b0: torch.Tensor | None, params: Mapping[str, torch.Tensor],
+                choice: LayerChoice | Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Differentiable :func:`tensoradapt.glora.weight_bias` on torch tensors.
 
     Parameters
     ----------
@@ -115,10 +105,10 @@ def glora_weight_bias(W0: torch.Tensor, b0: torch.Tensor | None, params: Mapping
     W' : Tensor, shape (o, n)
     b' : Tensor of shape (o,), or None
 
-    The backward pass calls :func:`tensoradapt.glora.glora_vjp` (gradients reach ``W0``/``b0``
+    The backward pass calls :func:`tensoradapt.glora.vjp` (gradients reach ``W0``/``b0``
     too when they require grad).
     """
-    choice = choice if isinstance(choice, LayerChoice) else LayerChoice.from_dict(choice)
+    choice = LayerChoice.from_dict(choice)
     return _GLoRAWeightBias.apply(choice, W0, b0, *(params.get(k) for k in _NAMES))
 
 
@@ -171,7 +161,7 @@ class GLoRALayer(ReadsThrough, nn.Module):
         params = owner._layer_params(self.index)
         dtype = params["A_d"].dtype
         W0, b0 = self.base_weight_bias()
-        return glora_weight_bias(W0.to(dtype), None if b0 is None else b0.to(dtype), params, choice)
+        return weight_bias(W0.to(dtype), None if b0 is None else b0.to(dtype), params, choice)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         owner: GLoRAAdapter = self._owner
@@ -231,9 +221,9 @@ class GLoRAAdapter(Switchable, nn.Module):
             raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
         layers = []
         for i, ((o, n), bias, (_, module)) in enumerate(zip(self.shapes, self.has_bias, found, strict=True)):
-            init = glora_init(o, n, config.rank, has_bias=bias, seed=config.seed, layer=i, xp=torch,
+            stored = algebra.init(o, n, config.rank, has_bias=bias, seed=config.seed, layer=i, xp=torch,
                               dtype=dtype, device=module.weight.device)
-            layers.append(nn.ParameterDict({k: nn.Parameter(v) for k, v in init.items()}))
+            layers.append(nn.ParameterDict({k: nn.Parameter(v) for k, v in stored.items()}))
         self.layers = nn.ModuleList(layers)
         self._spaces = tuple(search_space(config, has_bias=b) for b in self.has_bias)
         self._largest = tuple(largest_choice(config, has_bias=b).resolve(config.rank) for b in self.has_bias)
@@ -313,7 +303,7 @@ class GLoRAAdapter(Switchable, nn.Module):
             try:
                 if not isinstance(choice, LayerChoice):
                     choice = LayerChoice.from_dict(choice)
-                glora_param_count(1, 1, choice, bias, r=self.config.rank)  # the bias rule
+                check_bias(choice, bias)
                 out.append(choice.resolve(self.config.rank))
             except (TypeError, ValueError) as error:
                 raise type(error)(f"layer {name!r}: {error}") from None
@@ -353,7 +343,7 @@ class GLoRAAdapter(Switchable, nn.Module):
 
     # ------------------------------------------------------------------ counting and reporting
     def num_params(self, configs: Any = None) -> int:
-        """Active parameters of per-layer ``configs`` (default: the fixed configs), spec §7.2 counts.
+        """Active parameters of per-layer ``configs`` (default: the fixed configs), docs/math.md §7.2 counts.
 
         Raises ``RuntimeError`` when ``configs`` is ``None`` and none are fixed (use
         :meth:`num_stored_params` for the supernet's storage).
@@ -364,12 +354,12 @@ class GLoRAAdapter(Switchable, nn.Module):
                 raise RuntimeError("no configs are fixed; pass configs, or call num_stored_params() for the "
                                    "supernet's stored tensors")
         choices = self._normalise_configs(configs)
-        return sum(glora_param_count(o, n, c, b) for (o, n), b, c in zip(self.shapes, self.has_bias, choices,
-                                                                           strict=True))
+        return sum(algebra.count_params(o, n, c, has_bias=b)
+                   for (o, n), b, c in zip(self.shapes, self.has_bias, choices, strict=True))
 
     def num_stored_params(self) -> int:
         """Entries of the stored (supernet) tensors: ``Σ 2r(o+n) + nr + r + 2o`` (``o`` less per bias-free layer)."""
-        return sum(glora_stored_param_count(o, n, self.config.rank, has_bias=b)
+        return sum(algebra.count_stored_params(o, n, self.config.rank, has_bias=b)
                    for (o, n), b in zip(self.shapes, self.has_bias, strict=True))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -397,7 +387,7 @@ class GLoRAAdapter(Switchable, nn.Module):
         for i, name in enumerate(self.target_names):
             o, n = self.shapes[i]
             choice = configs[i] if configs is not None else self._largest[i]
-            active = glora_param_count(o, n, choice, self.has_bias[i])
+            active = algebra.count_params(o, n, choice, has_bias=self.has_bias[i])
             lines.append(f"{i:>4} {name:<36} {self.views[i].kind:<7} {f'{o}x{n}':<12} {self.has_bias[i]!s:<5} "
                          f"{active:>9,}  {choice}")
         return "\n".join(lines)
@@ -620,106 +610,18 @@ def load_glora(model: nn.Module, tensors: Mapping[str, torch.Tensor], metadata: 
 
 
 # ---------------------------------------------------------------------------------- search
-@dataclass(frozen=True)
-class SearchRecord:
-    """One generation of :func:`search`: the best so far after it."""
-
-    iteration: int  # 0 = the initial random population
-    best_score: float
-    best_params: int
-    evaluations: int  # distinct individuals evaluated so far
-    population: int  # individuals in this generation (evaluated now or cached)
-
-
-@dataclass(frozen=True)
-class GLoRASearchResult:
-    """What :func:`search` found.
-
-    Attributes
-    ----------
-    configs : tuple of LayerChoice
-        The best per-layer configuration (now fixed on the adapter).
-    score : float
-        Its ``evaluate()`` score (higher is better).
-    num_params : int
-        Its active parameter count.
-    history : tuple of SearchRecord
-        One record per generation.
-    evaluations : int
-        Number of distinct individuals evaluated.
-    target_names : tuple of str
-    """
-
-    configs: tuple[LayerChoice, ...]
-    score: float
-    num_params: int
-    history: tuple[SearchRecord, ...]
-    evaluations: int
-    target_names: tuple[str, ...]
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-serialisable summary."""
-        return {
-            "configs": {n: c.to_dict() for n, c in zip(self.target_names, self.configs, strict=True)},
-            "score": self.score, "num_params": self.num_params, "evaluations": self.evaluations,
-            "history": [vars(r) for r in self.history],
-        }
-
-
-class _Progress:
-    """tqdm when installed, else one stderr line per generation; silent when disabled."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.enabled = enabled
-        self.total = total
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                self.bar = tqdm(total=total, desc="GLoRA search", unit="gen", file=sys.stderr)
-
-    def update(self, record: SearchRecord) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.set_postfix(best=f"{record.best_score:.4g}", params=record.best_params,
-                                 evals=record.evaluations, refresh=False)
-            self.bar.update(1)
-        else:
-            print(f"GLoRA search {record.iteration + 1}/{self.total}: best {record.best_score:.4g} "
-                  f"({record.best_params:,} params), {record.evaluations} evaluated", file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _check_count(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def search(adapter: GLoRAAdapter, evaluate: Callable[[], float], max_params: int, *, min_params: int = 0,
            population: int = 50, top_k: int = 10, mutation_prob: float = 0.2, iterations: int = 20,
            mutations: int | None = None, crossovers: int | None = None, seed: int = 0,
-           progress: bool = True) -> GLoRASearchResult:
-    """Evolutionary search of per-layer GLoRA configurations under a parameter budget (spec §7.3).
+           progress: bool = True) -> SearchResult:
+    """Evolutionary search of per-layer GLoRA configurations of ``adapter`` under a parameter budget.
 
-    An individual is one :class:`LayerChoice` per adapted layer, drawn from each layer's search
-    space; it is *feasible* when ``min_params <= adapter.num_params(individual) <= max_params``.
-
-    1. Draw ``population`` distinct random feasible individuals (rejection sampling).
-    2. For ``iterations`` generations: take the ``top_k`` best evaluated so far; make ``mutations``
-       mutants (a random parent, each gene re-drawn with probability ``mutation_prob``) and
-       ``crossovers`` children (two random parents, each gene from either with probability 1/2),
-       keeping only feasible ones; refill with random feasible individuals to ``population``.
-    3. Every new individual is fixed on the adapter (:meth:`GLoRAAdapter.set_configs`) and scored
-       by ``evaluate()``; scores are cached, so no individual is evaluated twice.  Infeasible
-       individuals are never evaluated.
+    The search itself is the core's :func:`tensoradapt.glora.evolve` (docs/math.md §7.3: the algorithm,
+    the official settings, the seeding) over :meth:`GLoRAAdapter.search_spaces` with the docs/math.md §7.2
+    counts; this wrapper fixes every new individual on the adapter
+    (:meth:`GLoRAAdapter.set_configs`) before calling ``evaluate()``.  An individual is *feasible*
+    when ``min_params <= adapter.num_params(individual) <= max_params``; infeasible individuals
+    are never evaluated, and no individual is evaluated twice.
 
     Parameters
     ----------
@@ -730,7 +632,7 @@ def search(adapter: GLoRAAdapter, evaluate: Callable[[], float], max_params: int
         with the currently fixed configs and returns a score, **higher is better** (return
         ``-loss`` for a loss).  NaN counts as the worst score.
     max_params, min_params : int
-        The budget on active parameters (spec §7.2 counts).
+        The budget on active parameters.
     population, top_k, mutation_prob, iterations
         Official settings: 50, 10, 0.2, 20 (5 for language models).
     mutations, crossovers : int, optional
@@ -743,9 +645,20 @@ def search(adapter: GLoRAAdapter, evaluate: Callable[[], float], max_params: int
 
     Returns
     -------
-    GLoRASearchResult
-        The best configs (left fixed on the adapter), score, parameter count and history.  If
-        ``evaluate`` raises, the adapter's previous configs are restored and the error propagates.
+    SearchResult
+        The best configs (left fixed on the adapter, ranks resolved), score, parameter count and
+        history, with the adapter's ``target_names``.  If ``evaluate`` raises, the adapter's
+        previous configs are restored and the error propagates.
+
+    Raises
+    ------
+    TypeError
+        ``adapter`` is not a :class:`GLoRAAdapter`, ``evaluate`` is not callable, or a count or
+        setting is not an integer.
+    ValueError
+        A setting out of range, or a budget no configuration meets.
+    RuntimeError
+        The adapter is detached or merged.
     """
     if not isinstance(adapter, GLoRAAdapter):
         raise TypeError(f"adapter must be a GLoRAAdapter, got {type(adapter).__name__}")
@@ -754,131 +667,23 @@ def search(adapter: GLoRAAdapter, evaluate: Callable[[], float], max_params: int
     adapter._check_attached()
     if adapter.merged:
         raise RuntimeError("the adapter is merged; call unmerge() before searching")
-    max_params = _check_count("max_params", max_params, 0)
-    min_params = _check_count("min_params", min_params, 0)
-    population = _check_count("population", population, 1)
-    top_k = _check_count("top_k", top_k, 1)
-    iterations = _check_count("iterations", iterations, 0)
-    mutations = population // 2 if mutations is None else _check_count("mutations", mutations, 0)
-    crossovers = population // 2 if crossovers is None else _check_count("crossovers", crossovers, 0)
-    seed = _check_count("seed", seed, 0)
-    if not isinstance(mutation_prob, (int, float)) or isinstance(mutation_prob, bool) or \
-            not 0.0 <= mutation_prob <= 1.0:
-        raise ValueError(f"mutation_prob must be a probability in [0, 1], got {mutation_prob!r}")
-    if min_params > max_params:
-        raise ValueError(f"min_params ({min_params:,}) must be <= max_params ({max_params:,})")
-
+    rank = adapter.config.rank
     spaces = adapter.search_spaces()
-    sizes = np.array([len(s) for s in spaces], dtype=np.int64)
-    layers = len(spaces)
-    width = int(sizes.max())
-    table = np.zeros((layers, width), dtype=np.int64)  # table[l, i] = active params of space[l][i]
-    for li, (space, (o, n), bias) in enumerate(zip(spaces, adapter.shapes, adapter.has_bias, strict=True)):
-        table[li, : len(space)] = [glora_param_count(o, n, c, bias, r=adapter.config.rank) for c in space]
-    lowest = int(sum(table[li, : sizes[li]].min() for li in range(layers)))
-    highest = int(sum(table[li, : sizes[li]].max() for li in range(layers)))
-    if lowest > max_params or highest < min_params:
-        raise ValueError(f"no configuration fits the budget [{min_params:,}, {max_params:,}]: the search space "
-                         f"spans {lowest:,} to {highest:,} active parameters")
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, _SAMPLE_STREAM, 1])))
-    rows = np.arange(layers)
+    counts = [[algebra.count_params(o, n, c, has_bias=bias, r=rank) for c in space]
+              for space, (o, n), bias in zip(spaces, adapter.shapes, adapter.has_bias, strict=True)]
 
-    def count(genes: tuple[int, ...]) -> int:
-        return int(table[rows, np.asarray(genes)].sum())
+    def score(configs: tuple[LayerChoice, ...]) -> float:
+        adapter.set_configs(configs)
+        return evaluate()
 
-    def feasible(genes: tuple[int, ...]) -> bool:
-        return min_params <= count(genes) <= max_params
-
-    def random_feasible(needed: int, taken: set[tuple[int, ...]]) -> list[tuple[int, ...]]:
-        out: list[tuple[int, ...]] = []
-        drawn = 0
-        limit = max(100_000, 1000 * needed)
-        while len(out) < needed and drawn < limit:
-            batch = rng.integers(0, sizes, size=(max(256, 4 * needed), layers))
-            drawn += len(batch)
-            totals = table[rows, batch].sum(axis=1)
-            for genes_row in batch[(totals >= min_params) & (totals <= max_params)]:
-                genes = tuple(int(g) for g in genes_row)
-                if genes not in taken:
-                    taken.add(genes)
-                    out.append(genes)
-                    if len(out) == needed:
-                        break
-        return out
-
-    scores: dict[tuple[int, ...], float] = {}
-    order: dict[tuple[int, ...], int] = {}
-
-    def score_of(genes: tuple[int, ...]) -> float:
-        if genes not in scores:
-            if not feasible(genes):  # pragma: no cover - guarded by construction
-                raise AssertionError("an infeasible individual reached evaluation")
-            adapter.set_configs([spaces[li][g] for li, g in enumerate(genes)])
-            value = float(evaluate())
-            scores[genes] = -math.inf if math.isnan(value) else value
-            order[genes] = len(order)
-        return scores[genes]
-
-    def ranked() -> list[tuple[int, ...]]:
-        return sorted(scores, key=lambda g: (-scores[g], order[g]))
-
-    history: list[SearchRecord] = []
     previous = adapter.configs
-    bar = _Progress(iterations + 1, progress)
-
-    def record(iteration: int, size: int) -> None:
-        best = ranked()[0]
-        entry = SearchRecord(iteration, scores[best], count(best), len(scores), size)
-        history.append(entry)
-        bar.update(entry)
-
     try:
-        generation = random_feasible(population, set())
-        if not generation:
-            raise ValueError(f"no random configuration within the budget [{min_params:,}, {max_params:,}] was found "
-                             f"in {max(100_000, 1000 * population):,} draws; widen the budget")
-        for genes in generation:
-            score_of(genes)
-        record(0, len(generation))
-        for iteration in range(1, iterations + 1):
-            parents = ranked()[:top_k]
-            children: list[tuple[int, ...]] = []
-            taken: set[tuple[int, ...]] = set()
-
-            def add(genes: tuple[int, ...], _children: list = children, _taken: set = taken) -> bool:
-                # as the official is_legal: no duplicates and nothing evaluated before
-                if genes in _taken or genes in scores or not feasible(genes):
-                    return False
-                _taken.add(genes)
-                _children.append(genes)
-                return True
-
-            made, attempts = 0, 0
-            while made < mutations and attempts < 10 * max(mutations, 1):
-                attempts += 1
-                parent = np.asarray(parents[int(rng.integers(len(parents)))])
-                redraw = rng.random(layers) < mutation_prob
-                fresh = rng.integers(0, sizes)
-                made += add(tuple(int(g) for g in np.where(redraw, fresh, parent)))
-            made, attempts = 0, 0
-            while made < crossovers and attempts < 10 * max(crossovers, 1):
-                attempts += 1
-                first = np.asarray(parents[int(rng.integers(len(parents)))])
-                second = np.asarray(parents[int(rng.integers(len(parents)))])
-                pick = rng.random(layers) < 0.5
-                made += add(tuple(int(g) for g in np.where(pick, first, second)))
-            if len(children) < population:
-                children.extend(random_feasible(population - len(children), taken | set(scores)))
-            for genes in children:
-                score_of(genes)
-            record(iteration, len(children))
+        result = evolve(spaces, counts, score, max_params, min_params=min_params, population=population,
+                        top_k=top_k, mutation_prob=mutation_prob, iterations=iterations, mutations=mutations,
+                        crossovers=crossovers, seed=seed, progress=progress, target_names=adapter.target_names)
     except BaseException:
         adapter.set_configs(previous)  # leave the adapter as it was when evaluate() fails
         raise
-    finally:
-        bar.close()
-    best = ranked()[0]
-    configs = tuple(spaces[li][g].resolve(adapter.config.rank) for li, g in enumerate(best))
+    configs = tuple(c.resolve(rank) for c in result.configs)
     adapter.set_configs(configs)
-    return GLoRASearchResult(configs=configs, score=scores[best], num_params=count(best), history=tuple(history),
-                             evaluations=len(scores), target_names=adapter.target_names)
+    return dataclasses.replace(result, configs=configs)

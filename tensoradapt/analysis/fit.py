@@ -38,7 +38,8 @@ from .._backend import device_of, from_host, indexed, namespace, to_numpy
 from .._validate import check_int
 from ..ops import kron_shape
 from ..superlora.config import SuperLoRAConfig
-from ..superlora.generator import GroupPlan, SplitPlan, SuperLoRA
+from ..superlora.generator import SuperLoRA
+from ..superlora.plan import GroupPlan, SplitPlan, param_name, parse_param_name
 
 __all__ = ["FitResult", "fit", "rank_configs"]
 
@@ -244,12 +245,12 @@ def _group_targets(plan: SuperLoRA, targets: Sequence[np.ndarray]) -> list[np.nd
     """Each group's target before the fixed projection: ``z_g`` with ``F_g(z_g) ≈ y_g``."""
     cfg = plan.config
     outputs = plan.grouping.from_targets(list(targets))
-    if cfg.projection == "shuffle" and cfg.shuffle_scope == "global":
-        merged = plan._projection(None).adjoint(np.concatenate(outputs))  # exact inverse
+    if plan.global_shuffle:
+        merged = plan.projection(None).adjoint(np.concatenate(outputs))  # exact inverse
         return plan.grouping.split(merged)
     zs = []
     for g, y in enumerate(outputs):
-        op = plan._group_projection(g) if cfg.layout == "fold" else None
+        op = plan.group_projection(g) if cfg.layout == "fold" else None
         if op is None:
             zs.append(y)
             continue
@@ -268,7 +269,7 @@ def _decomposition_init(plan: SuperLoRA, targets: Sequence[np.ndarray], seed: in
     random = plan.init(seed, np, np.float64, zero=False)
     for group, z in zip(plan.groups, _group_targets(plan, targets), strict=True):
         if group.scale == 0:
-            out.update({n: v for n, v in random.items() if n.startswith(f"g{group.index}.")})
+            out.update({n: v for n, v in random.items() if parse_param_name(n)[0] == group.index})
             continue
         out.update(_group_init(plan, group, np.asarray(z, dtype=np.float64) / group.scale, use_tensorly,
                                iterations, rng, random))
@@ -290,14 +291,13 @@ def _group_init(plan: SuperLoRA, group: GroupPlan, z: np.ndarray, use_tensorly: 
         parts = _nearest_kron(x, [s.shape for s in group.splits])
     out = {}
     for k, (split, part) in enumerate(zip(group.splits, parts, strict=True), start=1):
-        prefix = f"g{group.index}.split{k}."
         local = _unit_init(split, part.reshape(split.shape), use_tensorly, iterations, rng)
         if plan.config.unit == "hadamard" and k == 2:
             # the all-ones split has rank 1: small random columns beyond it avoid a saddle point
             for name, value in local.items():
-                noise = random[prefix + name] * 1e-3
+                noise = random[param_name(group.index, k, name)] * 1e-3
                 local[name] = np.where(value == 0, noise, value)
-        out.update({prefix + name: value for name, value in local.items()})
+        out.update({param_name(group.index, k, name): value for name, value in local.items()})
     return out
 
 
@@ -308,14 +308,144 @@ def _random_init(plan: SuperLoRA, targets: Sequence[np.ndarray], seed: int) -> d
     norm_target = math.sqrt(sum(float(np.vdot(t, t)) for t in targets))
     if norm_delta > 0:
         for group in plan.groups:  # ΔW is linear in each block: scale split 1's first block
-            name = next(n for n in params if n.startswith(f"g{group.index}.split1."))
+            name = next(n for n in params if parse_param_name(n)[:2] == (group.index, 1))
             params[name] = params[name] * (norm_target / norm_delta)
     return params
 
 
 # ---------------------------------------------------------------------------------------------
-# fit
+# fit, step by step
 # ---------------------------------------------------------------------------------------------
+def _check_options(init: str, decomposer: str, steps: Any, seed: Any, decomposition_iterations: Any,
+                   tol: Any) -> tuple[int, int, int]:
+    """Validate the options of :func:`fit`; return ``steps``, ``seed`` and the iterations as ints."""
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+    if decomposer not in _DECOMPOSERS:
+        raise ValueError(f"decomposer must be one of {_DECOMPOSERS}, got {decomposer!r}")
+    steps = check_int("steps", steps, minimum=0)
+    seed = check_int("seed", seed, minimum=0)
+    decomposition_iterations = check_int("decomposition_iterations", decomposition_iterations, minimum=0)
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    return steps, seed, decomposition_iterations
+
+
+@dataclass
+class _Problem:
+    """The targets of one fit on their backend (``targets``, in the working dtype) and on the host
+    (``host``, float64), with ``‖T‖_F²``."""
+
+    plan: SuperLoRA
+    xp: Any
+    device: Any
+    dtype: Any
+    targets: list[Any]
+    host: list[np.ndarray]
+    norm2: float
+
+    def to_backend(self, host_params: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        return {n: from_host(self.xp, v, dtype=self.dtype, device=self.device) for n, v in host_params.items()}
+
+
+def _problem(plan: SuperLoRA, target_deltas: Sequence[Any], dtype: Any) -> _Problem:
+    """Check the targets against the plan's shapes and cast them to the working dtype."""
+    targets = list(target_deltas)
+    if len(targets) != len(plan.shapes):
+        raise ValueError(f"target_deltas must hold {len(plan.shapes)} arrays (one per shape), got {len(targets)}")
+    for i, (t, shape) in enumerate(zip(targets, plan.shapes, strict=True)):
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"target_deltas[{i}] must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    xp = namespace(**indexed("target_deltas", targets))
+    device = device_of(targets[0])
+    dtype = xp.float64 if dtype is None else dtype
+    targets = [xp.astype(t, dtype) if t.dtype != dtype else t for t in targets]
+    host = [np.asarray(to_numpy(t), dtype=np.float64) for t in targets]
+    norm2 = sum(float(np.vdot(t, t)) for t in host)
+    if not math.isfinite(norm2):
+        raise ValueError("target_deltas must be finite")
+    return _Problem(plan, xp, device, dtype, targets, host, norm2)
+
+
+class _FlatParams:
+    """The plan's arrays as one flat float64 vector ``θ`` (the optimiser's variable) and back."""
+
+    def __init__(self, problem: _Problem) -> None:
+        self.problem = problem
+        shapes = problem.plan.parameter_shapes()
+        self.names = list(shapes)
+        self.shapes = [shapes[n] for n in self.names]
+        self.offsets = np.cumsum([0, *(math.prod(s) for s in self.shapes)])
+
+    def pack(self, params: Mapping[str, Any]) -> np.ndarray:
+        return np.concatenate([np.asarray(to_numpy(params[n]), dtype=np.float64).reshape(-1) for n in self.names])
+
+    def unpack(self, theta: np.ndarray) -> dict[str, Any]:
+        p, o = self.problem, self.offsets
+        return {n: from_host(p.xp, np.ascontiguousarray(theta[o[i]:o[i + 1]]).reshape(self.shapes[i]),
+                             dtype=p.dtype, device=p.device) for i, n in enumerate(self.names)}
+
+
+def _objective(problem: _Problem, flat: _FlatParams) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
+    """``θ ↦ (½ Σ_i ‖ΔW_i(θ) − T_i‖² / ‖T‖², its gradient)`` with the gradient from ``plan.vjp``."""
+    plan, xp, norm2 = problem.plan, problem.xp, problem.norm2
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        params = flat.unpack(theta)
+        residuals = [d - t for d, t in zip(plan.delta(params), problem.targets, strict=True)]
+        loss = 0.5 * sum(float(xp.sum(r * r)) for r in residuals) / norm2
+        grads = plan.vjp(params, [r / norm2 for r in residuals])
+        return loss, flat.pack(grads)
+
+    return objective
+
+
+def _start(problem: _Problem, init: str, seed: int, decomposer: str, iterations: int) -> dict[str, np.ndarray]:
+    """The initial parameters (host, float64): random or from the decompositions."""
+    if init == "random":
+        return _random_init(problem.plan, problem.host, seed)
+    return _decomposition_init(problem.plan, problem.host, seed, decomposer, iterations)
+
+
+@dataclass
+class _Run:
+    """What the optimiser found: the best ``(loss, θ)`` seen, the error history, the iterations
+    and the stopping message."""
+
+    best: tuple[float, np.ndarray]
+    history: list[float]
+    iterations: int = 0
+    message: str = "initialisation only"
+
+
+def _minimise(objective: Callable[[np.ndarray], tuple[float, np.ndarray]], theta0: np.ndarray, loss0: float,
+              steps: int, tol: float, callback: Callable[[int, float], None] | None) -> _Run:
+    """L-BFGS-B from ``theta0``, keeping the best iterate and stopping once the error is ``<= tol``."""
+    run = _Run((loss0, theta0), [math.sqrt(2 * loss0)])
+    if not (steps > 0 and run.history[0] > tol):  # (a NaN error stops here too)
+        return run
+    from scipy.optimize import minimize
+
+    def track(intermediate_result: Any) -> None:
+        error = math.sqrt(2 * max(float(intermediate_result.fun), 0.0))
+        run.history.append(error)
+        if intermediate_result.fun < run.best[0]:
+            run.best = (float(intermediate_result.fun), np.array(intermediate_result.x, copy=True))
+        if callback is not None:
+            callback(len(run.history) - 1, error)
+        if error <= tol:
+            raise StopIteration
+
+    result = minimize(objective, theta0, jac=True, method="L-BFGS-B", callback=track,
+                      options={"maxiter": steps, "maxfun": 4 * steps + 20, "ftol": 1e-30, "gtol": 1e-30,
+                               "maxcor": 30})
+    run.iterations = int(result.nit)
+    run.message = f"relative error <= tol ({tol:g})" if run.history[-1] <= tol else str(result.message)
+    if result.fun < run.best[0]:
+        run.best = (float(result.fun), np.asarray(result.x))
+    return run
+
+
 def fit(config: SuperLoRAConfig, shapes: Sequence[Sequence[int]], target_deltas: Sequence[Any], *,
         names: Sequence[str] | None = None, steps: int = 300, seed: int = 0, init: str = "auto",
         decomposer: str = "auto", decomposition_iterations: int = 50, tol: float = 1e-10,
@@ -368,86 +498,21 @@ def fit(config: SuperLoRAConfig, shapes: Sequence[Sequence[int]], target_deltas:
     (True, 22)
     """
     started = time.perf_counter()
-    if init not in _INITS:
-        raise ValueError(f"init must be one of {_INITS}, got {init!r}")
-    if decomposer not in _DECOMPOSERS:
-        raise ValueError(f"decomposer must be one of {_DECOMPOSERS}, got {decomposer!r}")
-    steps = check_int("steps", steps, minimum=0)
-    seed = check_int("seed", seed, minimum=0)
-    decomposition_iterations = check_int("decomposition_iterations", decomposition_iterations, minimum=0)
-    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
-        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    steps, seed, decomposition_iterations = _check_options(init, decomposer, steps, seed,
+                                                           decomposition_iterations, tol)
     plan = SuperLoRA(config, shapes, names)
-    targets = list(target_deltas)
-    if len(targets) != len(plan.shapes):
-        raise ValueError(f"target_deltas must hold {len(plan.shapes)} arrays (one per shape), got {len(targets)}")
-    for i, (t, shape) in enumerate(zip(targets, plan.shapes, strict=True)):
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"target_deltas[{i}] must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    xp = namespace(**indexed("target_deltas", targets))
-    device = device_of(targets[0])
-    dtype = xp.float64 if dtype is None else dtype
-    targets = [xp.astype(t, dtype) if t.dtype != dtype else t for t in targets]
-    host = [np.asarray(to_numpy(t), dtype=np.float64) for t in targets]
-    norm_t2 = sum(float(np.vdot(t, t)) for t in host)
-    if not math.isfinite(norm_t2):
-        raise ValueError("target_deltas must be finite")
-    if norm_t2 == 0:  # the training init (one zero block per product) is exact
-        params = plan.init(seed, np, np.float64, zero=True)
-        return FitResult(0.0, {n: from_host(xp, v, dtype=dtype, device=device) for n, v in params.items()},
-                         [0.0], 0.0, plan.num_params, 0, time.perf_counter() - started, "zero targets")
-
-    if init == "random":
-        start = _random_init(plan, host, seed)
-    else:
-        start = _decomposition_init(plan, host, seed, decomposer, decomposition_iterations)
-    names_ = list(plan.parameter_shapes())
-    shapes_ = [plan.parameter_shapes()[n] for n in names_]
-    sizes = [math.prod(s) for s in shapes_]
-    offsets = np.cumsum([0, *sizes])
-
-    def unpack(theta: np.ndarray) -> dict[str, Any]:
-        return {n: from_host(xp, np.ascontiguousarray(theta[offsets[i]:offsets[i + 1]]).reshape(shapes_[i]),
-                             dtype=dtype, device=device) for i, n in enumerate(names_)}
-
-    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        params = unpack(theta)
-        residuals = [d - t for d, t in zip(plan.delta(params), targets, strict=True)]
-        loss = 0.5 * sum(float(xp.sum(r * r)) for r in residuals) / norm_t2
-        grads = plan.vjp(params, [r / norm_t2 for r in residuals])
-        flat = np.concatenate([np.asarray(to_numpy(grads[n]), dtype=np.float64).reshape(-1) for n in names_])
-        return loss, flat
-
-    theta0 = np.concatenate([np.asarray(start[n], dtype=np.float64).reshape(-1) for n in names_])
+    problem = _problem(plan, target_deltas, dtype)
+    if problem.norm2 == 0:  # the training init (one zero block per product) is exact
+        params = problem.to_backend(plan.init(seed, np, np.float64, zero=True))
+        return FitResult(0.0, params, [0.0], 0.0, plan.num_params, 0, time.perf_counter() - started, "zero targets")
+    flat = _FlatParams(problem)
+    objective = _objective(problem, flat)
+    theta0 = flat.pack(_start(problem, init, seed, decomposer, decomposition_iterations))
     loss0, _ = objective(theta0)
-    init_error = math.sqrt(2 * loss0)
-    history = [init_error]
-    best = (loss0, theta0)
-    iterations, message = 0, "initialisation only"
-    if steps > 0 and init_error > tol:
-        from scipy.optimize import minimize
-
-        def track(intermediate_result: Any) -> None:
-            nonlocal best
-            error = math.sqrt(2 * max(float(intermediate_result.fun), 0.0))
-            history.append(error)
-            if intermediate_result.fun < best[0]:
-                best = (float(intermediate_result.fun), np.array(intermediate_result.x, copy=True))
-            if callback is not None:
-                callback(len(history) - 1, error)
-            if error <= tol:
-                raise StopIteration
-
-        result = minimize(objective, theta0, jac=True, method="L-BFGS-B", callback=track,
-                          options={"maxiter": steps, "maxfun": 4 * steps + 20, "ftol": 1e-30, "gtol": 1e-30,
-                                   "maxcor": 30})
-        iterations = int(result.nit)
-        message = f"relative error <= tol ({tol:g})" if history[-1] <= tol else str(result.message)
-        if result.fun < best[0]:
-            best = (float(result.fun), np.asarray(result.x))
-    final_loss, theta = best
-    return FitResult(math.sqrt(2 * max(final_loss, 0.0)), unpack(theta), history, init_error, plan.num_params,
-                     iterations, time.perf_counter() - started, message)
+    run = _minimise(objective, theta0, loss0, steps, tol, callback)
+    final_loss, theta = run.best
+    return FitResult(math.sqrt(2 * max(final_loss, 0.0)), flat.unpack(theta), run.history, run.history[0],
+                     plan.num_params, run.iterations, time.perf_counter() - started, run.message)
 
 
 def rank_configs(configs: Mapping[str, SuperLoRAConfig] | Iterable[tuple[str, SuperLoRAConfig]],

@@ -1,4 +1,4 @@
-r"""Geometric similarity of two sets of weight updates ``ΔW`` (spec Part I §15, Part II §8).
+r"""Geometric similarity of two sets of weight updates ``ΔW`` (docs/math.md D15, §8).
 
 For one weight, ``P`` is the update to analyse (e.g. an adapter's ``ΔW_i``) and ``Q`` the
 reference (e.g. dense fine-tuning's).  With the thin SVDs ``P = U_P Σ_P V_Pᵀ`` and
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .._backend import namespace, to_numpy
+from .._backend import check_floating, namespace, to_numpy
 from .._validate import check_int
 
 __all__ = [
@@ -70,13 +70,7 @@ def _as_matrix(name: str, x: Any) -> Any:
         raise ValueError(f"{name} must have at least 2 dimensions (a weight matrix), got shape {tuple(x.shape)}")
     if x.ndim > 2:
         x = xp.reshape(x, (x.shape[0], math.prod(x.shape[1:])))
-    kind = getattr(x.dtype, "kind", None)
-    if isinstance(x.dtype, np.dtype):
-        floating = kind == "f"
-    else:
-        floating = xp.isdtype(x.dtype, "real floating")
-    if not floating:
-        raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
+    check_floating(xp, [(name, x)])
     return x
 
 
@@ -253,7 +247,7 @@ def subspace_similarity(P: Any, Q: Any, i: int, j: int, side: str = "right", *, 
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SimilarityRecord:
-    """dE/dL/dR of one weight (spec Part II §8.2).
+    """dE/dL/dR of one weight (docs/math.md §8.2).
 
     Attributes
     ----------
@@ -370,7 +364,7 @@ def compare(P_list: Sequence[Any], Q_list: Sequence[Any], names: Sequence[str] |
             progress: Any = None) -> list[SimilarityRecord]:
     r"""Per-weight geometric similarity of ``P_list`` (analysed) against ``Q_list`` (reference).
 
-    For each pair ``(P, Q)`` (spec Part I §15, Part II §8.2):
+    For each pair ``(P, Q)`` (docs/math.md D15, §8.2):
 
     .. math::
 

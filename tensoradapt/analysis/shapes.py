@@ -9,12 +9,17 @@ Sources of target shapes (all return a list of :class:`Target` ``(name, shape)``
   read and nothing is unpickled;
 * :func:`shapes_from_json` — ``[[768, 768], …]``, ``[{"name": …, "shape": […]}, …]`` or
   ``{"name": [768, 768], …}``;
-* :func:`shapes_from_model` — the weights of a torch model's target modules (torch is imported
-  only inside that function; the core never imports it).
+* :func:`shapes_from_model` — the ``(o, n)`` matrices of a torch model's target modules, as
+  :func:`tensoradapt.torch.attach` sees them (torch is imported only inside that function; the
+  core never imports it).
 
 :func:`count_table` and :func:`budget_sweep` count parameters of presets or configurations on
-those shapes (through :mod:`tensoradapt.budget`), and :func:`format_count_table` /
-:func:`format_budget_sweep` render them as text.
+those shapes (through :mod:`tensoradapt.budget`); :func:`format_count_table` /
+:func:`format_budget_sweep` (in :mod:`.report`, re-exported here) render them as text.
+
+The safetensors header is read by the library's one reader (:mod:`tensoradapt._safetensors`),
+and a model's targets are selected and viewed as ``(o, n)`` matrices by the rule the torch
+bindings use (:mod:`tensoradapt._targets`).
 """
 
 from __future__ import annotations
@@ -24,15 +29,18 @@ import json
 import math
 import os
 import re
-import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+import tensoradapt._safetensors as safetensors_header
+import tensoradapt._targets as target_rules
 
 from ..superlora import presets as _presets
 from ..superlora.budget import FAMILIES, BudgetEntry, budget
 from ..superlora.config import SuperLoRAConfig
 from ..superlora.generator import SuperLoRA
+from .report import format_budget_sweep, format_count_table  # re-exported: the text tables live in report
 
 __all__ = [
     "DEFAULT_PRESETS",
@@ -59,16 +67,6 @@ PRESETS = ("dense", "lora", "lokr", "krona", "loha", "lotr", "lonkr", "lorta")
 DEFAULT_PRESETS = ("dense", "lora", "lokr", "loha", "lotr", "lonkr:splits=3", "lorta:order=3", "lorta:order=4")
 #: Ranks swept for presets given without an explicit rank.
 DEFAULT_RANKS = (1, 2, 4, 8, 16)
-
-# safetensors: header length limit of the reference implementation, and the bytes per element
-_MAX_HEADER = 100_000_000
-_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4,
-    "U64": 8, "I64": 8, "F64": 8, "C64": 8,
-}
-
 
 class ShapeSourceError(ValueError):
     """A shape source (text, JSON, safetensors header, model) is malformed or unusable."""
@@ -99,7 +97,9 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The parsed JSON header of a safetensors file (tensor entries and ``__metadata__``).
 
     Reads the 8-byte little-endian header length and the header only, never the tensor data, and
-    checks the header against the file size.
+    checks it with the library's one safetensors reader (:mod:`tensoradapt._safetensors`: the
+    header against the file size and the 100 MB limit, dtypes, byte sizes, and offsets that tile
+    the data without gap or overlap).
 
     Raises
     ------
@@ -110,54 +110,10 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         a JSON object, or a tensor entry is malformed or points outside the file.
     """
     path = os.fspath(path)
-    size = os.path.getsize(path)  # FileNotFoundError for a missing file
-    if size < 8:
-        raise ShapeSourceError(f"{path}: not a safetensors file ({size} bytes, fewer than the 8-byte header length)")
-    with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        if length > size - 8:
-            raise ShapeSourceError(f"{path}: header length {length} exceeds the {size - 8} bytes after it "
-                                   "(not a safetensors file, or truncated)")
-        if length > _MAX_HEADER:
-            raise ShapeSourceError(f"{path}: header length {length} exceeds the 100 MB limit of the format")
-        raw = fh.read(length)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # bad UTF-8 / JSON, huge integers, deep nesting
-        raise ShapeSourceError(f"{path}: the header is not valid UTF-8 JSON ({type(exc).__name__})") from None
-    if not isinstance(header, dict):
-        raise ShapeSourceError(f"{path}: the header must be a JSON object, got {type(header).__name__}")
-    data_size = size - 8 - length
-    spans = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            if not isinstance(entry, dict):
-                raise ShapeSourceError(f"{path}: __metadata__ must be a JSON object, got {type(entry).__name__}")
-            continue
-        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-            raise ShapeSourceError(f"{path}: tensor {name!r} needs 'dtype', 'shape' and 'data_offsets', "
-                                   f"got {entry!r:.80}")
-        shape, offsets, dtype = entry["shape"], entry["data_offsets"], entry["dtype"]
-        if (not isinstance(shape, list)
-                or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape)):
-            raise ShapeSourceError(f"{path}: tensor {name!r} has shape {shape!r}; a shape is a list of ints >= 0")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or any(not isinstance(o, int) or isinstance(o, bool) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1] <= data_size):
-            raise ShapeSourceError(f"{path}: tensor {name!r} has data_offsets {offsets!r}, outside the "
-                                   f"{data_size} data bytes")
-        if dtype in _DTYPE_BYTES and offsets[1] - offsets[0] != _DTYPE_BYTES[dtype] * math.prod(shape):
-            raise ShapeSourceError(f"{path}: tensor {name!r} ({dtype}, shape {shape}) needs "
-                                   f"{_DTYPE_BYTES[dtype] * math.prod(shape)} bytes but data_offsets span "
-                                   f"{offsets[1] - offsets[0]}")
-        spans.append((offsets[0], offsets[1], name))
-    end = 0  # the format packs the tensors' bytes back to back: no overlap, no gap
-    for start, stop, name in sorted(spans):
-        if start != end:
-            raise ShapeSourceError(f"{path}: tensor {name!r} starts at byte {start} of the data, expected {end} "
-                                   "(overlapping or non-contiguous data_offsets)")
-        end = stop
-    return header
+        return safetensors_header.read_header(path).header
+    except safetensors_header.SafetensorsHeaderError as exc:
+        raise ShapeSourceError(f"{path}: {exc}") from None
 
 
 def shapes_from_safetensors(path: str | os.PathLike[str], *, min_ndim: int = 2,
@@ -183,10 +139,12 @@ def shapes_from_safetensors(path: str | os.PathLike[str], *, min_ndim: int = 2,
     FileNotFoundError, ShapeSourceError
         See :func:`read_safetensors_header`.
     """
-    header = read_safetensors_header(path)
-    entries = sorted(((name, e) for name, e in header.items() if name != "__metadata__"),
-                     key=lambda item: (item[1]["data_offsets"][0], item[0]))
-    targets = [Target(name, tuple(e["shape"]), e["dtype"]) for name, e in entries]
+    path = os.fspath(path)
+    try:
+        tensors = safetensors_header.read_header(path).tensors
+    except safetensors_header.SafetensorsHeaderError as exc:
+        raise ShapeSourceError(f"{path}: {exc}") from None
+    targets = [Target(name, tuple(e["shape"]), e["dtype"]) for name, e in tensors.items()]
     return _selected(targets, min_ndim, pattern)
 
 
@@ -291,17 +249,25 @@ def parse_shapes(spec: str, *, min_ndim: int = 2, pattern: str | None = None) ->
     return _selected(targets, 0, pattern)
 
 
-def shapes_from_model(model: Any, targets: str | Sequence[str] | None = None, *,
+def shapes_from_model(model: Any, targets: str | Sequence[str] | Callable[[str, Any], bool] | None = None, *,
                       min_ndim: int = 2) -> list[Target]:
-    r"""Target weights of a torch model, in ``model.named_modules()`` order (spec Part I §1).
+    r"""Target weights of a torch model, in ``model.named_modules()`` order (docs/math.md D1).
+
+    The shapes are the ``(o, n)`` matrices an adapter generates for the modules, by the same rule
+    :func:`tensoradapt.torch.attach` uses, so ``count_params(config, shapes_from_model(model,
+    targets))`` is the ``num_params`` of ``attach(model, config, targets)``: ``(out, in)`` for
+    ``nn.Linear`` and for transformers' ``Conv1D`` (whose weight is stored ``(in, out)``),
+    ``(o, i/groups · Π k)`` for convolutions, ``(num, dim)`` for embeddings.  A weight of fewer than
+    two dimensions (with ``min_ndim=1``) keeps its stored shape.
 
     Parameters
     ----------
     model : torch.nn.Module
-    targets : str or sequence of str, optional
-        Module selection: a sequence of names, each matching a module whose qualified name equals
-        it or ends with ``"." + name`` (PEFT's ``target_modules`` rule, e.g. ``["query", "value"]``),
-        or one string used as a regular expression (``re.fullmatch`` on the qualified name).
+    targets : sequence of str, str or callable, optional
+        Module selection, as for :func:`tensoradapt.torch.attach`: a sequence of names, each
+        matching a module whose qualified name equals it or ends with ``"." + name`` (PEFT's
+        ``target_modules`` rule, e.g. ``["query", "value"]``), one string used as a regular
+        expression (``re.fullmatch`` on the qualified name), or ``callable(name, module) -> bool``.
         Default: every module with a weight of at least ``min_ndim`` dimensions.
     min_ndim : int
         Skip weights with fewer dimensions (default 2; norms and biases are not targets).
@@ -314,33 +280,29 @@ def shapes_from_model(model: Any, targets: str | Sequence[str] | None = None, *,
     Raises
     ------
     TypeError
-        If ``model`` is not a ``torch.nn.Module``.
+        If ``model`` is not a ``torch.nn.Module``, or ``targets`` is not a selection.
     ShapeSourceError
-        If no module matches.
+        If no module matches, or ``targets`` is not a valid regular expression.
     """
     import torch  # lazily: the core never imports torch at import time
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    regex = None
-    names: tuple[str, ...] = ()
-    if isinstance(targets, str):
+    modules = list(model.named_modules())
+    if targets is not None:  # the modules attach() would target (never the root module)
         try:
-            regex = re.compile(targets)
-        except re.error as exc:
-            raise ShapeSourceError(f"targets {targets!r} is not a valid regular expression: {exc}") from None
-    elif targets is not None:
-        names = tuple(str(t) for t in targets)
+            modules = target_rules.select_targets(modules, targets)
+        except ValueError as exc:
+            raise ShapeSourceError(str(exc)) from None
     out = []
-    for qualified, module in model.named_modules():
+    for qualified, module in modules:
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.ndim < min_ndim:
             continue
-        if regex is not None and not regex.fullmatch(qualified):
-            continue
-        if names and not any(qualified == n or qualified.endswith("." + n) for n in names):
-            continue
-        out.append(Target(f"{qualified}.weight" if qualified else "weight", tuple(weight.shape),
+        shape = tuple(int(d) for d in weight.shape)
+        if weight.ndim >= 2:
+            shape = target_rules.target_view(qualified, module).shape
+        out.append(Target(f"{qualified}.weight" if qualified else "weight", shape,
                           str(weight.dtype).removeprefix("torch.")))
     if not out:
         raise ShapeSourceError(f"no module of the model matches targets={targets!r} "
@@ -513,49 +475,3 @@ def budget_sweep(shapes: Sequence[Any], max_params: int, families: Iterable[str]
     if top is not None:
         entries = entries[-top:] if top > 0 else []
     return entries
-
-
-def _summary(shapes: Sequence[Any]) -> str:
-    plain = _plain_shapes(shapes)
-    total = sum(math.prod(s) for s in plain)
-    counts: dict[tuple[int, ...], int] = {}
-    for s in plain:
-        counts[s] = counts.get(s, 0) + 1
-    listed = ", ".join(f"{c}×{'x'.join(map(str, s))}" for s, c in list(counts.items())[:6])
-    more = f", … ({len(counts)} distinct shapes)" if len(counts) > 6 else ""
-    return f"{len(plain)} targets ({listed}{more}), N = {total:,} entries (dense fine-tuning)"
-
-
-def format_count_table(shapes: Sequence[Any], rows: Sequence[CountRow]) -> str:
-    """A text table of :func:`count_table` rows, headed by a summary of the shapes.
-
-    Examples
-    --------
-    >>> shapes = [(4, 4)] * 2
-    >>> print(format_count_table(shapes, count_table(shapes, ["lora"], ranks=[1])))
-    2 targets (2×4x4), N = 32 entries (dense fine-tuning)
-    configuration       params  % of N  groups
-    lora(rank=1)            16  50.000       2
-    """
-    width = max([len("configuration"), *(len(r.label) for r in rows)])
-    lines = [_summary(shapes), f"{'configuration':<{width}} {'params':>12} {'% of N':>7} {'groups':>7}"]
-    for r in rows:
-        if r.params is None:
-            lines.append(f"{r.label:<{width}} {'n/a':>12} {'':>7} {'':>7}  ({r.note})")
-        else:
-            lines.append(f"{r.label:<{width}} {r.params:>12,} {100 * r.fraction:>7.3f} {r.groups:>7}")
-    return "\n".join(lines)
-
-
-def format_budget_sweep(shapes: Sequence[Any], entries: Sequence[BudgetEntry], max_params: int) -> str:
-    """A text table of budget-sweep entries (ascending parameter count)."""
-    total = sum(math.prod(s) for s in _plain_shapes(shapes))
-    lines = [_summary(shapes), f"budget: at most {max_params:,} parameters; {len(entries)} configurations",
-             f"{'family':<8} {'params':>12} {'% of N':>7}  configuration"]
-    for e in entries:
-        cfg = e.config
-        desc = (f"rank={cfg.rank} M={cfg.order} K={cfg.splits} G={cfg.grouping} core={cfg.core}"
-                + (f" f={cfg.dense_side}" if cfg.dense_side is not None else "")
-                + (f" {cfg.projection} rho={cfg.ratio}" if cfg.projection != "none" else ""))
-        lines.append(f"{e.family:<8} {e.params:>12,} {100 * e.params / total:>7.3f}  {desc}")
-    return "\n".join(lines)

@@ -1,18 +1,18 @@
 r"""GLoRA (Chavan et al., "One-for-All: Generalized LoRA"): the layer algebra, framework-free.
 
 A GLoRA layer re-parameterises a frozen linear layer ``f(x) = W0 x + b0`` (``W0`` of shape
-``(o, n)``: out × in) with five *support tensors* ``A, B, C, D, E`` (spec Part I item 14 and
-Part II §7, the semantics of the official code, with elementwise products)::
+``(o, n)``: out × in) with five *support tensors* ``A, B, C, D, E`` (docs/math.md D14 and
+§7, the semantics of the official code, with elementwise products)::
 
     W' = W0 + W0 ⊙ A + B                   (o, n)
     b' = b0 + b0 ⊙ D + E + W0 · C          (o,)      C is an (n, 1) column, W0·C is (o,)
     f'(x) = W' x + b'                      (zero inference overhead after merging)
 
 Each support tensor takes one of a few *forms* per layer; the per-layer choice is a
-:class:`LayerChoice` and all of them are generated from one set of stored tensors (the
-"supernet") with **weight entanglement**: a LoRA form of rank ``r' ≤ r`` uses the first ``r'``
-columns/rows of the stored factors, the vector form the first column and the scalar form the
-``[0, 0]`` entry.
+:class:`~tensoradapt.glora.config.LayerChoice` and all of them are generated from one set of stored
+tensors (the "supernet") with **weight entanglement**: a LoRA form of rank ``r' ≤ r`` uses the
+first ``r'`` columns/rows of the stored factors, the vector form the first column and the scalar
+form the ``[0, 0]`` entry.
 
 =====  ===========================  ==========================  ==================  =============
 T      stored tensors (init)        ``lora`` (rank r')          ``vector``          ``scalar``
@@ -33,296 +33,35 @@ The ``*_u`` factors are xavier-uniform, everything else starts at zero, so ``W' 
 and excluded (it is not stored and must be ``"none"``); ``C`` and ``E`` still apply, so the
 adapted layer gains a bias.
 
+Functions: :func:`parameter_shapes` and :func:`init` (the stored tensors), :func:`weight_bias`
+(``W'`` and ``b'``), :func:`vjp` (its analytic VJP), :func:`count_params` (active parameters of a
+choice) and :func:`count_stored_params` (the supernet's storage).
+
 Note that LyCORIS's "GLoRA" (``ΔW = W0 A1 A2 + B1 B2`` with matrix products, no bias terms) is a
 different method.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
-import array_api_compat
 import numpy as np
 
 from .. import buffers
-from .._backend import check_floating, from_host, namespace
-from .._validate import check_int, config_fields
+from .._backend import check_floating, compat_namespace, device_of, from_host, namespace
+from .._validate import check_int
+from .config import TENSORS, LayerChoice, check_bias
 
 __all__ = [
-    "CHOICES",
-    "GLoRAConfig",
-    "LayerChoice",
-    "glora_init",
-    "glora_param_count",
-    "glora_stored_param_count",
-    "glora_vjp",
-    "glora_weight_bias",
-    "largest_choice",
+    "count_params",
+    "count_stored_params",
+    "init",
     "parameter_shapes",
-    "search_space",
+    "vjp",
+    "weight_bias",
 ]
-
-#: The forms each support tensor may take (spec Part II §7.2).
-CHOICES: dict[str, tuple[str, ...]] = {
-    "A": ("lora", "vector", "scalar", "none"),
-    "B": ("lora", "vector", "scalar", "none"),
-    "C": ("lora", "vector", "none"),
-    "D": ("vector", "scalar", "none"),
-    "E": ("vector", "scalar", "none"),
-}
-TENSORS = ("A", "B", "C", "D", "E")
-CONFIG_VERSION = 1
-_ALIASES = {"constant": "scalar", "const": "scalar", "LoRA": "lora", "vec": "vector"}
-_SIZE_ORDER = {"lora": 3, "vector": 2, "scalar": 1, "none": 0}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _normalise_form(tensor: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{tensor} must be one of {CHOICES[tensor]} (a string), got {value!r}")
-    form = _ALIASES.get(value, value)
-    if form not in CHOICES[tensor]:
-        raise ValueError(f"{tensor} must be one of {CHOICES[tensor]}, got {value!r}")
-    return form
-
-
-# ---------------------------------------------------------------------------------- LayerChoice
-@dataclass(frozen=True)
-class LayerChoice:
-    r"""The form of each support tensor of one GLoRA layer, plus the LoRA rank ``r'``.
-
-    Parameters
-    ----------
-    A, B : {"lora", "vector", "scalar", "none"}
-        ``A`` scales ``W0`` elementwise (``W0 ⊙ A``); ``B`` is added to the weight.
-    C : {"lora", "vector", "none"}
-        An ``(n, 1)`` column; ``W0 · C`` is added to the bias.
-    D, E : {"vector", "scalar", "none"}
-        ``b0 ⊙ D`` and ``E`` are added to the bias.
-    rank : int, optional
-        The sampled LoRA rank ``r'`` shared by every ``"lora"`` tensor of the layer
-        (``1 ≤ r' ≤ r``).  ``None`` means the supernet rank ``r``.  It is normalised to ``None``
-        when no tensor is ``"lora"``, so equal layers compare equal.
-
-    ``"constant"`` is accepted as an alias of ``"scalar"`` (the official code's name).
-
-    Examples
-    --------
-    >>> LayerChoice(A="vector", B="lora", D="scalar", E="vector", rank=4)
-    LayerChoice(A='vector', B='lora', C='none', D='scalar', E='vector', rank=4)
-    >>> LayerChoice(A="vector").rank is None
-    True
-    """
-
-    A: str = "none"
-    B: str = "none"
-    C: str = "none"
-    D: str = "none"
-    E: str = "none"
-    rank: int | None = None
-
-    def __post_init__(self) -> None:
-        for t in TENSORS:
-            object.__setattr__(self, t, _normalise_form(t, getattr(self, t)))
-        if self.rank is not None:
-            if not _is_int(self.rank) or self.rank < 1:
-                raise ValueError(f"rank (the LoRA rank r') must be a positive integer or None, got {self.rank!r}")
-            if not self.uses_lora:
-                object.__setattr__(self, "rank", None)
-
-    @property
-    def uses_lora(self) -> bool:
-        """Whether any of A, B, C has the LoRA form."""
-        return "lora" in (self.A, self.B, self.C)
-
-    def resolve(self, r: int) -> LayerChoice:
-        """This choice with ``rank=None`` replaced by the supernet rank ``r`` (checks ``r' ≤ r``)."""
-        r = check_int("r", r, minimum=1)
-        if not self.uses_lora:
-            return self
-        if self.rank is None:
-            return dataclasses.replace(self, rank=r)
-        if self.rank > r:
-            raise ValueError(f"LoRA rank r'={self.rank} exceeds the supernet rank r={r} (weight entanglement "
-                             f"slices the first r' of r stored columns, so r' <= r)")
-        return self
-
-    def effective_rank(self, r: int) -> int:
-        """The LoRA rank ``r'`` used by this choice on a supernet of rank ``r``."""
-        return self.resolve(r).rank or 0
-
-    def replace(self, **changes: Any) -> LayerChoice:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        """``{"A": …, "B": …, "C": …, "D": …, "E": …, "rank": r' or None}`` (JSON-serialisable)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LayerChoice:
-        """Inverse of :meth:`to_dict`; unknown keys are refused."""
-        if isinstance(data, LayerChoice):
-            return data
-        if not isinstance(data, Mapping):
-            raise TypeError(f"a layer choice must be a LayerChoice or a mapping, got {type(data).__name__}")
-        unknown = sorted(set(data) - {*TENSORS, "rank"})
-        if unknown:
-            raise ValueError(f"unknown LayerChoice keys {unknown}; known keys are {[*TENSORS, 'rank']}")
-        return cls(**data)
-
-    def __str__(self) -> str:
-        parts = [f"{t}={getattr(self, t)}" for t in TENSORS]
-        return " ".join(parts) + (f" r'={self.rank}" if self.rank is not None else "")
-
-
-def _as_choice(choice: Any) -> LayerChoice:
-    if isinstance(choice, LayerChoice):
-        return choice
-    if isinstance(choice, Mapping):
-        return LayerChoice.from_dict(choice)
-    raise TypeError(f"choice must be a LayerChoice or a mapping of A..E forms, got {type(choice).__name__}")
-
-
-# ---------------------------------------------------------------------------------- config
-@dataclass(frozen=True)
-class GLoRAConfig:
-    r"""Hyper-parameters of a GLoRA supernet (spec Part II §7).
-
-    Parameters
-    ----------
-    rank : int
-        Supernet rank ``r``: the stored LoRA factors have ``r`` columns/rows (official default 4).
-    ranks : tuple of int, optional
-        The LoRA ranks ``r' ≤ r`` that the search space offers (the paper's rank sets such as
-        ``{8, 4}``); default ``(rank,)``.
-    A, B : tuple of {"lora", "vector", "scalar", "none"}
-        Per-layer search space of ``A`` and ``B`` (default: all four forms).
-    C : tuple of {"lora", "vector", "none"}
-    D, E : tuple of {"vector", "scalar", "none"}
-    seed : int
-        Seeds the xavier-uniform init of the ``*_u`` factors (through :mod:`tensoradapt.buffers`)
-        and the supernet's per-forward sampling.
-
-    With the defaults every layer has ``4·4·3·3·3 = 432`` configurations (:func:`search_space`);
-    with several ``ranks`` every configuration that uses LoRA appears once per rank.
-
-    Examples
-    --------
-    >>> len(search_space(GLoRAConfig()))
-    432
-    >>> len(search_space(GLoRAConfig(rank=8, ranks=(4, 8))))
-    702
-    """
-
-    rank: int = 4
-    ranks: tuple[int, ...] | None = None
-    A: tuple[str, ...] = CHOICES["A"]
-    B: tuple[str, ...] = CHOICES["B"]
-    C: tuple[str, ...] = CHOICES["C"]
-    D: tuple[str, ...] = CHOICES["D"]
-    E: tuple[str, ...] = CHOICES["E"]
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not _is_int(self.rank) or self.rank < 1:
-            raise ValueError(f"rank (the supernet rank r) must be a positive integer, got {self.rank!r}")
-        ranks = self.ranks
-        if ranks is None:
-            ranks = (self.rank,)
-        elif _is_int(ranks):
-            ranks = (ranks,)
-        elif isinstance(ranks, (str, bytes)) or not isinstance(ranks, Iterable):
-            raise ValueError(f"ranks must be a sequence of positive integers <= rank, got {ranks!r}")
-        ranks = tuple(ranks)
-        if not ranks or any(not _is_int(q) or not 1 <= q <= self.rank for q in ranks):
-            raise ValueError(f"ranks must be a non-empty sequence of integers in [1, rank={self.rank}] "
-                             f"(weight entanglement uses the first r' of r stored columns), got {self.ranks!r}")
-        object.__setattr__(self, "ranks", tuple(sorted(set(ranks), reverse=True)))
-        for t in TENSORS:
-            value = getattr(self, t)
-            if isinstance(value, str):
-                value = (value,)
-            if not isinstance(value, Iterable) or isinstance(value, bytes):
-                raise ValueError(f"{t} must be a sequence of forms from {CHOICES[t]}, got {value!r}")
-            forms: list[str] = []
-            for v in value:
-                form = _normalise_form(t, v)
-                if form not in forms:
-                    forms.append(form)
-            if not forms:
-                raise ValueError(f"{t} must offer at least one form from {CHOICES[t]}, got an empty search space")
-            object.__setattr__(self, t, tuple(forms))
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-
-    def replace(self, **changes: Any) -> GLoRAConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (tuples become lists) with a ``config_version`` key."""
-        out: dict[str, Any] = {"config_version": CONFIG_VERSION, "method": "glora"}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> GLoRAConfig:
-        """Inverse of :meth:`to_dict`; unknown keys and other config versions are refused."""
-        data = config_fields(cls, data, CONFIG_VERSION, extra=("method",))
-        method = data.pop("method", "glora")
-        if method != "glora":
-            raise ValueError(f"method must be 'glora' for a GLoRAConfig, got {method!r}")
-        return cls(**data)
-
-
-def search_space(config: GLoRAConfig | None = None, *, has_bias: bool = True) -> tuple[LayerChoice, ...]:
-    """Every :class:`LayerChoice` a layer may take under ``config``.
-
-    Parameters
-    ----------
-    config : GLoRAConfig, optional
-        Default ``GLoRAConfig()`` (432 configurations).
-    has_bias : bool
-        ``False`` for a bias-free layer: ``D`` is restricted to ``"none"``.
-
-    Returns
-    -------
-    tuple of LayerChoice
-        In the order ``A, B, C, D, E`` (outermost first) as listed in the config, then the ranks
-        in decreasing order; choices without LoRA appear once (their ``rank`` is ``None``).
-    """
-    config = GLoRAConfig() if config is None else config
-    if not isinstance(config, GLoRAConfig):
-        raise TypeError(f"config must be a GLoRAConfig, got {type(config).__name__}")
-    d_space = config.D if has_bias else ("none",)
-    out: list[LayerChoice] = []
-    for a, b, c, d, e in itertools.product(config.A, config.B, config.C, d_space, config.E):
-        if "lora" in (a, b, c):
-            out.extend(LayerChoice(a, b, c, d, e, q) for q in config.ranks)
-        else:
-            out.append(LayerChoice(a, b, c, d, e))
-    return tuple(out)
-
-
-def largest_choice(config: GLoRAConfig | None = None, *, has_bias: bool = True) -> LayerChoice:
-    """The choice with the most active parameters in ``config``'s space (lora > vector > scalar > none,
-    largest rank): the full supernet for the default space (A, B, C = LoRA at rank ``r``; D, E = vector)."""
-    config = GLoRAConfig() if config is None else config
-    forms = {t: max(getattr(config, t), key=_SIZE_ORDER.__getitem__) for t in TENSORS}
-    if not has_bias:
-        forms["D"] = "none"
-    return LayerChoice(**forms, rank=config.ranks[0])
 
 
 # ---------------------------------------------------------------------------------- counts
@@ -347,18 +86,18 @@ def parameter_shapes(o: int, n: int, r: int, *, has_bias: bool = True) -> dict[s
     return shapes
 
 
-def glora_stored_param_count(o: int, n: int, r: int, *, has_bias: bool = True) -> int:
+def count_stored_params(o: int, n: int, r: int, *, has_bias: bool = True) -> int:
     """Stored supernet parameters of one layer: ``2r(o+n) + nr + r + 2o`` (``o`` less without bias).
 
-    >>> glora_stored_param_count(2304, 768, 4)
+    >>> count_stored_params(2304, 768, 4)
     32260
     """
     return sum(math.prod(s) for s in parameter_shapes(o, n, r, has_bias=has_bias).values())
 
 
-def glora_param_count(o: int, n: int, choice: LayerChoice | Mapping[str, Any], has_bias: bool = True,
-                      *, r: int | None = None) -> int:
-    """Active parameters of one layer configuration (spec Part II §7.2).
+def count_params(o: int, n: int, choice: LayerChoice | Mapping[str, Any], *, has_bias: bool = True,
+                 r: int | None = None) -> int:
+    """Active parameters of one layer configuration (docs/math.md §7.2).
 
     ``A``/``B``: LoRA ``r'(o+n)``, vector ``o``, scalar 1; ``C``: LoRA ``r'(n+1)``, vector ``n``;
     ``D``/``E``: vector ``o``, scalar 1; none 0.
@@ -375,13 +114,13 @@ def glora_param_count(o: int, n: int, choice: LayerChoice | Mapping[str, Any], h
 
     Examples
     --------
-    >>> glora_param_count(768, 768, LayerChoice(A="vector", B="lora", D="scalar", E="vector", rank=4))
+    >>> count_params(768, 768, LayerChoice(A="vector", B="lora", D="scalar", E="vector", rank=4))
     7681
     """
     o = check_int("o", o, minimum=1)
     n = check_int("n", n, minimum=1)
-    choice = _as_choice(choice)
-    _check_bias_choice(choice, has_bias)
+    choice = LayerChoice.from_dict(choice)
+    check_bias(choice, has_bias)
     q = choice.rank
     if choice.uses_lora and q is None:
         if r is None:
@@ -397,12 +136,6 @@ def glora_param_count(o: int, n: int, choice: LayerChoice | Mapping[str, Any], h
     return sum(counts[t][getattr(choice, t)] for t in TENSORS)
 
 
-def _check_bias_choice(choice: LayerChoice, has_bias: bool) -> None:
-    if not has_bias and choice.D != "none":
-        raise ValueError(f"D={choice.D!r} on a bias-free layer: D scales the base bias b0, which does not exist, "
-                         "so it must be 'none' (C and E are allowed and add a bias)")
-
-
 # ---------------------------------------------------------------------------------- init
 def _xavier_uniform(shape: tuple[int, int], seed: int, layer: int, purpose: str) -> np.ndarray:
     """Xavier/Glorot uniform ``U(-a, a)``, ``a = sqrt(6 / (fan_in + fan_out))`` with torch's fans for
@@ -414,8 +147,8 @@ def _xavier_uniform(shape: tuple[int, int], seed: int, layer: int, purpose: str)
     return ((2.0 * unit - 1.0) * bound).astype(np.float32).reshape(shape)
 
 
-def glora_init(o: int, n: int, r: int, *, has_bias: bool = True, seed: int = 0, layer: int = 0,
-               xp: Any = None, dtype: Any = None, device: Any = None) -> dict[str, Any]:
+def init(o: int, n: int, r: int, *, has_bias: bool = True, seed: int = 0, layer: int = 0,
+         xp: Any = None, dtype: Any = None, device: Any = None) -> dict[str, Any]:
     """Initial stored tensors of one layer: ``*_d``, ``D``, ``E`` zero; ``A_u, B_u, C_u`` xavier-uniform.
 
     The random values come from :func:`tensoradapt.buffers.raw_bits` with ``(seed, layer,
@@ -444,7 +177,7 @@ def glora_init(o: int, n: int, r: int, *, has_bias: bool = True, seed: int = 0, 
     shapes = parameter_shapes(o, n, r, has_bias=has_bias)
     seed = check_int("seed", seed, minimum=0)
     layer = check_int("layer", layer, minimum=0)
-    space = array_api_compat.array_namespace(np.zeros(1) if xp is None else xp.zeros(1))
+    space = compat_namespace(xp)
     dtype = dtype if dtype is not None else space.float32
     out = {}
     for name, shape in shapes.items():
@@ -461,7 +194,7 @@ def _check_inputs(W0: Any, b0: Any, params: Mapping[str, Any], choice: Any,
                   extra: Mapping[str, Any] | None = None) -> tuple[Any, LayerChoice, int, int, int]:
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a mapping of name -> array, got {type(params).__name__}")
-    choice = _as_choice(choice)
+    choice = LayerChoice.from_dict(choice)
     arrays = {"W0": W0, "b0": b0, **{f"params[{k!r}]": v for k, v in params.items()}, **(extra or {})}
     xp = namespace(**arrays)
     check_floating(xp, list(arrays.items()))
@@ -471,7 +204,7 @@ def _check_inputs(W0: Any, b0: Any, params: Mapping[str, Any], choice: Any,
     has_bias = b0 is not None
     if has_bias and tuple(b0.shape) != (o,):
         raise ValueError(f"b0 must have shape (o,) = {(o,)} to match W0 {(o, n)}, got {tuple(b0.shape)}")
-    _check_bias_choice(choice, has_bias)
+    check_bias(choice, has_bias)
     if "A_d" not in params:
         raise ValueError(f"params must hold the stored GLoRA tensors {list(parameter_shapes(o, n, 1))}, "
                          f"got keys {sorted(params)}")
@@ -501,8 +234,8 @@ def _support(xp: Any, form: str, down: Any, up: Any, q: int | None) -> Any:
     return None
 
 
-def glora_weight_bias(W0: Any, b0: Any | None, params: Mapping[str, Any],
-                      choice: LayerChoice | Mapping[str, Any]) -> tuple[Any, Any | None]:
+def weight_bias(W0: Any, b0: Any | None, params: Mapping[str, Any],
+                choice: LayerChoice | Mapping[str, Any]) -> tuple[Any, Any | None]:
     r"""The merged weight and bias of a GLoRA layer.
 
     .. math::
@@ -531,14 +264,14 @@ def glora_weight_bias(W0: Any, b0: Any | None, params: Mapping[str, Any],
 
     Examples
     --------
-    The hand-computed vector of spec Part II §7.2:
+    The hand-computed vector of docs/math.md §7.2:
 
     >>> import numpy as np
-    >>> p = glora_init(2, 2, 1, xp=np, dtype=np.float64)
+    >>> p = init(2, 2, 1, xp=np, dtype=np.float64)
     >>> p["A_d"][:, 0] = [0.5, 2.0]; p["B_d"][0, 0] = 0.1; p["C_d"][:, 0] = [1.0, 0.0]
     >>> p["D"][0] = 2.0; p["E"][:] = [0.0, 1.0]
-    >>> W, b = glora_weight_bias(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([1.0, -1.0]), p,
-    ...                          LayerChoice(A="vector", B="scalar", C="vector", D="scalar", E="vector"))
+    >>> W, b = weight_bias(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([1.0, -1.0]), p,
+    ...                    LayerChoice(A="vector", B="scalar", C="vector", D="scalar", E="vector"))
     >>> W.round(12).tolist(), b.tolist()
     ([[1.6, 3.1], [9.1, 12.1]], [4.0, 1.0])
     """
@@ -558,7 +291,7 @@ def glora_weight_bias(W0: Any, b0: Any | None, params: Mapping[str, Any],
     if choice.E != "none":
         E = params["E"] if choice.E == "vector" else params["E"][0]
         if bias is None:  # bias-free layer: E creates the bias (broadcast a scalar E to (o,))
-            bias = xp.zeros((o,), dtype=W0.dtype, device=array_api_compat.device(W0))
+            bias = xp.zeros((o,), dtype=W0.dtype, device=device_of(W0))
         bias = bias + E
     C = _support(xp, choice.C, params["C_d"], params["C_u"], q)
     if C is not None:
@@ -574,8 +307,8 @@ def glora_weight_bias(W0: Any, b0: Any | None, params: Mapping[str, Any],
 def _grad_factor(xp: Any, form: str, G: Any, down: Any, up: Any, q: int | None) -> tuple[Any, Any]:
     """Gradients of the stored ``down (rows, r)`` and ``up (r, cols)`` given ``G = ∂L/∂support`` of shape
     ``(rows, cols)``; zero outside the entangled slice."""
-    g_down = xp.zeros(down.shape, dtype=down.dtype, device=array_api_compat.device(down))
-    g_up = xp.zeros(up.shape, dtype=up.dtype, device=array_api_compat.device(up))
+    g_down = xp.zeros(down.shape, dtype=down.dtype, device=device_of(down))
+    g_up = xp.zeros(up.shape, dtype=up.dtype, device=device_of(up))
     if form == "lora":
         g_down[:, :q] = xp.matmul(G, up[:q, :].T)
         g_up[:q, :] = xp.matmul(down[:, :q].T, G)
@@ -586,9 +319,9 @@ def _grad_factor(xp: Any, form: str, G: Any, down: Any, up: Any, q: int | None) 
     return g_down, g_up
 
 
-def glora_vjp(W0: Any, b0: Any | None, params: Mapping[str, Any], choice: LayerChoice | Mapping[str, Any],
-              W_bar: Any, b_bar: Any | None, *, include_base: bool = False) -> dict[str, Any]:
-    r"""Vector–Jacobian product of :func:`glora_weight_bias` with respect to the stored tensors.
+def vjp(W0: Any, b0: Any | None, params: Mapping[str, Any], choice: LayerChoice | Mapping[str, Any],
+        W_bar: Any, b_bar: Any | None, *, include_base: bool = False) -> dict[str, Any]:
+    r"""Vector–Jacobian product of :func:`weight_bias` with respect to the stored tensors.
 
     With ``W̄ = ∂L/∂W'`` and ``b̄ = ∂L/∂b'``:
     ``∂L/∂A = W0 ⊙ W̄``, ``∂L/∂B = W̄``, ``∂L/∂C = W0ᵀ b̄``, ``∂L/∂D = b0 ⊙ b̄``, ``∂L/∂E = b̄``;
@@ -601,7 +334,7 @@ def glora_vjp(W0: Any, b0: Any | None, params: Mapping[str, Any], choice: LayerC
     Parameters
     ----------
     W0, b0, params, choice
-        As for :func:`glora_weight_bias`.
+        As for :func:`weight_bias`.
     W_bar : array, shape (o, n)
         Cotangent of ``W'``.
     b_bar : array of shape (o,), or None
@@ -633,7 +366,7 @@ def glora_vjp(W0: Any, b0: Any | None, params: Mapping[str, Any], choice: LayerC
                           ("E", choice.E, b_bar)):
         if name not in params:
             continue
-        out = xp.zeros(params[name].shape, dtype=params[name].dtype, device=array_api_compat.device(params[name]))
+        out = xp.zeros(params[name].shape, dtype=params[name].dtype, device=device_of(params[name]))
         if g is not None and form == "vector":
             out = out + g
         elif g is not None and form == "scalar":
@@ -649,7 +382,7 @@ def glora_vjp(W0: Any, b0: Any | None, params: Mapping[str, Any], choice: LayerC
             g_w = g_w + xp.reshape(b_bar, (o, 1)) * xp.reshape(C, (1, n))
         grads["W0"] = xp.asarray(g_w, copy=True) if g_w is W_bar else g_w
         if b0 is not None:
-            g_b = xp.zeros((o,), dtype=b0.dtype, device=array_api_compat.device(b0)) if b_bar is None else b_bar
+            g_b = xp.zeros((o,), dtype=b0.dtype, device=device_of(b0)) if b_bar is None else b_bar
             if choice.D != "none" and b_bar is not None:
                 g_b = g_b + b_bar * (params["D"] if choice.D == "vector" else params["D"][0])
             grads["b0"] = xp.asarray(g_b, copy=True) if g_b is b_bar else g_b

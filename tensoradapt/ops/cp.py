@@ -1,4 +1,4 @@
-r"""CP (diagonal-core) and identity-core reconstruction and its VJP (spec §3.5).
+r"""CP (diagonal-core) and identity-core reconstruction and its VJP (docs/math.md §3.5).
 
 .. math::  X = \sum_{j=1}^{r} λ_j\, a_{1j} ∘ a_{2j} ∘ … ∘ a_{Mj}
 

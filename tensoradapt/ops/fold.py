@@ -1,7 +1,7 @@
 r"""Folding a target vector into a hyper-cubic tensor: sizing, ``Cut`` and its adjoint ``Pad``.
 
 A group of ``n`` entries is generated as a tensor ``X`` of shape ``(d_1, …, d_M)`` with
-``Π d_m ≥ n``.  ``Cut_n`` keeps the first ``n`` entries of ``X`` in row-major order (spec §3.3)
+``Π d_m ≥ n``.  ``Cut_n`` keeps the first ``n`` entries of ``X`` in row-major order (docs/math.md §3.3)
 and ``Pad`` (its adjoint, and right inverse) writes them back and fills the tail with zeros:
 
 .. math::  \mathrm{Cut}_n(X) = \mathrm{vec}(X)[0:n], \qquad

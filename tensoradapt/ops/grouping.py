@@ -1,4 +1,4 @@
-r"""Concatenation of the targeted weights and their split into groups (spec §2 steps 4–5, §3.1–3.2).
+r"""Concatenation of the targeted weights and their split into groups (docs/math.md §2 steps 4–5, §3.1–3.2).
 
 All targeted ``ΔW_i`` (shapes ``(o_i, n_i, …)``) are flattened row-major and concatenated into
 ``ΔW_all ∈ R^N`` in a fixed target order; the groups are contiguous segments of it.
@@ -141,14 +141,28 @@ class Grouping(Frozen):
         for i in order:
             offsets[i] = start
             start += sizes[i]
-        members = tuple(
-            tuple(i for i in order if offsets[i] < hi and offsets[i] + sizes[i] > lo)
-            for lo, hi in itertools.pairwise(bounds)
-        )
+        members = self._overlaps(order, [offsets[i] for i in order], [sizes[i] for i in order], bounds)
         if layout == "stack":
             self._check_stack(shapes, members)
         self._freeze(shapes=shapes, layout=layout, order=order, bounds=tuple(bounds),
                      members=members, _target_offsets=offsets)
+
+    @staticmethod
+    def _overlaps(order: Sequence[int], starts: Sequence[int], sizes: Sequence[int],
+                  bounds: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+        """For each segment ``[bounds[g], bounds[g+1])``, the targets (in concatenation order)
+        whose entries ``[start, start + size)`` overlap it: one sweep, ``O(S + G)``."""
+        members, first = [], 0
+        for lo, hi in itertools.pairwise(bounds):
+            while first < len(order) and starts[first] + sizes[first] <= lo:
+                first += 1  # targets that end before this segment never overlap a later one
+            group, j = [], first
+            while j < len(order) and starts[j] < hi:
+                if starts[j] + sizes[j] > lo:
+                    group.append(order[j])
+                j += 1
+            members.append(tuple(group))
+        return tuple(members)
 
     @staticmethod
     def _membership(grouping: Any, count: int, layout: str) -> list[list[int]] | None:

@@ -1,4 +1,4 @@
-r"""Kronecker product of K tensors of equal order and its VJP (spec §3.6).
+r"""Kronecker product of K tensors of equal order and its VJP (docs/math.md §3.6).
 
 For splits ``X_k`` of shape ``(d_{k1}, …, d_{kM})`` the product has shape ``(D_1, …, D_M)`` with
 ``D_m = Π_k d_{km}`` and

@@ -1,4 +1,4 @@
-r"""Fixed random linear maps ``F`` of the SuperLoRA pipeline: Shuffle and Fastfood (spec §3.7–3.8).
+r"""Fixed random linear maps ``F`` of the SuperLoRA pipeline: Shuffle and Fastfood (docs/math.md §3.7–3.8).
 
 Both are immutable operator objects acting on the last axis (leading axes are a batch) with
 ``.apply(x)`` (``F x``) and ``.adjoint(y)`` (``Fᵀ y``, the VJP).  Their random buffers come from

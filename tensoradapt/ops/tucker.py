@@ -1,4 +1,4 @@
-r"""Tucker reconstruction ``X = C ×_1 A_1 ×_2 … ×_M A_M`` and its VJP (spec §3.4).
+r"""Tucker reconstruction ``X = C ×_1 A_1 ×_2 … ×_M A_M`` and its VJP (docs/math.md §3.4).
 
 .. math::  X[i_1,…,i_M] = \sum_{j_1…j_M} C[j_1,…,j_M] \prod_m A_m[i_m, j_m]
 

@@ -21,5 +21,19 @@ from .budget import BudgetEntry, budget, count_params
 from .config import SuperLoRAConfig
 from .factorize import factorization
 from .generator import SuperLoRA
+from .plan import GroupPlan, Plan, SplitPlan, param_name, parse_param_name
 
-__all__ = ["BudgetEntry", "SuperLoRA", "SuperLoRAConfig", "budget", "count_params", "factorization", "presets"]
+__all__ = [
+    "BudgetEntry",
+    "GroupPlan",
+    "Plan",
+    "SplitPlan",
+    "SuperLoRA",
+    "SuperLoRAConfig",
+    "budget",
+    "count_params",
+    "factorization",
+    "param_name",
+    "parse_param_name",
+    "presets",
+]

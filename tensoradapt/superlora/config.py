@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from .._validate import config_fields
+from .._validate import check_choice, check_float, check_int, config_fields, is_int
 
 __all__ = ["CORES", "FOLDS", "LAYOUTS", "PROJECTIONS", "SuperLoRAConfig"]
 
@@ -23,13 +23,16 @@ FASTFOOD_ORDERS = ("li", "paper")
 CONFIG_VERSION = 1
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _as_int(value: Any) -> Any:
+    """NumPy (or other ``__index__``) integers as Python ints, recursively in tuples; anything else as is."""
+    if isinstance(value, tuple):
+        return tuple(_as_int(v) for v in value)
+    return int(value) if is_int(value) else value
 
 
 @dataclass(frozen=True)
 class SuperLoRAConfig:
-    r"""Hyper-parameters of a SuperLoRA adapter (spec Part I and Part II §2).
+    r"""Hyper-parameters of a SuperLoRA adapter (docs/math.md §0 and §2).
 
     For every group ``g`` of ``ΔW_all`` (see ``grouping``)::
 
@@ -39,7 +42,8 @@ class SuperLoRAConfig:
     Parameters
     ----------
     rank : int or tuple of int
-        Tucker/CP rank ``r`` (one per mode as a tuple of length ``order``).
+        Tucker/CP rank ``r`` (one per mode as a tuple of length ``order``).  With an integer, a
+        fixed identity mode (``fixed_identity_modes``) takes its fold size as its rank.
     order : int
         Tensor order ``M`` of each split (``M = 1`` with ``core="dense"`` is dense fine-tuning).
     splits : int
@@ -55,7 +59,9 @@ class SuperLoRAConfig:
     fold : {"cubic", "matrix", "layers"} or tuple of int
         Shape the generator produces before the cut: the hyper-cubic ``(d,)*M`` with
         ``d = fold_side(n_g, M)``; each (single-weight) group's own ``(o, n)``; ``(S, o, n)`` for a
-        group of ``S`` equal-shape weights (LoTR); or an explicit shape with ``Π ≥ n_g``.
+        group of ``S`` equal-shape weights (LoTR); or an explicit shape with ``Π ≥ n_g``.  With
+        ``ρ < 1``, ``"matrix"`` and ``"layers"`` fold the reduced vector instead: ``(d, d)`` with
+        ``d = fold_side(n_g, 2)``, or ``(S, d, d)`` with ``d = fold_side(⌈n_g / S⌉, 2)``.
     core : {"tucker", "cp", "identity", "dense"}
         Full Tucker core, trainable diagonal ``λ``, fixed superdiagonal ones, or a free tensor.
     unit : {"kron", "hadamard"}
@@ -67,7 +73,8 @@ class SuperLoRAConfig:
     projection : {"none", "shuffle", "fastfood"}
         The fixed map ``F``.
     ratio : float
-        Projection ratio ``ρ ∈ (0, 1]``; identity and shuffle need ``ρ = 1``.
+        Projection ratio ``ρ ∈ (0, 1]``; identity and shuffle need ``ρ = 1`` (only Fastfood
+        generates ``n_g < N_g`` entries and maps them to ``N_g``).
     shuffle_scope : {"group", "global"}
         One permutation per group, or one over all of ``ΔW_all``.
     fastfood_order : {"li", "paper"}
@@ -100,7 +107,7 @@ class SuperLoRAConfig:
     alpha: float | None = None
 
     def __post_init__(self) -> None:
-        # normalise lists (e.g. from JSON) to tuples so the config stays hashable
+        # normalise lists (e.g. from JSON) to tuples so the config stays hashable, integers to int
         for name in ("rank", "fold"):
             value = getattr(self, name)
             if isinstance(value, list):
@@ -108,108 +115,137 @@ class SuperLoRAConfig:
         if isinstance(self.grouping, list):
             object.__setattr__(self, "grouping", tuple(tuple(g) for g in self.grouping))
         object.__setattr__(self, "fixed_identity_modes", tuple(self.fixed_identity_modes))
+        for name in ("rank", "order", "splits", "dense_side", "grouping", "fold", "fixed_identity_modes", "seed"):
+            object.__setattr__(self, name, _as_int(getattr(self, name)))
         self._validate()
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
-        def bad(rule: str) -> None:
-            raise ValueError(rule)
+        """Every rule, one group at a time; the first broken rule raises (``TypeError`` for a
+        value of the wrong kind, ``ValueError`` otherwise), naming the fields and the rule."""
+        self._check_sizes()
+        self._check_choices()
+        self._check_ranks()
+        self._check_dense_side()
+        self._check_fold()
+        self._check_stack()
+        self._check_projection()
+        self._check_unit()
+        self._check_fixed_modes()
+        self._check_seed_and_scale()
+        self._check_grouping()
 
+    def _check_sizes(self) -> None:
         for name in ("order", "splits"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                bad(f"{name} must be an integer >= 1, got {value!r}")
+            check_int(name, getattr(self, name), minimum=1, rule="an integer >= 1")
+
+    def _check_choices(self) -> None:
         for name, allowed in (("core", CORES), ("projection", PROJECTIONS), ("layout", LAYOUTS),
                               ("unit", UNITS), ("shuffle_scope", SHUFFLE_SCOPES),
                               ("fastfood_order", FASTFOOD_ORDERS)):
-            if getattr(self, name) not in allowed:
-                bad(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        ranks = self.ranks
-        if any(not _is_int(r) or r < 1 for r in ranks):
-            bad(f"rank must be a positive integer or a tuple of them, got {self.rank!r}")
-        if isinstance(self.rank, tuple) and len(self.rank) != self.order:
-            bad(f"rank {self.rank!r} has {len(self.rank)} entries but order is {self.order} "
-                "(give one rank per mode)")
-        if self.core in ("identity", "cp") and len(set(ranks)) > 1:
-            bad(f"core={self.core!r} needs equal ranks in every mode (a diagonal core), got {self.rank!r}")
-        if self.dense_side is not None:
-            if not _is_int(self.dense_side) or (self.dense_side < 1 and self.dense_side != -1):
-                bad(f"dense_side must be a positive integer (or -1 with fold='matrix'), got {self.dense_side!r}")
-            if self.splits < 2:
-                bad(f"dense_side={self.dense_side} needs splits >= 2 (the dense factor is split 1 of "
-                    f"a Kronecker product), got splits={self.splits}")
-            if self.dense_side == -1 and self.fold != "matrix":
-                bad("dense_side=-1 (no factorisation limit) only applies with fold='matrix'")
-        if isinstance(self.fold, tuple):
-            if not self.fold or any(not _is_int(d) or d < 1 for d in self.fold):
-                bad(f"fold must be one of {FOLDS} or a tuple of positive ints, got {self.fold!r}")
-            if len(self.fold) != self.order:
-                bad(f"fold shape {self.fold!r} has {len(self.fold)} modes but order is {self.order}")
-        elif self.fold not in FOLDS:
-            bad(f"fold must be one of {FOLDS} or a tuple of positive ints, got {self.fold!r}")
-        if self.fold == "matrix" and self.order != 2:
-            bad(f"fold='matrix' generates each weight's (o, n) matrix, so order must be 2, got {self.order}")
-        if self.fold == "layers" and self.order != 3:
-            bad(f"fold='layers' generates an (S, o, n) tensor, so order must be 3, got {self.order}")
-        if self.fold in ("matrix", "layers") and self.splits > 2:
-            bad(f"fold={self.fold!r} supports at most 2 Kronecker splits (the LyCORIS factorisation), "
-                f"got splits={self.splits}")
-        if self.fold == "layers" and self.splits != 1:
-            bad("fold='layers' (LoTR) needs splits=1")
-        if self.layout == "stack":
-            if self.order != 2 or self.splits != 1:
-                bad(f"layout='stack' models each group as one (o, Σn) matrix: it needs order=2 and "
-                    f"splits=1, got order={self.order}, splits={self.splits}")
-            if self.projection != "none":
-                bad(f"layout='stack' generates the group's exact shape, so projection must be 'none', "
-                    f"got {self.projection!r}")
-            if self.fold != "cubic":
-                bad("layout='stack' ignores fold; leave fold='cubic'")
-        if not isinstance(self.ratio, (int, float)) or isinstance(self.ratio, bool) or not math.isfinite(self.ratio):
-            bad(f"ratio must be a finite number in (0, 1], got {self.ratio!r}")
-        if not 0 < self.ratio <= 1:
-            bad(f"ratio (rho) must be in (0, 1], got {self.ratio!r} (a projection never shrinks ΔW)")
-        if self.projection in ("none", "shuffle") and self.ratio != 1:
-            bad(f"projection={self.projection!r} needs ratio=1 (only fastfood changes the size), "
-                f"got {self.ratio!r}")
-        if self.ratio != 1 and (self.fold in ("matrix", "layers")):
-            bad(f"fold={self.fold!r} fixes the generated size to the weights' own, so ratio must be 1, "
-                f"got {self.ratio!r}")
-        if self.shuffle_scope == "global" and self.projection != "shuffle":
-            bad(f"shuffle_scope='global' needs projection='shuffle', got {self.projection!r}")
-        if self.unit == "hadamard" and (self.splits != 2 or self.fold != "matrix" or self.core != "identity"):
-            bad("unit='hadamard' (LoHa) needs splits=2, fold='matrix' and core='identity'")
-        if self.decompose_both and (self.fold != "matrix" or self.splits != 2 or self.unit != "kron"):
-            bad("decompose_both needs fold='matrix', splits=2 and unit='kron' (LyCORIS LoKr)")
-        if self.fixed_identity_modes:
-            if self.core != "tucker":
-                bad(f"fixed_identity_modes needs core='tucker', got core={self.core!r}")
-            if any(not _is_int(m) or not 0 <= m < self.order for m in self.fixed_identity_modes):
-                bad(f"fixed_identity_modes must be modes in [0, {self.order}), got {self.fixed_identity_modes!r}")
-            if len(set(self.fixed_identity_modes)) == self.order:
-                bad("fixed_identity_modes cannot fix every mode (nothing but the core would train)")
-        if self.core == "dense" and self.fixed_identity_modes:
-            bad("core='dense' has no factors to fix")
-        if not _is_int(self.seed) or self.seed < 0:
-            bad(f"seed must be a non-negative integer, got {self.seed!r}")
-        for name in ("scale", "alpha"):
-            value = getattr(self, name)
-            if value is None and name == "alpha":
-                continue
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                bad(f"{name} must be a finite number, got {value!r}")
-        self._validate_grouping()
+            check_choice(name, getattr(self, name), allowed)
 
-    def _validate_grouping(self) -> None:
+    def _check_ranks(self) -> None:
+        if isinstance(self.rank, tuple):
+            for m, r in enumerate(self.rank):
+                check_int(f"rank[{m}]", r, minimum=1, rule="a positive integer")
+            if len(self.rank) != self.order:
+                raise ValueError(f"rank {self.rank!r} has {len(self.rank)} entries but order is {self.order} "
+                                 "(give one rank per mode)")
+        else:
+            check_int("rank", self.rank, minimum=1, rule="a positive integer or a tuple of them")
+        if self.core in ("identity", "cp") and len(set(self.ranks)) > 1:
+            raise ValueError(f"core={self.core!r} needs equal ranks in every mode (a diagonal core), got {self.rank!r}")
+
+    def _check_dense_side(self) -> None:
+        f = self.dense_side
+        if f is None:
+            return
+        rule = "a positive integer (or -1 with fold='matrix')"
+        if check_int("dense_side", f, rule=rule) < 1 and f != -1:
+            raise ValueError(f"dense_side must be {rule}, got {f!r}")
+        if self.splits < 2:
+            raise ValueError(f"dense_side={f} needs splits >= 2 (the dense factor is split 1 of a Kronecker "
+                             f"product), got splits={self.splits}")
+        if f == -1 and self.fold != "matrix":
+            raise ValueError("dense_side=-1 (no factorisation limit) only applies with fold='matrix'")
+
+    def _check_fold(self) -> None:
+        fold = self.fold
+        if isinstance(fold, tuple):
+            if not fold:
+                raise ValueError(f"fold must be one of {FOLDS} or a tuple of positive ints, got {fold!r}")
+            for m, d in enumerate(fold):
+                check_int(f"fold[{m}]", d, minimum=1, rule="a positive integer")
+            if len(fold) != self.order:
+                raise ValueError(f"fold shape {fold!r} has {len(fold)} modes but order is {self.order}")
+            return
+        if not isinstance(fold, str) or fold not in FOLDS:
+            raise ValueError(f"fold must be one of {FOLDS} or a tuple of positive ints, got {fold!r}")
+        needed = {"matrix": (2, "each weight's (o, n) matrix"), "layers": (3, "an (S, o, n) tensor")}.get(fold)
+        if needed is not None and self.order != needed[0]:
+            raise ValueError(f"fold={fold!r} generates {needed[1]}, so order must be {needed[0]}, got {self.order}")
+        if fold in ("matrix", "layers") and self.splits > 2:
+            raise ValueError(f"fold={fold!r} supports at most 2 Kronecker splits (the LyCORIS factorisation), "
+                             f"got splits={self.splits}")
+        if fold == "layers" and self.splits != 1:
+            raise ValueError("fold='layers' (LoTR) needs splits=1")
+
+    def _check_stack(self) -> None:
+        if self.layout != "stack":
+            return
+        if self.order != 2 or self.splits != 1:
+            raise ValueError(f"layout='stack' models each group as one (o, Σn) matrix: it needs order=2 and "
+                             f"splits=1, got order={self.order}, splits={self.splits}")
+        if self.projection != "none":
+            raise ValueError(f"layout='stack' generates the group's exact shape, so projection must be 'none', "
+                             f"got {self.projection!r}")
+        if self.fold != "cubic":
+            raise ValueError("layout='stack' ignores fold; leave fold='cubic'")
+
+    def _check_projection(self) -> None:
+        ratio = check_float("ratio", self.ratio)
+        if not 0 < ratio <= 1:
+            raise ValueError(f"ratio (rho) must be in (0, 1], got {self.ratio!r} (a projection never shrinks ΔW)")
+        if self.projection in ("none", "shuffle") and ratio != 1:
+            raise ValueError(f"projection={self.projection!r} needs ratio=1 (only fastfood changes the size), "
+                             f"got {self.ratio!r}")
+        if self.shuffle_scope == "global" and self.projection != "shuffle":
+            raise ValueError(f"shuffle_scope='global' needs projection='shuffle', got {self.projection!r}")
+
+    def _check_unit(self) -> None:
+        if self.unit == "hadamard" and (self.splits != 2 or self.fold != "matrix" or self.core != "identity"):
+            raise ValueError("unit='hadamard' (LoHa) needs splits=2, fold='matrix' and core='identity'")
+        if self.decompose_both and (self.fold != "matrix" or self.splits != 2 or self.unit != "kron"):
+            raise ValueError("decompose_both needs fold='matrix', splits=2 and unit='kron' (LyCORIS LoKr)")
+
+    def _check_fixed_modes(self) -> None:
+        modes = self.fixed_identity_modes
+        if not modes:
+            return
+        if self.core != "tucker":
+            raise ValueError(f"fixed_identity_modes needs core='tucker', got core={self.core!r}")
+        for m in modes:
+            check_int("fixed_identity_modes", m, minimum=0, maximum=self.order - 1,
+                      rule=f"modes in [0, {self.order})")
+        if len(set(modes)) == self.order:
+            raise ValueError("fixed_identity_modes cannot fix every mode (nothing but the core would train)")
+
+    def _check_seed_and_scale(self) -> None:
+        check_int("seed", self.seed, minimum=0, rule="a non-negative integer")
+        check_float("scale", self.scale)
+        if self.alpha is not None:
+            check_float("alpha", self.alpha)
+
+    def _check_grouping(self) -> None:
         g = self.grouping
         if isinstance(g, str):
             if g not in ("weight", "layer"):
                 raise ValueError(f"grouping must be 'weight', 'layer', an integer G or membership lists, got {g!r}")
-        elif _is_int(g):
-            if g < 1:
-                raise ValueError(f"grouping (G) must be >= 1, got {g}")
+        elif is_int(g):
+            check_int("grouping (G)", g, minimum=1)
         elif isinstance(g, tuple):
-            if not g or any(not isinstance(m, tuple) or not m or any(not _is_int(i) or i < 0 for i in m)
+            if not g or any(not isinstance(m, tuple) or not m or any(not is_int(i) or i < 0 for i in m)
                             for m in g):
                 raise ValueError(f"grouping lists must be non-empty lists of target indices, got {g!r}")
         else:

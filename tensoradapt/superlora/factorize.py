@@ -8,7 +8,7 @@ __all__ = ["factorization", "split_side"]
 
 
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
-    """Split ``dim = m · n`` with ``m <= n`` by the LyCORIS rule (spec §5.3).
+    """Split ``dim = m · n`` with ``m <= n`` by the LyCORIS rule (docs/math.md §5.3).
 
     If ``factor > 0`` divides ``dim``, return ``(min(factor, dim/factor), max(…))``.  Otherwise
     (``factor = -1`` means no limit) walk ``m`` up through the divisors of ``dim`` while ``m < n``
@@ -44,7 +44,7 @@ def _divisors(dim: int) -> list[int]:
 
 
 def split_side(side: int, splits: int, dense_side: int | None = None) -> int:
-    """The side ``s`` of the non-dense Kronecker splits that cover ``side`` (spec §3.6).
+    """The side ``s`` of the non-dense Kronecker splits that cover ``side`` (docs/math.md §3.6).
 
     Without a dense factor: the smallest ``s`` with ``s^K >= side``; with a dense first split of
     side ``f``: the smallest ``s`` with ``f · s^(K-1) >= side``.

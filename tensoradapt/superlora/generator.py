@@ -1,8 +1,8 @@
 r"""``SuperLoRA(config, shapes)``: the ΔW generator over all targeted weights and its VJP.
 
-The plan is built from shapes only (nothing is materialised until :meth:`SuperLoRA.init` or
-:meth:`SuperLoRA.delta`), so parameter counts of 7B-model configurations are instant.  For each
-group ``g`` (spec Part II §2)::
+The groups, folds and splits come from :class:`~tensoradapt.superlora.plan.Plan` (shapes only;
+nothing is materialised until :meth:`SuperLoRA.init` or :meth:`SuperLoRA.delta`).  For each group
+``g`` (docs/math.md §2)::
 
     X_g = X_{g,1} ⊗ … ⊗ X_{g,K}          (or X_{g,1} ⊙ X_{g,2} for unit="hadamard")
     z_g = Cut_{n_g}(X_g)                 (the first n_g row-major entries)
@@ -16,103 +16,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import array_api_compat
 import numpy as np
 
 from .. import buffers
-from .._backend import check_floating, device_of, from_host, indexed, namespace
-from ..ops import (
-    Fastfood,
-    Grouping,
-    Shuffle,
-    cp_to_tensor,
-    cp_vjp,
-    kron,
-    kron_shape,
-    kron_vjp,
-    tucker_to_tensor,
-    tucker_vjp,
-)
-from ..ops.fold import fold_side
-from .config import SuperLoRAConfig
-from .factorize import factorization, split_side
+from .._backend import check_floating, compat_namespace, device_of, from_host, indexed, namespace
+from ..ops import cp_to_tensor, cp_vjp, kron, kron_vjp, tucker_to_tensor, tucker_vjp
+from .plan import GroupPlan, Plan, SplitPlan, param_name, param_prefix
 
 __all__ = ["GroupPlan", "SplitPlan", "SuperLoRA"]
 
 
-@dataclass(frozen=True)
-class SplitPlan:
-    """One factor ``X_{g,k}`` of a group: its kind, output shape, ranks and fixed modes."""
-
-    kind: str  # "tucker" | "cp" | "identity" | "dense"
-    shape: tuple[int, ...]
-    ranks: tuple[int, ...]
-    fixed_modes: tuple[int, ...] = ()
-
-    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Trainable arrays of this split by local name (``core``, ``weights``, ``factor{m}``, ``dense``)."""
-        if self.kind == "dense":
-            return {"dense": self.shape}
-        out: dict[str, tuple[int, ...]] = {}
-        if self.kind == "tucker":
-            out["core"] = self.ranks
-        elif self.kind == "cp":
-            out["weights"] = (self.ranks[0],)
-        for m, (d, r) in enumerate(zip(self.shape, self.ranks, strict=True)):
-            if m not in self.fixed_modes:
-                out[f"factor{m}"] = (d, r)
-        return out
-
-    @property
-    def num_params(self) -> int:
-        return sum(math.prod(s) for s in self.parameter_shapes().values())
-
-    @property
-    def zero_block(self) -> str:
-        """The one block zeroed at init so that the product starts at 0 (spec Part I §10)."""
-        return {"tucker": "core", "cp": "weights", "dense": "dense"}.get(self.kind, "factor0")
-
-
-@dataclass(frozen=True)
-class GroupPlan:
-    """Sizes and splits of one group."""
-
-    index: int
-    size: int  # N_g, entries of ΔW_all this group produces
-    n: int  # n_g, entries generated before the projection
-    shape: tuple[int, ...]  # the generator's output shape (product of the split shapes)
-    splits: tuple[SplitPlan, ...]
-    scale: float
-
-    @property
-    def num_params(self) -> int:
-        return sum(s.num_params for s in self.splits)
-
-    @property
-    def padding(self) -> int:
-        """Generated entries discarded by the cut."""
-        return math.prod(self.shape) - self.n
-
-
-def _layer_groups(names: Sequence[str]) -> list[list[int]]:
-    """Consecutive targets with the same parent module name form one group."""
-    groups: list[list[int]] = []
-    last = None
-    for i, name in enumerate(names):
-        parent = name.rsplit(".", 1)[0] if "." in name else ""
-        if groups and parent == last:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-        last = parent
-    return groups
-
-
-class SuperLoRA:
+class SuperLoRA(Plan):
     r"""The SuperLoRA generator for an ordered list of target weight shapes.
+
+    A :class:`~tensoradapt.superlora.plan.Plan` (groups, folds, splits, projections, parameter
+    names) with the computations over it: :meth:`init`, :meth:`delta`, :meth:`delta_for`,
+    :meth:`vjp`, :meth:`vjp_for`, :meth:`components` and :meth:`describe`.
 
     Parameters
     ----------
@@ -121,158 +42,14 @@ class SuperLoRA:
         Target weight shapes ``(o_i, n_i, …)`` in target order.
     names : sequence of str, optional
         Target names (module paths); needed for ``grouping="layer"`` (consecutive targets with
-        the same parent module form one group) and used by :meth:`describe`.
+        the same parent module form one group).
 
     Attributes
     ----------
-    config, shapes, grouping : the inputs and the :class:`~tensoradapt.ops.Grouping` plan
+    config, names, shapes : the inputs (shapes as tuples)
+    grouping : the :class:`~tensoradapt.ops.Grouping` of ``ΔW_all``
     groups : tuple of GroupPlan
     """
-
-    def __init__(self, config: SuperLoRAConfig, shapes: Sequence[Sequence[int]],
-                 names: Sequence[str] | None = None) -> None:
-        if not isinstance(config, SuperLoRAConfig):
-            raise TypeError(f"config must be a SuperLoRAConfig, got {type(config).__name__}")
-        grouping_spec: Any = config.grouping
-        if names is not None:
-            names = [str(n) for n in names]
-            if len(names) != len(shapes):
-                raise ValueError(f"names has {len(names)} entries but shapes has {len(shapes)}")
-        if grouping_spec == "layer":
-            if names is None:
-                raise ValueError("grouping='layer' needs the target names (names=[...]) to find the layers")
-            grouping_spec = _layer_groups(names)
-        self.config = config
-        self.names = tuple(names) if names is not None else None
-        self.grouping = Grouping(shapes, grouping_spec, layout=config.layout)
-        self.shapes = self.grouping.shapes
-        self.groups = tuple(self._plan_group(g) for g in range(self.grouping.num_groups))
-        self._operators: dict[Any, Any] = {}
-
-    # ------------------------------------------------------------------ planning
-    def _fold_shape(self, g: int, n: int) -> tuple[int, ...]:
-        cfg, members = self.config, self.grouping.members[g]
-        if cfg.layout == "stack":
-            return self.grouping.group_shape(g)
-        if cfg.fold == "cubic":
-            return (fold_side(n, cfg.order),) * cfg.order
-        if cfg.fold in ("matrix", "layers"):
-            whole = self.grouping.bounds[g + 1] - self.grouping.bounds[g] == sum(
-                math.prod(self.shapes[i]) for i in members)
-            if not whole:
-                raise ValueError(f"fold={cfg.fold!r} needs whole-weight groups; group {g} cuts a weight "
-                                 "(use grouping='weight', 'layer' or membership lists)")
-            mats = [(self.shapes[i][0], math.prod(self.shapes[i][1:])) for i in members]
-            if cfg.fold == "matrix":
-                if len(members) != 1:
-                    raise ValueError(f"fold='matrix' needs one weight per group; group {g} has targets "
-                                     f"{list(members)}")
-                return mats[0]
-            if len(set(mats)) != 1:
-                raise ValueError(f"fold='layers' stacks weights of one shape; group {g} has shapes "
-                                 f"{[self.shapes[i] for i in members]}")
-            return (len(members), *mats[0])
-        shape = tuple(cfg.fold)
-        if math.prod(shape) < n:
-            raise ValueError(f"fold shape {shape} holds {math.prod(shape)} entries, fewer than the "
-                             f"n_g = {n} entries of group {g}")
-        return shape
-
-    def _plan_group(self, g: int) -> GroupPlan:
-        cfg = self.config
-        size = self.grouping.sizes[g]
-        n = size if cfg.layout == "stack" else cfg.projected_size(size)
-        shape = self._fold_shape(g, n)
-        scale = cfg.effective_scale
-        for m in cfg.fixed_identity_modes:
-            if cfg.ranks[m] != shape[m]:
-                raise ValueError(f"fixed identity mode {m} needs rank[{m}] = the fold size {shape[m]} "
-                                 f"(group {g}), got {cfg.ranks[m]}")
-        splits: tuple[SplitPlan, ...]
-        if cfg.splits == 1:
-            unit = self._unit(shape)
-            splits = (SplitPlan(unit.kind, unit.shape, unit.ranks, cfg.fixed_identity_modes),)
-        elif cfg.fold == "matrix":
-            splits, scale = self._plan_matrix_splits(shape, scale)
-        else:
-            splits = self._plan_cubic_splits(shape)
-        out_shape = splits[0].shape if cfg.unit == "hadamard" else kron_shape([s.shape for s in splits])
-        return GroupPlan(g, size, n, out_shape, splits, scale)
-
-    def _unit(self, shape: tuple[int, ...]) -> SplitPlan:
-        cfg = self.config
-        if cfg.core == "dense":
-            return SplitPlan("dense", shape, ())
-        return SplitPlan(cfg.core, shape, cfg.ranks)
-
-    def _plan_cubic_splits(self, shape: tuple[int, ...]) -> tuple[SplitPlan, ...]:
-        cfg = self.config
-        f = cfg.dense_side
-        sides = [split_side(d, cfg.splits, f) for d in shape]
-        first = [SplitPlan("dense", (f,) * cfg.order, ())] if f is not None else []
-        rest = [self._unit(tuple(sides)) for _ in range(cfg.splits - len(first))]
-        return tuple(first + rest)
-
-    def _plan_matrix_splits(self, shape: tuple[int, ...], scale: float) -> tuple[tuple[SplitPlan, ...], float]:
-        cfg = self.config
-        rank = cfg.ranks[0]
-        o, n = shape
-        if cfg.unit == "hadamard":
-            return (SplitPlan("identity", shape, (rank, rank)),) * 2, scale
-        factor = cfg.dense_side if cfg.dense_side is not None else -1
-        a, c = factorization(o, factor)
-        b, e = factorization(n, factor)
-        if cfg.decompose_both and rank < max(a, b) / 2:
-            first = SplitPlan("identity", (a, b), (rank, rank))
-        else:
-            first = SplitPlan("dense", (a, b), ())
-        if rank < max(c, e) / 2 and cfg.core != "dense":
-            second = SplitPlan(cfg.core, (c, e), (rank, rank))
-        else:  # LyCORIS: a full second block, and alpha := rank (scale 1) when alpha is used
-            second = SplitPlan("dense", (c, e), ())
-            if cfg.alpha is not None:
-                scale = 1.0
-        return (first, second), scale
-
-    # ------------------------------------------------------------------ sizes
-    @property
-    def num_params(self) -> int:
-        """Trainable parameters (fixed buffers and identity factors excluded)."""
-        return sum(g.num_params for g in self.groups)
-
-    def parameter_shapes(self, groups: Sequence[int] | None = None) -> dict[str, tuple[int, ...]]:
-        """Every trainable array's name (``g{g}.split{k}.{block}``, ``k`` from 1) and shape.
-
-        With ``groups``, only the arrays of those groups.
-        """
-        out = {}
-        chosen = self.groups if groups is None else [self.groups[g] for g in groups]
-        for group in chosen:
-            for k, split in enumerate(group.splits, start=1):
-                for name, shape in split.parameter_shapes().items():
-                    out[f"g{group.index}.split{k}.{name}"] = shape
-        return out
-
-    # ------------------------------------------------------------------ fixed maps
-    def _projection(self, g: int | None) -> Any:
-        cfg = self.config
-        key = g
-        if key not in self._operators:
-            if g is None:  # the global shuffle over all of ΔW_all
-                op = Shuffle(self.grouping.total, cfg.seed, group=self.grouping.num_groups)
-            elif cfg.projection == "shuffle":
-                op = Shuffle(self.groups[g].size, cfg.seed, group=g)
-            else:
-                op = Fastfood(self.groups[g].n, self.groups[g].size, cfg.seed, group=g,
-                              order=cfg.fastfood_order)
-            self._operators[key] = op
-        return self._operators[key]
-
-    def _group_projection(self, g: int) -> Any:
-        cfg = self.config
-        if cfg.projection == "none" or (cfg.projection == "shuffle" and cfg.shuffle_scope == "global"):
-            return None
-        return self._projection(g)
 
     # ------------------------------------------------------------------ init
     def init(self, seed: int = 0, xp: Any = None, dtype: Any = None, device: Any = None, *,
@@ -280,7 +57,7 @@ class SuperLoRA:
         """Trainable parameters as a flat ``{name: array}`` dict.
 
         With ``zero=True`` (default) exactly one block of every product is zero, so ``ΔW = 0`` at
-        step 0 with a non-zero gradient (spec Part I §10): the last split's core (Tucker), ``λ``
+        step 0 with a non-zero gradient (docs/math.md D10): the last split's core (Tucker), ``λ``
         (CP), mode-0 factor (identity core) or tensor (dense); every other block is Gaussian
         with standard deviation ``1/√d`` for a ``(d, r)`` factor, ``1/√(last side)`` for a dense
         split and 1 for a core.  Values come from :mod:`tensoradapt.buffers`, so the same seed gives
@@ -298,14 +75,14 @@ class SuperLoRA:
         """
         if xp is None:
             xp = np
-        space = array_api_compat.array_namespace(xp.zeros(1))
+        space = compat_namespace(xp)
         dtype = dtype if dtype is not None else space.float32
         out = {}
         for group in self.groups:
             last = len(group.splits)
             for k, split in enumerate(group.splits, start=1):
                 for name, shape in split.parameter_shapes().items():
-                    full = f"g{group.index}.split{k}.{name}"
+                    full = param_name(group.index, k, name)
                     size = math.prod(shape)
                     if zero and k == last and name == split.zero_block:
                         host = np.zeros(size, dtype=np.float32)
@@ -357,7 +134,7 @@ class SuperLoRA:
 
     @staticmethod
     def _local(params: Mapping[str, Any], g: int, k: int) -> dict[str, Any]:
-        prefix = f"g{g}.split{k}."
+        prefix = param_prefix(g, k)
         return {name[len(prefix):]: v for name, v in params.items() if name.startswith(prefix)}
 
     @staticmethod
@@ -382,7 +159,7 @@ class SuperLoRA:
         if self.config.layout == "stack":
             return tensor
         z = xp.reshape(tensor, (-1,))[: group.n]
-        op = self._group_projection(group.index)
+        op = self.group_projection(group.index)
         return z if op is None else op.apply(z)
 
     def delta(self, params: Mapping[str, Any]) -> list[Any]:
@@ -396,27 +173,14 @@ class SuperLoRA:
         need (:meth:`groups_for`), so a caller can keep one group's arrays apart from the rest.
         """
         indices = list(indices)
-        global_shuffle = self.config.projection == "shuffle" and self.config.shuffle_scope == "global"
-        needed = tuple(range(len(self.groups))) if global_shuffle else self.grouping.groups_for(indices)
+        needed = self.groups_for(indices)
         xp = self._check_params(params, None if len(params) == self.num_arrays else needed)
-        if global_shuffle:
+        if self.global_shuffle:
             outputs = [self._group_output(xp, group, params) for group in self.groups]
-            shuffled = self._projection(None).apply(xp.concat(outputs))
+            shuffled = self.projection(None).apply(xp.concat(outputs))
             return self.grouping.to_targets(self.grouping.split(shuffled), targets=indices)
         outputs = {g: self._group_output(xp, self.groups[g], params) for g in needed}
         return self.grouping.to_targets(outputs, targets=indices)
-
-    def groups_for(self, indices: Sequence[int]) -> tuple[int, ...]:
-        """The groups whose outputs the targets ``indices`` need (all groups under a global shuffle)."""
-        if self.config.projection == "shuffle" and self.config.shuffle_scope == "global":
-            self.grouping.groups_for(indices)  # validates the indices
-            return tuple(range(len(self.groups)))
-        return self.grouping.groups_for(indices)
-
-    @property
-    def num_arrays(self) -> int:
-        """Number of trainable arrays (entries of :meth:`parameter_shapes`)."""
-        return sum(len(split.parameter_shapes()) for group in self.groups for split in group.splits)
 
     def components(self) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
         """Independent pieces of the generator: ``((targets, groups), …)`` in target order.
@@ -428,7 +192,7 @@ class SuperLoRA:
         and differentiate one component at a time.
         """
         count = len(self.shapes)
-        if self.config.projection == "shuffle" and self.config.shuffle_scope == "global":
+        if self.global_shuffle:
             return ((tuple(range(count)), tuple(range(len(self.groups)))),)
         parent = list(range(count))
 
@@ -459,8 +223,8 @@ class SuperLoRA:
         self.grouping.check_cotangents(cotangents)
         namespace(**indexed("cotangents", cotangents), **params)
         check_floating(xp, [("params", next(iter(params.values()))), ("cotangents[0]", cotangents[0])])
-        if self.config.projection == "shuffle" and self.config.shuffle_scope == "global":
-            merged = self._projection(None).adjoint(xp.concat(self.grouping.from_targets(cotangents)))
+        if self.global_shuffle:
+            merged = self.projection(None).adjoint(xp.concat(self.grouping.from_targets(cotangents)))
             group_cots = self.grouping.split(merged)
 
             def cotangent_of(g: int) -> Any:
@@ -468,7 +232,7 @@ class SuperLoRA:
         else:
             def cotangent_of(g: int) -> Any:  # one group at a time keeps the peak at one group
                 group = self.groups[g]
-                direct = self.config.layout == "fold" and self._group_projection(g) is None
+                direct = self.config.layout == "fold" and self.group_projection(g) is None
                 # without a projection, gather the pieces and zero-pad for the cut in one concat
                 return self.grouping.group_cotangent(xp, cotangents, g,
                                                      math.prod(group.shape) if direct else None)
@@ -497,7 +261,7 @@ class SuperLoRA:
             raise ValueError(f"indices must not repeat a target, got {indices}")
         needed = self.groups_for(indices)
         fed = sorted({i for g in needed for i in self.grouping.members[g]})
-        if self.config.projection == "shuffle" and self.config.shuffle_scope == "global":
+        if self.global_shuffle:
             fed = list(range(len(self.shapes)))
         if sorted(indices) != fed:
             raise ValueError(
@@ -523,14 +287,14 @@ class SuperLoRA:
 
         def cotangent_of(g: int) -> Any:
             group = self.groups[g]
-            direct = self.config.layout == "fold" and self._group_projection(g) is None
+            direct = self.config.layout == "fold" and self.group_projection(g) is None
             return self.grouping.group_cotangent(xp, full, g, math.prod(group.shape) if direct else None)
 
         return self._groups_vjp(xp, params, needed, cotangent_of)
 
     def _group_vjp(self, xp: Any, group: GroupPlan, params: Mapping[str, Any], cot: Any) -> dict[str, Any]:
         if self.config.layout != "stack":
-            op = self._group_projection(group.index)
+            op = self.group_projection(group.index)
             z_cot = cot if op is None else op.adjoint(cot)
             total = math.prod(group.shape)
             if z_cot.shape[0] < total:
@@ -552,7 +316,7 @@ class SuperLoRA:
         grads = {}
         for k, (split, p, c) in enumerate(zip(group.splits, locals_, part_cots, strict=True), start=1):
             for name, value in self._split_vjp(xp, split, p, c).items():
-                grads[f"g{group.index}.split{k}.{name}"] = value
+                grads[param_name(group.index, k, name)] = value
         return grads
 
     def _split_vjp(self, xp: Any, split: SplitPlan, p: Mapping[str, Any], cot: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Presets: the published adapters as SuperLoRA configurations (spec Part II §5).
+"""Presets: the published adapters as SuperLoRA configurations (docs/math.md §5).
 
 Each function returns a :class:`~tensoradapt.SuperLoRAConfig`; the docstrings give the source and
 the exact mapping.  Projections can be added to any of them with :func:`with_projection`.
@@ -12,12 +12,12 @@ __all__ = ["dense", "krona", "loha", "lokr", "lonkr", "lora", "lorta", "lotr", "
 
 
 def dense(groups: int | str = "weight") -> SuperLoRAConfig:
-    """Dense fine-tuning: ``ΔW_i`` free (``M = 1``, dense core, spec §5.1); ``N`` parameters."""
+    """Dense fine-tuning: ``ΔW_i`` free (``M = 1``, dense core, docs/math.md §5.1); ``N`` parameters."""
     return SuperLoRAConfig(order=1, rank=1, core="dense", grouping=groups)
 
 
 def lora(rank: int, alpha: float | None = None) -> SuperLoRAConfig:
-    r"""LoRA (Hu et al. 2021): ``ΔW_i = (α/r) B_i A_i`` per weight (spec §5.2).
+    r"""LoRA (Hu et al. 2021): ``ΔW_i = (α/r) B_i A_i`` per weight (docs/math.md §5.2).
 
     Weight-wise, ``fold="matrix"`` (each weight's own ``(o, n)``), identity core, ``M = 2``:
     ``factor0 = B ∈ R^{o×r}`` (zero at init) and ``factor1 = Aᵀ ∈ R^{n×r}``.  ``alpha=None`` gives
@@ -28,7 +28,7 @@ def lora(rank: int, alpha: float | None = None) -> SuperLoRAConfig:
 
 def lokr(rank: int, factor: int = -1, decompose_both: bool = False,
          alpha: float | None = None) -> SuperLoRAConfig:
-    r"""LyCORIS LoKr: ``ΔW = (α/r) · w1 ⊗ (w2a w2b)`` per weight (spec §5.3).
+    r"""LyCORIS LoKr: ``ΔW = (α/r) · w1 ⊗ (w2a w2b)`` per weight (docs/math.md §5.3).
 
     ``(a, c) = factorization(o, factor)``, ``(b, e) = factorization(n, factor)``; split 1 is the
     dense ``w1 ∈ R^{a×b}`` (a rank-``r`` product when ``decompose_both`` and ``r < max(a, b)/2``),
@@ -41,7 +41,7 @@ def lokr(rank: int, factor: int = -1, decompose_both: bool = False,
 
 
 def krona(factor: int = -1, scale: float = 1.0) -> SuperLoRAConfig:
-    """KronA (Edalati et al. 2022): ``ΔW = s · A ⊗ B``, both dense, per weight (spec §5.3).
+    """KronA (Edalati et al. 2022): ``ΔW = s · A ⊗ B``, both dense, per weight (docs/math.md §5.3).
 
     The factor shapes follow the LyCORIS factorisation of ``o`` and ``n`` with ``factor``.
     Parameters ``a b + c e``.
@@ -51,43 +51,64 @@ def krona(factor: int = -1, scale: float = 1.0) -> SuperLoRAConfig:
 
 
 def loha(rank: int, alpha: float | None = None) -> SuperLoRAConfig:
-    r"""LoHa (LyCORIS): ``ΔW = (α/r) (A_1 B_1ᵀ) ⊙ (A_2 B_2ᵀ)`` per weight (spec §5.4), native
+    r"""LoHa (LyCORIS): ``ΔW = (α/r) (A_1 B_1ᵀ) ⊙ (A_2 B_2ᵀ)`` per weight (docs/math.md §5.4), native
     Hadamard unit; ``split2.factor0`` is zero at init.  Parameters ``2 r (o + n)`` per weight."""
     return SuperLoRAConfig(rank=rank, order=2, splits=2, fold="matrix", core="identity",
                            unit="hadamard", alpha=alpha)
 
 
-def lotr(rank: int, num_weights: int, sigma: float | None = None) -> SuperLoRAConfig:
-    r"""LoTR (Bershatsky et al. 2024): ``ΔW_s = (σ/r) U G_s Vᵀ`` with ``U, V`` shared (spec §5.5).
+def lotr(rank: int, num_weights: int | None = None, sigma: float | None = None) -> SuperLoRAConfig:
+    r"""LoTR (Bershatsky et al. 2024): ``ΔW_s = (σ/r) U G_s Vᵀ`` with ``U, V`` shared (docs/math.md §5.5).
 
-    One group of the ``S = num_weights`` equal-shape targets, fold ``(S, o, n)``, Tucker ranks
-    ``(S, r, r)`` with the layer-mode factor fixed to ``I_S``: the core slices are ``G_s``,
+    One group of the ``S`` equal-shape targets, fold ``(S, o, n)``, Tucker ranks ``(S, r, r)``
+    with the layer-mode factor fixed to ``I_S``: the core slices are ``G_s``,
     ``factor1 = U ∈ R^{o×r}``, ``factor2 = V ∈ R^{n×r}``.  Parameters ``S r² + (o + n) r``.
     ``sigma=None`` gives scale 1.
+
+    ``num_weights=None`` (default): ``S`` is the number of targets, taken from the shapes when the
+    plan is built (``rank=r``; the fixed layer mode's rank is its fold size); the targets must
+    then all have one shape.  An explicit ``num_weights`` gives ``rank=(S, r, r)``, and a plan
+    with another number of targets is refused.
+
+    >>> from tensoradapt import count_params
+    >>> count_params(lotr(2), [(768, 768)] * 24), count_params(lotr(2, 24), [(768, 768)] * 24)
+    (3168, 3168)
     """
     scale = 1.0 if sigma is None else sigma / rank
-    return SuperLoRAConfig(rank=(num_weights, rank, rank), order=3, core="tucker", grouping=1,
-                           fold="layers", fixed_identity_modes=(0,), scale=scale)
+    ranks = rank if num_weights is None else (num_weights, rank, rank)
+    return SuperLoRAConfig(rank=ranks, order=3, core="tucker", grouping=1, fold="layers",
+                           fixed_identity_modes=(0,), scale=scale)
 
 
 def lonkr(splits: int, rank: int, dense_side: int | None = None,
           groups: int | str = 1) -> SuperLoRAConfig:
     """LoNKr (SuperLoRA §3.2): a Kronecker product of ``K = splits`` identity-core LoRA units of
     the hyper-cubic 2-D fold, with an optional dense first split of side ``f = dense_side``
-    (sizing rule spec §3.6); ``groups`` as in :class:`~tensoradapt.SuperLoRAConfig`."""
+    (sizing rule docs/math.md §3.6); ``groups`` as in :class:`~tensoradapt.SuperLoRAConfig`."""
     return SuperLoRAConfig(rank=rank, order=2, splits=splits, dense_side=dense_side, grouping=groups,
                            core="identity")
 
 
 def lorta(order: int, rank: int, groups: int | str = 1, core: str = "tucker") -> SuperLoRAConfig:
     """SuperLoRA's LoRTA: a Tucker (or CP / identity) tensor of the hyper-cubic ``M``-way fold of
-    each group (spec §5.6).  Not Hounie et al.'s LoRTA, a different method."""
+    each group (docs/math.md §5.6).  Not Hounie et al.'s LoRTA, a different method."""
     return SuperLoRAConfig(rank=rank, order=order, core=core, grouping=groups)
 
 
 def with_projection(config: SuperLoRAConfig, projection: str = "fastfood",
                     ratio: float = 1.0, *, scope: str = "group") -> SuperLoRAConfig:
     """``config`` with the fixed map ``F`` set: ``"fastfood"`` with ratio ρ, ``"shuffle"`` (ρ = 1,
-    per group or ``scope="global"``) or ``"none"``."""
+    per group or ``scope="global"``) or ``"none"``.
+
+    Works on every preset.  With ``"fastfood"`` and ``ρ < 1`` each group generates
+    ``n_g = max(1, ⌈ρ N_g⌉)`` entries that Fastfood maps to its ``N_g``: a cubic fold is sized for
+    ``n_g``, and the weight-shaped folds of ``lora``, ``lokr``, ``krona``, ``loha`` (``(o, n)``)
+    and ``lotr`` (``(S, o, n)``) become ``(d, d)`` with ``d = fold_side(n_g, 2)`` and
+    ``(S, d, d)`` with ``d = fold_side(⌈n_g / S⌉, 2)``, their split rules applied to that matrix.
+
+    >>> from tensoradapt import count_params
+    >>> count_params(with_projection(lora(2), "fastfood", 0.5), [(16, 16)])  # d = 12: 2 · 12 · 2
+    48
+    """
     return config.replace(projection=projection, ratio=ratio,
                           shuffle_scope=scope if projection == "shuffle" else "group")
