@@ -12,8 +12,13 @@ rounds), the ratio to PEFT LoRA's in the same run, and peak RSS (whole process: 
 model, activations) with the ratio to PEFT's, plus the growth of RSS during training
 (peak − RSS just before the first step) as the part the adapter can influence.
 
-Run ``python benchmarks/bench_torch_peft.py`` (about 4 minutes on 2 cores; ``--quick``: one round,
-fewer steps).  Needs ``pip install -e ".[bench]"`` (peft, transformers).
+QLoRA-style rows (``qlora``): every ``c_attn`` replaced by a bitsandbytes ``Linear4bit`` (NF4, fp32
+compute) holding the same weight, then ours LoRA against PEFT LoRA on that same 4-bit model
+(ratios against ``peft qlora r=8``).
+
+Run ``python benchmarks/bench_torch_peft.py`` (about 6 minutes on 2 cores; ``--quick``: one round,
+fewer steps).  Needs ``pip install -e ".[bench]"`` (peft, transformers) and bitsandbytes for the
+QLoRA rows.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ def _configs() -> dict[str, Any]:
 
     return {
         "ours lora r=8": presets.lora(RANK, alpha=2 * RANK),
+        "ours qlora r=8": presets.lora(RANK, alpha=2 * RANK),
         "ours lorta M=3 r=32 G=1": presets.lorta(3, 32, 1),
         "ours lorta M=4 r=16 G=1": presets.lorta(4, 16, 1),
         "ours lonkr K=2 r=8 G=weight": presets.lonkr(2, 8, None, "weight"),
@@ -53,6 +59,20 @@ def _rss_mib() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _quantise_c_attn(model: Any) -> None:
+    """Replace every ``c_attn`` Conv1D by a bitsandbytes NF4 ``Linear4bit`` with the same weight."""
+    import bitsandbytes as bnb
+    import torch
+
+    for block in model.transformer.h:
+        conv = block.attn.c_attn
+        n, o = conv.weight.shape
+        q = bnb.nn.Linear4bit(n, o, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(conv.weight.data.t().contiguous(), requires_grad=False, quant_type="nf4")
+        q.bias = torch.nn.Parameter(conv.bias.data.clone(), requires_grad=False)
+        block.attn.c_attn = q.to("cpu")
+
+
 def _worker(name: str, steps: int, warmup: int) -> dict[str, Any]:
     import torch
     import transformers
@@ -61,11 +81,13 @@ def _worker(name: str, steps: int, warmup: int) -> dict[str, Any]:
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         **MODEL, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     ids = torch.randint(0, MODEL["vocab_size"], (BATCH, TOKENS), generator=torch.Generator().manual_seed(1))
-    if name == "peft lora r=8":
+    if "qlora" in name:
+        _quantise_c_attn(model)
+    if name.startswith("peft"):
         import peft
 
         config = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["c_attn"], lora_dropout=0.0,
-                                 fan_in_fan_out=True, bias="none")
+                                 fan_in_fan_out="qlora" not in name, bias="none")
         model = peft.get_peft_model(model, config)
         params = [p for p in model.parameters() if p.requires_grad]
     else:
@@ -111,10 +133,12 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(_worker(args.worker, steps, args.warmup)))
         return
     rounds = args.rounds or (1 if args.quick else 2)
-    names = ["peft lora r=8", *_configs()]
+    names = ["peft lora r=8", "peft qlora r=8", *_configs()]
     if args.only:
         wanted = args.only.split(",")
-        names = [n for n in names if n == "peft lora r=8" or any(w in n for w in wanted)]
+        chosen = [n for n in names if not n.startswith("peft") and any(w in n for w in wanted)]
+        names = ((["peft lora r=8"] if any("qlora" not in n for n in chosen) else [])
+                 + (["peft qlora r=8"] if any("qlora" in n for n in chosen) else []) + chosen)
     machine = machine_info()
     load = ForeignLoad()
     started = time.perf_counter()
@@ -134,9 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     best = {n: min(rs, key=lambda rec: rec["median_s"]) for n, rs in runs.items()}
     peak = {n: min(rec["peak_rss_mib"] for rec in rs) for n, rs in runs.items()}
     growth = {n: min(rec["peak_rss_mib"] - rec["rss_before_mib"] for rec in rs) for n, rs in runs.items()}
-    base = "peft lora r=8"
     rows = []
     for n in names:
+        base = "peft qlora r=8" if "qlora" in n else "peft lora r=8"
         rows.append([n, f"{best[n]['trainable']:,}", f"{best[n]['median_s'] * 1e3:.0f}",
                      f"{best[n]['median_s'] / best[base]['median_s']:.2f}×", f"{peak[n]:.0f}",
                      f"{peak[n] / peak[base]:.3f}×", f"{growth[n]:.0f}", f"{growth[n] / growth[base]:.2f}×"])

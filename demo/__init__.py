@@ -49,6 +49,15 @@ with ``tensoradapt study``):
 * :mod:`~tensoradapt.demo.plot` — the Pareto plot;
 * :mod:`~tensoradapt.demo.runner` — :func:`run`, the whole study;
 * :mod:`~tensoradapt.demo.cli` — the argument parser and :func:`main`.
+
+``tensoradapt study`` (docs/study.md) sweeps the families on this task and on a second one, with
+the gain over LoRA measured; its modules are imported on request, not re-exported here:
+
+* :mod:`~tensoradapt.demo.study` — the runner (resumable, per-run store), report, plots and ``main``;
+* :mod:`~tensoradapt.demo.study_points` — the sweeps: every configuration of every family;
+* :mod:`~tensoradapt.demo.study_flow` — the second task (conditional flow matching with Conv2d
+  layers on the digits, scored by a frozen digit classifier on samples);
+* :mod:`~tensoradapt.demo.study_gain` — the gain estimator (monotone envelopes, bootstrap over seeds).
 """
 
 from __future__ import annotations

@@ -94,13 +94,13 @@ def _error(message: str) -> int:
     return 2
 
 
-def _missing_packages(plot: bool) -> list[str]:
+def missing_packages(plot: bool) -> list[str]:
     """The optional packages the run needs (scikit-learn; matplotlib for the plot) that are not installed."""
     needed = {"sklearn": "scikit-learn"} | ({"matplotlib": "matplotlib"} if plot else {})
     return [package for module, package in needed.items() if importlib.util.find_spec(module) is None]
 
 
-def _usable_folder(out: Path) -> str | None:
+def usable_folder(out: Path) -> str | None:
     """``None`` if ``out`` can be created and written, else why not (checked before any training,
     so a bad folder cannot lose a finished run)."""
     try:
@@ -119,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    missing = _missing_packages(plot=not args.no_plot)
+    missing = missing_packages(plot=not args.no_plot)
     if missing:
         return _error(f"the demo needs {' and '.join(missing)} (pip install 'tensoradapt[demo]')")
     out = Path(args.out) if args.out else _default_out()
-    problem = _usable_folder(out)
+    problem = usable_folder(out)
     if problem is not None:
         return _error(f"--out {str(out)!r} cannot be used as the results folder ({problem})")
     result = run(args.methods, quick=args.quick, seed=args.seed, settings=_settings(args),

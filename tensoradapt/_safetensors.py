@@ -24,10 +24,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from ._validate import is_int
 
 __all__ = [
     "DTYPE_BITS",
@@ -162,9 +165,9 @@ def check_header(header: Any, data_size: int) -> dict[str, Any]:
             raise SafetensorsHeaderError(f"tensor {name!r} needs 'dtype', 'shape' and 'data_offsets', "
                                          f"got {entry!r:.80}")
         shape, offsets, dtype = entry["shape"], entry["data_offsets"], entry["dtype"]
-        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= MAX_INTEGER for d in shape):
+        if not isinstance(shape, list) or not all(is_int(d) and 0 <= d <= MAX_INTEGER for d in shape):
             raise SafetensorsHeaderError(f"tensor {name!r} has shape {shape!r:.80}; a shape is a list of ints >= 0")
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(is_int(o) for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1] <= min(data_size, MAX_INTEGER)):
             raise SafetensorsHeaderError(f"tensor {name!r} has data_offsets {offsets!r:.80}, outside the "
                                          f"{data_size} data bytes")
@@ -211,7 +214,10 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     ([2], True)
     >>> os.unlink(fh.name)
     """
-    size = os.path.getsize(path)  # FileNotFoundError for a missing file
+    info = os.stat(path)  # FileNotFoundError for a missing file
+    if not stat.S_ISREG(info.st_mode):  # a FIFO would block, a device never end
+        raise SafetensorsHeaderError("not a regular file (a safetensors file is read only from a regular file)")
+    size = info.st_size
     if size < _LENGTH.size:
         raise SafetensorsHeaderError(f"not a safetensors file ({size} bytes, fewer than the 8-byte header length)")
     with open(path, "rb") as fh:

@@ -19,6 +19,24 @@ function of ``(seed, group, purpose)``:
 The buffers are generated on the host and then moved, exactly, to the target backend and
 device, so the same seed gives bit-identical buffers on NumPy, CuPy and torch on any machine.
 Adapter files record :data:`GENERATOR_ID` next to the seed.
+
+Generator 2 (:data:`GENERATOR_V2`, docs/math.md D6) is counter-based: entry ``i`` of a buffer is a
+pure function of ``(key, i)``, where the key is eight 32-bit words of
+``SeedSequence([seed, group, code(purpose)])``, so a buffer of any length has O(1) state and is
+computed on the caller's device, in chunks, with int64 integer arithmetic kept below ``2**49``
+(no overflow, no unsigned types: torch has few uint64 ops) and correctly rounded float64
+operations; the results are bit-identical on NumPy, torch, CuPy and array_api_strict:
+
+* ``hash32(i) = mix32((i mod 2^32) XOR k)``, with Chris Wellons' ``lowbias32`` finaliser as
+  ``mix32`` (multiplications mod ``2^32`` done as two 16-bit halves);
+* signs: ``b_i = 1 - 2·(hash32_k0(i) >> 31)``;
+* permutations of ``[0, 2^p)``: a 4-round Feistel network on the ``p`` index bits (halves of
+  ``⌊p/2⌋`` and ``⌈p/2⌉`` bits, round function ``hash32`` with keys ``k4..k7``), a bijection whose
+  inverse runs the rounds backwards (no stored index arrays);
+* Gaussians: Box–Muller ``sqrt(-2 ln u1)·cos(2π u2)`` from the two 24-bit uniforms
+  ``u1 = (hash32_k2(i) >> 8 + 1)/2^24`` and ``u2 = (hash32_k3(i) >> 8)/2^24``, with ``ln`` and
+  ``cos`` from 4096-entry host tables (made by the fixed polynomials below) plus a 4-term
+  ``log1p`` series, then rounded to float32.
 """
 
 from __future__ import annotations
@@ -29,10 +47,22 @@ import numpy as np
 
 from ._validate import check_int
 
-__all__ = ["GENERATOR_ID", "gaussian", "permutation", "rademacher", "raw_bits"]
+__all__ = ["GENERATORS", "GENERATOR_ID", "GENERATOR_V1", "GENERATOR_V2", "CounterKey",
+           "check_counter_length", "check_generator", "counter_gaussian", "counter_inverse_permutation",
+           "counter_permutation", "counter_signs", "gaussian", "gaussian_tables", "permutation", "rademacher",
+           "raw_bits"]
 
-#: Identifies the buffer-generation algorithm; stored in adapter files next to the seed.
-GENERATOR_ID = "tensoradapt.buffers/1 (SeedSequence[seed,group,purpose] -> PCG64.random_raw)"
+#: Generator 1: host buffers from ``PCG64`` streams (the functions ``rademacher``, ``permutation``,
+#: ``gaussian`` of this module).
+GENERATOR_V1 = "tensoradapt.buffers/1 (SeedSequence[seed,group,purpose] -> PCG64.random_raw)"
+#: Generator 2: counter-based maps computed on the device (``counter_*``), O(1) state.
+GENERATOR_V2 = "tensoradapt.buffers/2 (counter: SeedSequence key, lowbias32 hash, Feistel permutation)"
+#: Every generator this library can reproduce.
+GENERATORS = (GENERATOR_V1, GENERATOR_V2)
+#: Identifies the default buffer-generation algorithm; stored in adapter files next to the seed.
+#: Still generator 1, so that existing configurations, files and references reproduce unchanged;
+#: generator 2 is chosen per plan or operator (``generator=GENERATOR_V2``).
+GENERATOR_ID = GENERATOR_V1
 
 _LN2 = 0.6931471805599453
 _TWO_PI = 6.283185307179586
@@ -135,3 +165,150 @@ def gaussian(n: int, seed: int, group: int = 0, purpose: str = "gaussian") -> np
     out[0::2] = radius * cos_t
     out[1::2] = radius * sin_t
     return out[:n].astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- generator 2
+_MASK32 = 0xFFFFFFFF
+
+
+def check_generator(generator: str | None) -> str:
+    """The generator id ``generator`` (``None``: :data:`GENERATOR_ID`), checked to be known."""
+    if generator is None:
+        return GENERATOR_ID
+    if generator not in GENERATORS:
+        raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
+    return generator
+
+
+class CounterKey:
+    """The O(1) state of a generator-2 buffer: eight 32-bit words of
+    ``SeedSequence([seed, group, code(purpose)])`` (Python ints)."""
+
+    __slots__ = ("words",)
+
+    def __init__(self, seed: int, group: int = 0, purpose: str = "raw") -> None:
+        seed = check_int("seed", seed, minimum=0)
+        group = check_int("group", group, minimum=0)
+        sequence = np.random.SeedSequence([seed, group, _purpose_code(purpose)])
+        self.words = tuple(int(w) for w in sequence.generate_state(8, np.uint32))
+
+    def __repr__(self) -> str:
+        return f"CounterKey({', '.join(hex(w) for w in self.words)})"
+
+
+def _mul32(xp, x, c: int):
+    """``x · c mod 2^32`` for int64 ``x ∈ [0, 2^32)`` without overflow (products < 2^49)."""
+    low = x * (c & 0xFFFF)
+    high = xp.bitwise_and(x * (c >> 16), 0xFFFF)
+    return xp.bitwise_and(low + xp.bitwise_left_shift(high, 16), _MASK32)
+
+
+def _mix32(xp, x):
+    """Wellons' ``lowbias32`` finaliser: a bijection of ``[0, 2^32)`` with good avalanche."""
+    x = xp.bitwise_xor(x, xp.bitwise_right_shift(x, 16))
+    x = _mul32(xp, x, 0x7FEB352D)
+    x = xp.bitwise_xor(x, xp.bitwise_right_shift(x, 15))
+    x = _mul32(xp, x, 0x846CA68B)
+    return xp.bitwise_xor(x, xp.bitwise_right_shift(x, 16))
+
+
+def _hash32(xp, index, word: int):
+    return _mix32(xp, xp.bitwise_xor(index, word))
+
+
+def check_counter_length(length: int) -> None:
+    if length > 1 << 32:
+        raise ValueError(f"generator 2 supports lengths up to 2**32, got {length}")
+
+
+def counter_signs(xp, index, key: CounterKey, dtype):
+    """Rademacher signs ``b_i ∈ {±1}`` at the int64 indices ``index`` (in ``dtype``)."""
+    top = xp.bitwise_right_shift(_hash32(xp, index, key.words[0]), 31)
+    return xp.astype(1 - 2 * top, dtype)
+
+
+def _feistel_widths(bits: int) -> tuple[int, int]:
+    return bits // 2, bits - bits // 2
+
+
+def counter_permutation(xp, index, key: CounterKey, bits: int):
+    """``π(i)`` for int64 ``index`` in ``[0, 2^bits)``: a 4-round Feistel bijection."""
+    if bits == 0:
+        return index
+    left_bits, right_bits = _feistel_widths(bits)
+    left = xp.bitwise_right_shift(index, right_bits)
+    right = xp.bitwise_and(index, (1 << right_bits) - 1)
+    widths = [left_bits, right_bits]
+    for r in range(4):
+        mask = (1 << widths[0]) - 1
+        left, right = right, xp.bitwise_xor(left, xp.bitwise_and(_hash32(xp, right, key.words[4 + r]), mask))
+        widths.reverse()
+    return xp.bitwise_or(xp.bitwise_left_shift(left, right_bits), right)
+
+
+def counter_inverse_permutation(xp, index, key: CounterKey, bits: int):
+    """``π⁻¹(i)``: the Feistel rounds of :func:`counter_permutation` run backwards."""
+    if bits == 0:
+        return index
+    left_bits, right_bits = _feistel_widths(bits)
+    left = xp.bitwise_right_shift(index, right_bits)
+    right = xp.bitwise_and(index, (1 << right_bits) - 1)
+    widths = [left_bits, right_bits]  # widths of (left, right) after round r (4 rounds: initial)
+    for r in reversed(range(4)):
+        # after round r: left = old right, right = old left ^ F(old right); old left has width widths[1]
+        mask = (1 << widths[1]) - 1
+        left, right = xp.bitwise_xor(right, xp.bitwise_and(_hash32(xp, left, key.words[4 + r]), mask)), left
+        widths.reverse()
+    return xp.bitwise_or(xp.bitwise_left_shift(left, right_bits), right)
+
+
+_TABLE_BITS = 12
+
+
+def gaussian_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Host tables (float64, read-only): ``ln(j/4096)``, ``cos/sin(2π j/4096)``, ``cos/sin(2π j/2^24)``."""
+    global _TABLES
+    if _TABLES is None:
+        size = 1 << _TABLE_BITS
+        j = np.arange(size, dtype=np.float64)
+        log_table = np.zeros(size)
+        log_table[1:] = _log_unit(j[1:] / size)
+        cos_hi, sin_hi = _cos_sin_turns(j / size)
+        cos_lo, sin_lo = _cos_sin_turns(j / (1 << 24))
+        tables = (log_table, cos_hi, sin_hi, cos_lo, sin_lo)
+        for t in tables:
+            t.setflags(write=False)
+        _TABLES = tables
+    return _TABLES
+
+
+_TABLES = None
+
+
+def counter_gaussian(xp, index, key: CounterKey, tables, dtype):
+    r"""Standard normal values at the int64 indices ``index``, rounded to ``dtype``.
+
+    ``tables`` are the five host tables of ``gaussian_tables()`` moved to the device as float64
+    (``ln(j/4096)``, ``cos/sin`` of ``j/4096`` and ``j/2^24`` turns).  With
+    ``k = hash32_k2(i) >> 8 + 1 ∈ [1, 2^24]`` and ``e = ⌊log2 k⌋``, ``s = max(e − 11, 0)``,
+    ``k = (j + x)·2^s`` with ``j = k >> s ∈ [1, 4096)``: ``ln u1 = ln(j/4096) + (s − 12) ln 2 +
+    log1p(x/j)``.  ``u2 = m/2^24``, ``m = 4096·hi + lo``: ``cos 2πu2 = C_hi C_lo − S_hi S_lo``.
+    """
+    log_table, cos_hi, sin_hi, cos_lo, sin_lo = tables
+    k = xp.bitwise_right_shift(_hash32(xp, index, key.words[2]), 8) + 1
+    # e = floor(log2 k) by a branchless binary search (k < 2^25)
+    e = xp.zeros_like(k)
+    for step in (16, 8, 4, 2, 1):
+        e = e + step * xp.astype(xp.bitwise_right_shift(k, e + step) > 0, k.dtype)
+    s = xp.maximum(e - (_TABLE_BITS - 1), xp.zeros_like(e))
+    j = xp.bitwise_right_shift(k, s)
+    rest = xp.astype(k - xp.bitwise_left_shift(j, s), xp.float64)
+    x = rest / xp.astype(xp.bitwise_left_shift(j, s), xp.float64)  # < 2^-11
+    log1p = x * (1.0 - x * (0.5 - x * (1.0 / 3.0 - x * 0.25)))
+    log_u1 = xp.take(log_table, j) + (xp.astype(s, xp.float64) - 12.0) * _LN2 + log1p
+    radius = xp.sqrt(-2.0 * log_u1)
+    m = xp.bitwise_right_shift(_hash32(xp, index, key.words[3]), 8)
+    hi = xp.bitwise_right_shift(m, _TABLE_BITS)
+    lo = xp.bitwise_and(m, (1 << _TABLE_BITS) - 1)
+    cos_t = xp.take(cos_hi, hi) * xp.take(cos_lo, lo) - xp.take(sin_hi, hi) * xp.take(sin_lo, lo)
+    return xp.astype(radius * cos_t, dtype)

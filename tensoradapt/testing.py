@@ -15,7 +15,13 @@ Example
 
 from __future__ import annotations
 
+import collections
+import json
+import os
+import time
+import tracemalloc
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,7 +32,8 @@ from ._backend import to_numpy
 from .superlora.config import SuperLoRAConfig
 from .superlora.generator import SuperLoRA
 
-__all__ = ["assert_reduces_to", "configs", "params", "plans", "shapes"]
+__all__ = ["Bounded", "FuzzLedger", "assert_reduces_to", "configs", "hostile_values", "params", "plans",
+           "run_bounded", "shapes"]
 
 
 def shapes(max_targets: int = 4, max_side: int = 8, *, equal: bool = False,
@@ -138,3 +145,103 @@ def assert_reduces_to(
             worst = float(np.max(np.abs(g - e)))
             raise AssertionError(f"target {i}: ΔW differs from the reference (max abs error {worst:.3g})")
     return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile input: values of any type and magnitude, and a call under a time and memory bound
+# ---------------------------------------------------------------------------------------------
+_HUGE = [10**9, 10**18, 2**63, 2**64, 10**30, 10**300, -(10**30)]
+
+
+def hostile_values(*, small: Sequence[Any] = ()) -> st.SearchStrategy[Any]:
+    """Values of any type and magnitude a config field may be given by mistake or on purpose:
+    ints small and huge (``10**300``), bools, floats (NaN, inf, 1e308, -0.0), strings, bytes,
+    ``None``, empty and nested tuples and lists, dicts, and NumPy scalars; ``small`` adds values
+    of the field's own kind so that some draws are valid."""
+    scalars = st.one_of(
+        st.integers(-3, 70), st.sampled_from(_HUGE), st.booleans(), st.none(),
+        st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.5, 1.0, 1e-300, 1e308, -0.0]),
+        st.text(max_size=6), st.sampled_from(["no", "weight", "layer", "cubic", "matrix", "tucker", "lora", ""]),
+        st.binary(max_size=4), st.integers(-3, 70).map(np.int64), st.sampled_from([np.float32(0.5), np.bool_(True)]),
+    )
+    if small:
+        scalars = st.one_of(st.sampled_from(list(small)), scalars)
+    nested = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                          st.lists(inner, max_size=4).map(tuple),
+                                                          st.dictionaries(st.text(max_size=3), inner, max_size=2)),
+                          max_leaves=8)
+    return nested
+
+
+@dataclass(frozen=True)
+class Bounded:
+    """What :func:`run_bounded` saw: the result or the exception, the wall-clock and CPU seconds
+    (the CPU time of this process, robust on a shared machine) and the peak bytes."""
+
+    result: Any
+    error: BaseException | None
+    seconds: float
+    peak_bytes: int
+    cpu_seconds: float = 0.0
+
+
+def run_bounded(call: Callable[[], Any], *, trace_memory: bool = True) -> Bounded:
+    """Run ``call()``, catching any exception, timing it (wall clock and CPU) and (with
+    ``trace_memory``) measuring the peak of the memory allocated meanwhile (``tracemalloc``:
+    Python objects and NumPy arrays)."""
+    started_tracing = trace_memory and not tracemalloc.is_tracing()
+    if started_tracing:
+        tracemalloc.start()
+    if trace_memory:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+    start, cpu_start = time.perf_counter(), time.process_time()
+    result, error = None, None
+    try:
+        result = call()
+    except BaseException as exc:  # the caller judges the exception
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        error = exc
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    peak = 0
+    if trace_memory:
+        peak = max(0, tracemalloc.get_traced_memory()[1] - base)
+        if started_tracing:
+            tracemalloc.stop()
+    return Bounded(result, error, seconds, peak, cpu_seconds)
+
+
+class FuzzLedger:
+    """Counts of fuzz cases by surface and outcome (``"ok"`` or the exception type), written as
+    JSON to ``$TENSORADAPT_FUZZ_REPORT`` (when set) so that docs/reliability.md can quote a run."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self.worst_seconds: dict[str, float] = collections.defaultdict(float)
+        self.worst_bytes: dict[str, int] = collections.defaultdict(int)
+
+    def record(self, surface: str, outcome: Bounded) -> None:
+        kind = "ok" if outcome.error is None else type(outcome.error).__name__
+        self.counts[surface][kind] += 1
+        self.worst_seconds[surface] = max(self.worst_seconds[surface], outcome.cpu_seconds)
+        self.worst_bytes[surface] = max(self.worst_bytes[surface], outcome.peak_bytes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {surface: {"cases": sum(c.values()), "outcomes": dict(sorted(c.items())),
+                          "worst_cpu_seconds": round(self.worst_seconds[surface], 3),
+                          "worst_peak_mib": round(self.worst_bytes[surface] / 2**20, 2)}
+                for surface, c in sorted(self.counts.items())}
+
+    def write(self, name: str) -> None:
+        """Merge this ledger into the JSON report file under ``name`` (no-op without the variable)."""
+        path = os.environ.get("TENSORADAPT_FUZZ_REPORT")
+        if not path:
+            return
+        data: dict[str, Any] = {}
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        data[name] = self.as_dict()
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tensoradapt import presets
+from tensoradapt import count_params, presets
 from tensoradapt.analysis import (
     ShapeSourceError,
     aggregate_by_kind,
@@ -358,7 +358,12 @@ def test_parse_preset_errors():
         parse_preset("lora:8")
     with pytest.raises(ValueError, match="order"):
         parse_preset("lorta:order=0,rank=2")
-    assert [c.rank for _, c in parse_preset("lotr:rank=2", [(4, 4)] * 5)] == [(5, 2, 2)]
+    with pytest.raises(ValueError, match="needs order="):
+        parse_preset("lorta")
+    with pytest.raises(ValueError, match="'rank' twice"):
+        parse_preset("lora:rank=2,rank=3")
+    (label, config), = parse_preset("lotr:rank=2")  # S comes from the shapes when the plan is built
+    assert label == "lotr(rank=2)" and count_params(config, [(4, 4)] * 5) == 5 * 4 + 8 * 2
 
 
 def test_budget_sweep():

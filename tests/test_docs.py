@@ -21,9 +21,11 @@ Such blocks are reported as skipped (with file, line and reason) and there may b
 
 from __future__ import annotations
 
+import ast
 import re
 import shlex
 import sys
+import textwrap
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,7 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MAX_NO_RUN = 3
 
-_FENCE = re.compile(r"^(?P<fence>```+|~~~+)\s*(?P<info>.*)$")
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)\s*(?P<info>.*)$")
+# a stated result: ``expression  # 2968 …`` or ``name = expression  # 12,160 …`` (an integer first)
+_STATED = re.compile(r"#\s*(?P<number>-?\d[\d,_]*)(?![\d.])")
 _NO_RUN_INFO = re.compile(r"\bno-run\b:?\s*(?P<reason>.*)$")
 _NO_RUN_COMMENT = re.compile(r"^<!--\s*no-run\b:?\s*(?P<reason>.*?)\s*-->\s*$")
 _CLI_COMMANDS = ("count", "compare")
@@ -70,12 +74,12 @@ def _blocks(path: Path) -> list[Block]:
         if match is None:
             i += 1
             continue
-        fence, info = match.group("fence"), match.group("info").strip()
+        indent, fence, info = match.group("indent"), match.group("fence"), match.group("info").strip()
         end = i + 1
-        while end < len(lines) and not lines[end].startswith(fence):
+        while end < len(lines) and not lines[end].strip().startswith(fence):
             end += 1
         language = info.split()[0].lower() if info else ""
-        code = "\n".join(lines[i + 1:end])
+        code = textwrap.dedent("\n".join(lines[i + 1:end])) if indent else "\n".join(lines[i + 1:end])
         previous = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
         no_run = None
         if (marker := _NO_RUN_INFO.search(info)) is not None:
@@ -140,12 +144,43 @@ def states(tmp_path_factory) -> Iterator[_States]:
         sys.modules["matplotlib.pyplot"].close("all")
 
 
+def stated_number(line: str) -> int | None:
+    """The integer a code line's trailing comment states as its result (``x  # 12,160 params``)."""
+    code, hash_, comment = line.partition("#")
+    if not hash_ or not code.strip():
+        return None
+    match = _STATED.match("#" + comment)
+    return None if match is None else int(match.group("number").replace(",", "").replace("_", ""))
+
+
+def _run_python(block: Block, namespace: dict[str, Any]) -> None:
+    """Run a Python block statement by statement; where a line states an integer result in its
+    comment, the value of that expression (or of the assigned name) must be that integer."""
+    # pad with blank lines so that tracebacks and linecache show the Markdown file's line numbers
+    source = "\n" * (block.line - 1) + block.code + "\n"
+    lines = source.splitlines()
+    for statement in ast.parse(source, str(block.path)).body:
+        stated = stated_number(lines[statement.end_lineno - 1]) if statement.lineno == statement.end_lineno else None
+        module = ast.Module(body=[statement], type_ignores=[])
+        exec(compile(module, str(block.path), "exec"), namespace)
+        if stated is None:
+            continue
+        if isinstance(statement, ast.Expr):
+            value = eval(compile(ast.Expression(statement.value), str(block.path), "eval"), namespace)
+        elif isinstance(statement, ast.Assign) and len(statement.targets) == 1 and isinstance(
+                statement.targets[0], ast.Name):
+            value = namespace[statement.targets[0].id]
+        else:
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            assert value == stated, (f"{block.path.name} line {statement.lineno}: the comment states {stated:,}, "
+                                     f"the code gives {value:,}")
+
+
 def _run_block(block: Block, state: _FileState, capsys) -> None:
     """Run one block in its file's namespace; raises what the block raises."""
     if block.language == "python":
-        # pad with blank lines so that tracebacks and linecache show the Markdown file's line numbers
-        source = "\n" * (block.line - 1) + block.code + "\n"
-        exec(compile(source, str(block.path), "exec"), state.namespace)
+        _run_python(block, state.namespace)
         return
     for argv in _cli_lines(block.code):
         capsys.readouterr()
@@ -212,3 +247,21 @@ def test_extraction(tmp_path) -> None:
     assert [(b.index, b.line, b.language, b.no_run) for b in blocks] == [
         (0, 3, "python", None), (1, 8, "python", "needs a GPU"), (2, 11, "python", "downloads"), (3, 17, "bash", None)]
     assert _cli_lines(blocks[3].code) == [["count", "8x8", "--preset", "lora"]]
+
+
+def test_stated_results_are_checked() -> None:
+    assert stated_number("plan.num_params   # 2968 (LoRA rank 1 would need 36,864)") == 2968
+    assert stated_number("adapter = attach(m)   # 12,160 params") == 12160
+    assert stated_number("x = 1  # see below") is None and stated_number("# 12 alone") is None
+    good = Block(ROOT / "README.md", 0, 1, "python", "n = 3 * 4\nn  # 12\nm = n + 1  # 13 entries")
+    _run_python(good, {})
+    for wrong in ("n = 3 * 4\nn  # 13", "m = 12  # 1,200"):
+        with pytest.raises(AssertionError, match="the comment states"):
+            _run_python(Block(ROOT / "README.md", 0, 1, "python", wrong), {})
+
+
+def test_indented_fences_are_found(tmp_path) -> None:
+    doc = tmp_path / "x.md"
+    doc.write_text("1. a step\n\n   ```python\n   y = 2\n   ```\n", encoding="utf-8")
+    (block,) = _blocks(doc)
+    assert block.code == "y = 2"

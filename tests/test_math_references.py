@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import inspect
 import re
 from pathlib import Path
 
@@ -26,6 +25,8 @@ _SPEC_CITATION = re.compile(r"\bspec(?:'s)?\s+(?:§|Part\s+I)", re.IGNORECASE)
 _REF = r"(?:§\d+(?:\.\d+)*(?:\s*[–-]\s*\d+(?:\.\d+)*)?|D\d+)"
 # "docs/math.md" followed by a list of references separated by commas, "and" or "&"
 _MATH_CITATION = re.compile(rf"docs/math\.md((?:(?:\s*,\s*|\s+and\s+|\s*&\s*|\s+){_REF})+)")
+# "math.md §3.4" without the folder: not followable from a source file
+_BARE_CITATION = re.compile(r"(?<!docs/)\bmath\.md\s+(?:§|D\d)")
 _HEADING = re.compile(r"^#{1,6}\s+(\d+(?:\.\d+)*)\.?(?:\s|$)", re.MULTILINE)
 _DECISION = re.compile(r'<a\s+id="D(\d+)"\s*>|^\s*(?:[-*]|\d+\.)?\s*(?:<a[^>]*></a>)?\s*\**D(\d+)\.', re.MULTILINE)
 
@@ -104,9 +105,9 @@ def test_no_file_cites_the_external_spec() -> None:
         if path.resolve() == me:
             continue
         text = _read(path)
-        for match in _SPEC_CITATION.finditer(text):
+        for match in [*_SPEC_CITATION.finditer(text), *_BARE_CITATION.finditer(text)]:
             offenders.append(f"{path.relative_to(ROOT)}:{_line(text, match.start())}: {match.group(0)!r}")
-    assert not offenders, "cite docs/math.md instead of the spec:\n" + "\n".join(offenders)
+    assert not offenders, "cite docs/math.md §… instead of the spec or a bare math.md:\n" + "\n".join(offenders)
 
 
 def test_every_math_citation_resolves() -> None:
@@ -135,30 +136,43 @@ def test_the_checker_catches_a_missing_section() -> None:
     assert _SPEC_CITATION.search("(spec Part II §7.2)") and _SPEC_CITATION.search("Spec §4.1")
     assert _SPEC_CITATION.search("spec Part\nI item 14")
     assert not _SPEC_CITATION.search("parse_shapes(spec) and timespec='seconds' and grouping_spec")
+    assert _BARE_CITATION.search("see math.md §3.4") and not _BARE_CITATION.search("see docs/math.md §3.4")
 
 
 # ------------------------------------------------------------------ the §4.1 worked numbers
 def _lotr(rank: int):
     from tensoradapt import presets
 
-    if "num_weights" in inspect.signature(presets.lotr).parameters:
-        return presets.lotr(rank, num_weights=24)
-    return presets.lotr(rank)  # pragma: no cover - if num_weights becomes implicit
+    return presets.lotr(rank)  # S = 24 comes from the shapes
+
+
+def _config(label: str):
+    from tensoradapt import presets
+
+    return {
+        "LoRA r=1": lambda: presets.lora(1),
+        "LoRA r=8": lambda: presets.lora(8),
+        "LoTR r=2": lambda: _lotr(2),
+        "LoTR r=4": lambda: _lotr(4),
+        "LoRTA M=3 G=1 r=4": lambda: presets.lorta(3, 4, groups=1),
+        "LoRTA M=3 G=1 r=8": lambda: presets.lorta(3, 8, groups=1),
+        "LoRTA M=4 G=1 r=2": lambda: presets.lorta(4, 2, groups=1),
+        "LoRTA M=5 G=1 r=8": lambda: presets.lorta(5, 8, groups=1),
+        "LoRTA M=3 G=12 r=4": lambda: presets.lorta(3, 4, groups=12),
+    }[label]()
 
 
 @pytest.mark.parametrize(
     ("label", "stated"),
-    [("LoRA r=1", "36,864"), ("LoTR r=2", "3,168"), ("LoRTA M=3 G=1 r=4", "2,968")],
+    [("LoRA r=1", "36,864"), ("LoRA r=8", "294,912"), ("LoTR r=2", "3,168"), ("LoTR r=4", "6,528"),
+     ("LoRTA M=3 G=1 r=4", "2,968"), ("LoRTA M=3 G=1 r=8", "6,320"), ("LoRTA M=4 G=1 r=2", "512"),
+     ("LoRTA M=5 G=1 r=8", "33,848"), ("LoRTA M=3 G=12 r=4", "16,032")],
 )
 def test_math_md_vit_base_counts_match_count_params(label: str, stated: str) -> None:
-    from tensoradapt import count_params, presets
+    from tensoradapt import count_params
 
     text = MATH.read_text(encoding="utf-8")
     section = text[text.index("### 4.1"): text.index("## 5.")]
     assert stated in section, f"docs/math.md §4.1 no longer states {stated} ({label})"
-    config = {
-        "LoRA r=1": lambda: presets.lora(1),
-        "LoTR r=2": lambda: _lotr(2),
-        "LoRTA M=3 G=1 r=4": lambda: presets.lorta(3, 4, groups=1),
-    }[label]()
+    config = _config(label)
     assert count_params(config, [(768, 768)] * 24) == int(stated.replace(",", ""))

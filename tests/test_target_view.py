@@ -149,3 +149,22 @@ def test_core_view_is_duck_typed() -> None:
         _targets.target_matcher("(")
     with pytest.raises(TypeError, match="non-empty list"):
         _targets.target_matcher([])
+
+
+def test_count_params_takes_shapes_from_model_directly_and_selection_matches_attach() -> None:
+    """The literal equality: ``count_params(config, shapes_from_model(model, targets))`` (Target
+    records, names included, so ``grouping="layer"`` groups like attach), and a selected module
+    without an adaptable weight is refused by both."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100))
+    for config in (presets.lorta(3, 2, groups="layer"), presets.lonkr(2, 2, groups="layer"), presets.lora(2)):
+        shapes = shapes_from_model(model, ["c_attn", "c_proj"])
+        adapter = tat.attach(model, config, ["c_attn", "c_proj"])
+        try:
+            assert count_params(config, shapes) == adapter.num_params
+        finally:
+            adapter.detach()
+    selection = r"transformer\.h\.0\.(attn|attn\.c_attn)"  # selects GPT2Attention itself too
+    for refuse in (lambda: shapes_from_model(model, selection), lambda: tat.attach(model, presets.lora(1), selection)):
+        with pytest.raises(TypeError, match=r"'transformer\.h\.0\.attn'"):
+            refuse()

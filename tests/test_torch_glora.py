@@ -15,7 +15,6 @@ from tensoradapt.torch.glora import (
     GLoRAAdapter,
     GLoRALayer,
     attach_glora,
-    load_glora,
     search,
     weight_bias,
 )
@@ -100,7 +99,7 @@ def test_attach_structure_and_init_is_a_no_op() -> None:
     x = torch.randn(7, 6)
     ref = model(x)
     adapter = attach_glora(model, GLoRAConfig(), ["0", "2", "4"])
-    assert isinstance(model[0], GLoRALayer) and model.tensoradapt is adapter
+    assert isinstance(model[0], GLoRALayer) and model.tensoradapt["default"] is adapter
     assert adapter.target_names == ("0", "2", "4")
     assert adapter.has_bias == (True, False, True)
     assert "D" not in adapter.layers[1]
@@ -161,11 +160,11 @@ def test_set_configs_fixes_train_and_eval() -> None:
     by_name = {"0": LayerChoice(A="vector"), "2": {"B": "scalar"}, "4": LayerChoice()}
     adapter.set_configs(by_name)
     assert adapter.configs == (LayerChoice(A="vector"), LayerChoice(B="scalar"), LayerChoice())
-    assert adapter.num_params() == 5 + 1 + 0
+    assert adapter.active_params() == 5 + 1 + 0
     adapter.set_configs(None)
     assert adapter.configs is None
     with pytest.raises(RuntimeError, match="no configs are fixed"):
-        adapter.num_params()
+        adapter.active_params()
     with pytest.raises(ValueError, match=r"layer '2': D='vector' on a bias-free layer"):
         adapter.set_configs(LayerChoice(D="vector"))
     with pytest.raises(ValueError, match=r"one LayerChoice per adapted layer \(3\), got 2"):
@@ -240,9 +239,9 @@ def test_every_config_merged_equals_unmerged() -> None:
         adapter.set_configs([first, second])
         unmerged = model(x)
         adapter.merge()
-        assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear
+        assert adapter.merged and isinstance(model[0], GLoRALayer)  # the wrapper runs x W'ᵀ + b'
         needs_bias = second.C != "none" or second.E != "none"
-        assert (model[1].bias is not None) == needs_bias
+        assert (model[1].merged_weight_bias[1] is not None) == needs_bias
         torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-6)
         adapter.unmerge()
         assert isinstance(model[0], GLoRALayer)
@@ -264,8 +263,8 @@ def test_merge_unmerge_detach_are_exact() -> None:
     adapter.set_configs(LayerChoice(A="scalar", B="lora", E="vector"))
     unmerged = model(x)
     adapter.merge()
-    assert adapter.merged and model[0] is not originals[0]
-    assert model[2].bias is not None  # E made a bias on the bias-free layer
+    assert adapter.merged and model[0].base_layer is originals[0]
+    assert model[2].merged_weight_bias[1] is not None  # E made a bias on the bias-free layer
     with pytest.raises(RuntimeError, match="already merged"):
         adapter.merge()
     with pytest.raises(RuntimeError, match="call unmerge"):
@@ -337,9 +336,9 @@ def test_summary_and_counts() -> None:
     assert adapter.num_stored_params() == (2 * 2 * 11 + 6 * 2 + 2 + 2 * 5) + (2 * 2 * 9 + 5 * 2 + 2 + 4) + \
         (2 * 2 * 7 + 4 * 2 + 2 + 2 * 3)
     largest = [largest_choice(adapter.config, has_bias=b) for b in adapter.has_bias]
-    assert adapter.num_params(largest) == adapter.num_stored_params()
+    assert adapter.active_params(largest) == adapter.num_stored_params()
     adapter.set_configs(LayerChoice(A="vector", B="lora", D="none", E="vector", rank=1))
-    assert adapter.num_params() == sum(count_params(o, n, adapter.configs[0], has_bias=b)
+    assert adapter.active_params() == sum(count_params(o, n, adapter.configs[0], has_bias=b)
                                        for (o, n), b in zip(adapter.shapes, adapter.has_bias, strict=True))
     assert "active params of the fixed configs" in adapter.summary()
 
@@ -362,6 +361,8 @@ def test_conv1d_layer_matches_the_formula() -> None:
     b = b0 + b0 * p["D"] + p["E"][0] + W0 @ (p["C_d"] @ p["C_u"])[:, 0]
     torch.testing.assert_close(holder(x), x @ W.t() + b)
     adapter.merge()
+    torch.testing.assert_close(holder(x), x @ W.t() + b, rtol=1e-5, atol=1e-6)
+    adapter.merge_and_detach()
     assert type(holder[0]) is type(conv) and holder[0].weight.shape == (5, 7)
     torch.testing.assert_close(holder(x), x @ W.t() + b, rtol=1e-5, atol=1e-6)
 
@@ -395,14 +396,13 @@ def test_gpt2_supernet_search_merge() -> None:
     budget = 2_000
     result = search(adapter, evaluate, budget, population=8, top_k=3, iterations=2, progress=False)
     assert result.num_params <= budget and adapter.configs == result.configs
-    assert adapter.num_params() == result.num_params
+    assert adapter.active_params() == result.num_params
     with torch.no_grad():
         unmerged = model(ids).logits
     with torch.no_grad():
         assert -float(model(ids, labels=ids).loss) == pytest.approx(result.score, rel=1e-6)
     adapter.merge()
-    conv1d = pytest.importorskip("transformers").pytorch_utils.Conv1D
-    assert type(model.transformer.h[0].attn.c_attn) is conv1d
+    assert isinstance(model.transformer.h[0].attn.c_attn, GLoRALayer) and adapter.merged
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, unmerged, rtol=1e-5, atol=1e-5)
     adapter.merge_and_detach()
@@ -436,23 +436,24 @@ def test_save_load_round_trip(tmp_path) -> None:
     adapter.set_configs(None)  # a supernet without fixed configs round-trips too
     meta = adapter.metadata()
     assert meta["configs"] is None and meta["method"] == "glora"
-    supernet = load_glora(_mlp(), adapter.state_tensors(), meta)
+    supernet = tt.load(_mlp(), adapter.save(tmp_path / "supernet.safetensors"))
     assert supernet.configs is None
 
 
 def test_load_refuses_a_different_model(tmp_path) -> None:
+    import tensoradapt.torch as tt
     from tensoradapt.torch import AdapterFileError
 
     model = _mlp()
     adapter = attach_glora(model, GLoRAConfig(), ["0", "2"])
-    tensors, meta = adapter.state_tensors(), adapter.metadata()
+    path = adapter.save(tmp_path / "g.safetensors")
     other = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4, bias=True))
     with pytest.raises(AdapterFileError, match="has_bias"):
-        load_glora(other, tensors, meta)
+        tt.load(other, path)
     with pytest.raises(AdapterFileError, match="does not have"):
-        load_glora(nn.Sequential(nn.Linear(6, 5)), tensors, meta)
-    with pytest.raises(AdapterFileError, match=r"file \(5, 6\) vs model \(5, 7\)"):
-        load_glora(nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 4, bias=False)), tensors, meta)
+        tt.load(nn.Sequential(nn.Linear(6, 5)), path)
+    with pytest.raises(AdapterFileError, match=r"file linear \(5, 6\) vs model linear \(5, 7\)"):
+        tt.load(nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 4, bias=False)), path)
 
 
 # ---------------------------------------------------------------- evolutionary search
@@ -492,7 +493,7 @@ def test_search_finds_the_best_feasible_and_never_evaluates_infeasible() -> None
 
     def evaluate() -> float:
         configs = adapter.configs
-        count = adapter.num_params()
+        count = adapter.active_params()
         assert count <= budget, "an infeasible individual was evaluated"
         seen.append(configs)
         return sum(value[(li, c)] for li, c in enumerate(configs))
@@ -500,7 +501,7 @@ def test_search_finds_the_best_feasible_and_never_evaluates_infeasible() -> None
     result = search(adapter, evaluate, budget, seed=0, progress=False)
     assert result.configs == best
     assert result.score == pytest.approx(best_score)
-    assert result.num_params == adapter.num_params() <= budget
+    assert result.num_params == adapter.active_params() <= budget
     assert adapter.configs == best
     assert len(seen) == len(set(seen)) == result.evaluations  # cached: no individual twice
     assert len(result.history) == 21 and result.history[0].iteration == 0
@@ -601,18 +602,18 @@ def test_checkpoint_recomputation_reuses_the_sampled_configuration() -> None:
             torch.testing.assert_close(grads[1][name], value, rtol=1e-4, atol=1e-6)
 
 
-def test_base_layer_hooks_run_and_attributes_read_through() -> None:
+def test_wrapper_hooks_run_and_attributes_read_through() -> None:
     model = _mlp()
     calls = []
     model[0].register_forward_hook(lambda module, args, out: calls.append(1))
     adapter = attach_glora(model, GLoRAConfig(rank=2), ["0"])
     adapter.set_configs(LayerChoice("lora", "vector", "none", "scalar", "vector"))
     model(torch.randn(2, 6))
-    assert calls == [1]
+    assert calls == []  # the base layer runs functionally (x W'ᵀ + b'), never through its forward
     assert model[0].weight is model[0].base_layer.weight and model[0].in_features == 6
-    adapter.merge()
+    model[0].register_forward_hook(lambda module, args, out: calls.append(2))  # hooks on the wrapper run
     model(torch.randn(2, 6))
-    assert calls == [1, 1]
+    assert calls == [2]
 
 
 def test_train_mode_set_while_merged_survives_unmerge() -> None:

@@ -168,8 +168,8 @@ def test_same_matrix_shape_but_other_module_kind(tmp_path) -> None:
     ("update", "match"),
     [
         ({"generator_id": "other/2"}, "buffer generator 'other/2'"),
-        ({"targets": []}, "empty or repeats"),
-        ({"seed": "x"}, "unreadable SuperLoRA metadata"),
+        ({"targets": []}, "target list is \\[\\] \\(a non-empty list needed\\)"),
+        ({"seed": "x"}, "seed is 'x', not a non-negative 64-bit integer"),
         ({"parameters": {"g0.split1.core": 3}}, "corrupted"),
     ],
 )

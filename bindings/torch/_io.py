@@ -20,11 +20,21 @@ import torch
 
 import tensoradapt._safetensors as safetensors_header
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "AdapterFileError", "read_adapter", "read_metadata", "write_adapter"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "AdapterFileError", "adapter_path", "check_file", "read_adapter",
+           "read_metadata", "write_adapter"]
 
 FORMAT = "tensoradapt.adapter"
 FORMAT_VERSION = 1
 _METADATA_KEY = "tensoradapt"
+#: Deepest JSON nesting accepted in the metadata (a valid file nests 4 deep).
+MAX_METADATA_DEPTH = 16
+#: Float dtypes an adapter's tensors may have.
+PARAM_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with the glob metacharacters escaped."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 class AdapterFileError(ValueError):
@@ -52,6 +62,11 @@ def write_adapter(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tens
     if not path.parent.exists():
         raise FileNotFoundError(f"folder {str(path.parent)!r} does not exist")
     host = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):  # left by a save that was killed
+        try:
+            stale.unlink()
+        except OSError:  # pragma: no cover - raced with another cleaner
+            pass
     header = {"format": "pt", _METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)}
     blob = _safetensors().save(host, metadata=header)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -98,6 +113,61 @@ def _read_header(path: Path) -> dict[str, Any]:
         raise AdapterFileError(f"{str(path)!r} is corrupted or not a safetensors file: {error}") from None
 
 
+def adapter_path(path: str | os.PathLike[str]) -> Path:
+    """The adapter file of ``path``: the path itself, or ``path/adapter_model.safetensors`` for a
+    folder (what ``save_pretrained`` writes)."""
+    from ._shared import ADAPTER_FILE
+
+    path = Path(path)
+    return path / ADAPTER_FILE if path.is_dir() else path
+
+
+def _refuse_constant(text: str) -> Any:
+    raise ValueError(f"the number {text} is not allowed")
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("an object repeats a key")
+    return out
+
+
+def _depth(text: str) -> int:
+    """How deep the JSON ``text`` nests (counted on the characters, no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def parse_metadata(text: str, where: str) -> Any:
+    """The metadata JSON, strictly: at most :data:`MAX_METADATA_DEPTH` deep, no NaN/Infinity, no
+    repeated key, no integer longer than the interpreter parses; ``AdapterFileError`` otherwise."""
+    if _depth(text) > MAX_METADATA_DEPTH:
+        raise AdapterFileError(f"{where} is corrupted: its tensoradapt metadata nests deeper than "
+                               f"{MAX_METADATA_DEPTH} levels")
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, too-long integers, NaN
+        raise AdapterFileError(f"{where} is corrupted: its tensoradapt metadata is not valid JSON "
+                               f"({str(error)[:200]})") from None
+
+
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The tensoradapt metadata of an adapter file (reads the header only, never the tensors).
 
@@ -108,62 +178,217 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     AdapterFileError
         Not a safetensors file, no tensoradapt metadata, or an unsupported format version.
     """
-    path = Path(path)
-    if not path.is_file():
+    path = adapter_path(path)
+    if not path.exists():
         raise FileNotFoundError(f"no adapter file at {str(path)!r}")
+    if not path.is_file():  # a FIFO, a device, a folder without the adapter file: never opened
+        raise AdapterFileError(f"{str(path)!r} is not a regular file (an adapter is a .safetensors file or a folder "
+                               "holding adapter_model.safetensors)")
     header = _read_header(path)  # __metadata__ is checked there: an object of strings to strings
     text = (header.get(safetensors_header.METADATA_KEY) or {}).get(_METADATA_KEY)
     if text is None:
         raise AdapterFileError(f"{str(path)!r} is a safetensors file without tensoradapt metadata (not an adapter)")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise AdapterFileError(f"{str(path)!r} is corrupted: its tensoradapt metadata is not JSON ({error})") from None
+    data = parse_metadata(text, repr(str(path)))
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise AdapterFileError(f"{str(path)!r} has format {data.get('format') if isinstance(data, dict) else None!r}, "
                                f"expected {FORMAT!r}")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
-        newer = isinstance(version, int) and version > FORMAT_VERSION
+    if type(version) is not int or version != FORMAT_VERSION:
+        newer = type(version) is int and version > FORMAT_VERSION
         raise AdapterFileError(
-            f"{str(path)!r} has format_version {version!r}; this tensoradapt reads version {FORMAT_VERSION}"
+            f"{str(path)!r} has format_version {version!r:.40}; this tensoradapt reads version {FORMAT_VERSION}"
             + (" (the file was written by a newer tensoradapt: upgrade)" if newer else "")
         )
     return data
 
 
 def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(tensors, metadata)`` of an adapter file, checked: format, version, and that every tensor
-    named in the metadata is present with the recorded shape and dtype.
-
-    Tensors are read with ``safetensors`` (never pickle) onto the CPU.
-    """
-    path = Path(path)
+    """``(tensors, metadata)`` of an adapter file, checked (:func:`check_file`), the metadata's
+    ``config`` left as its JSON object."""
+    path = adapter_path(path)
     metadata = read_metadata(path)
+    tensors = _load_tensors(path)
+    _check_tensors(tensors, metadata, repr(str(path)))
+    return tensors, metadata
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        tensors = dict(_safetensors().load_file(str(path), device="cpu"))
+        return dict(_safetensors().load_file(str(path), device="cpu"))
     except Exception as error:  # safetensors raises its own error type for every corruption
         raise AdapterFileError(f"{str(path)!r} is corrupted: {error}") from None
+
+
+# ---------------------------------------------------------------------------------- strict checks
+def _strict_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _shape(value: Any, what: str, where: str, *, length: int | None = None, positive: bool = False) -> list[int]:
+    if not isinstance(value, list) or not all(_strict_int(d) and (d > 0 if positive else d >= 0) for d in value) \
+            or (length is not None and len(value) != length) or any(d >= 2**63 for d in value):
+        raise AdapterFileError(f"{where} is corrupted: {what} is {value!r:.80}, not a list of "
+                               f"{length or ''}{' ' if length else ''}{'positive' if positive else 'non-negative'} "
+                               "integers")
+    return value
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, Any], where: str) -> None:
+    """Every tensor the metadata names (adapter ``parameters`` and ``modules_to_save``) is in the
+    file with its recorded shape and dtype, and nothing else is."""
     expected = metadata.get("parameters")
-    if not isinstance(expected, dict):
-        raise AdapterFileError(f"{str(path)!r} is corrupted: its metadata has no 'parameters' table")
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise AdapterFileError(f"{str(path)!r} is corrupted: tensors missing {missing[:5]}, unexpected {extra[:5]}")
+    if not isinstance(expected, dict) or not expected or not all(isinstance(k, str) and k for k in expected):
+        raise AdapterFileError(f"{where} is corrupted: its metadata has no 'parameters' table")
     dtype = metadata.get("param_dtype")
-    for name, shape in expected.items():
+    if dtype not in PARAM_DTYPES:
+        raise AdapterFileError(f"{where}: param_dtype {dtype!r:.40} is not one of {list(PARAM_DTYPES)}")
+    shapes = {name: _shape(shape, f"the shape of {name!r:.80}", where) for name, shape in expected.items()}
+    from ._shared import MODULES_TO_SAVE_PREFIX
+
+    saved = metadata.get("modules_to_save", [])
+    if not isinstance(saved, list):
+        raise AdapterFileError(f"{where} is corrupted: modules_to_save is {saved!r:.80}, not a list")
+    saved_names = set()
+    for record in saved:
+        if not isinstance(record, dict) or set(record) != {"name", "type", "parameters"} \
+                or not isinstance(record["name"], str) or not record["name"] or not isinstance(record["type"], str) \
+                or not isinstance(record["parameters"], dict) or record["name"] in saved_names:
+            raise AdapterFileError(f"{where} is corrupted: a modules_to_save entry is {record!r:.80}")
+        saved_names.add(record["name"])
+        for pname, shape in record["parameters"].items():
+            key = f"{MODULES_TO_SAVE_PREFIX}{record['name']}.{pname}"
+            if key in shapes:
+                raise AdapterFileError(f"{where} is corrupted: {key!r} is listed twice")
+            shapes[key] = _shape(shape, f"the shape of {key!r:.80}", where)
+    missing = sorted(set(shapes) - set(tensors))
+    extra = sorted(set(tensors) - set(shapes))
+    if missing or extra:
+        raise AdapterFileError(f"{where} is corrupted: tensors missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, shape in shapes.items():
         tensor = tensors[name]
-        if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
-            raise AdapterFileError(f"{str(path)!r} is corrupted: the shape of {name!r} is {shape!r}, "
-                                   "not a list of ints")
         if list(tensor.shape) != list(shape):
             raise AdapterFileError(
-                f"{str(path)!r}: tensor {name!r} has shape {list(tensor.shape)} but the metadata says {list(shape)}"
+                f"{where}: tensor {name!r} has shape {list(tensor.shape)} but the metadata says {list(shape)}"
             )
-        if str(tensor.dtype).removeprefix("torch.") != dtype:
+        if name in expected and str(tensor.dtype).removeprefix("torch.") != dtype:
             raise AdapterFileError(
-                f"{str(path)!r}: dtype mismatch, tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')} "
+                f"{where}: dtype mismatch, tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')} "
                 f"but the adapter's parameters are {dtype}"
             )
-    return tensors, metadata
+        if name in expected and not tensor.dtype.is_floating_point:  # saved modules' buffers: check_saved_modules
+            raise AdapterFileError(f"{where}: tensor {name!r} is {tensor.dtype}, not a floating dtype")
+
+
+_TARGET_KEYS = {"superlora": {"name", "kind", "shape", "weight_shape"}, "glora": {"name", "kind", "shape", "has_bias"}}
+
+
+def check_file(path: str | os.PathLike[str]) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
+    """``(path, tensors, metadata)`` of an adapter file, everything checked that the file alone can
+    tell: format and version, strict JSON types of every field, the config (built: ``metadata
+    ["config"]`` is the config object), the targets, the tensors against the metadata and the seed.
+    Raises ``FileNotFoundError`` or :class:`AdapterFileError` (naming the file)."""
+    from tensoradapt import GLoRAConfig, SuperLoRAConfig, buffers
+    from tensoradapt._targets import KINDS
+
+    path = adapter_path(path)
+    where = repr(str(path))
+    metadata = read_metadata(path)
+    method = metadata.get("method")
+    if not isinstance(method, str) or method not in _TARGET_KEYS:
+        raise AdapterFileError(f"{where}: unknown adapter method {method!r:.40}")
+    targets = metadata.get("targets")
+    if not isinstance(targets, list) or not targets:
+        raise AdapterFileError(f"{where} is corrupted: its target list is {targets!r:.80} (a non-empty list needed)")
+    names = []
+    for record in targets:
+        if not isinstance(record, dict) or set(record) != _TARGET_KEYS[method]:
+            raise AdapterFileError(f"{where} is corrupted: a target record is {record!r:.80}; expected the keys "
+                                   f"{sorted(_TARGET_KEYS[method])}")
+        name = record["name"]
+        if not isinstance(name, str) or not name:
+            raise AdapterFileError(f"{where} is corrupted: a target name is {name!r:.40}, not a module name")
+        if record["kind"] not in KINDS:
+            raise AdapterFileError(f"{where} is corrupted: target {name!r:.80} has kind {record['kind']!r:.40}")
+        _shape(record["shape"], f"the shape of target {name!r:.80}", where, length=2, positive=True)
+        if method == "superlora":
+            _shape(record["weight_shape"], f"the weight shape of target {name!r:.80}", where, positive=True)
+        elif type(record["has_bias"]) is not bool:
+            raise AdapterFileError(f"{where} is corrupted: has_bias of target {name!r:.80} is "
+                                   f"{record['has_bias']!r:.40}, not true or false")
+        names.append(name)
+    if len(set(names)) != len(names):
+        raise AdapterFileError(f"{where} is corrupted: the target list repeats a name")
+    seed = metadata.get("seed")
+    if not _strict_int(seed) or not 0 <= seed < 2**64:
+        raise AdapterFileError(f"{where} is corrupted: seed is {seed!r:.40}, not a non-negative 64-bit integer")
+    if metadata.get("generator_id") != buffers.GENERATOR_ID:
+        raise AdapterFileError(
+            f"{where} was made with buffer generator {metadata.get('generator_id')!r:.80}; this tensoradapt has "
+            f"{buffers.GENERATOR_ID!r}, so its fixed projections would differ"
+        )
+    config_type = SuperLoRAConfig if method == "superlora" else GLoRAConfig
+    raw = metadata.get("config")
+    if not isinstance(raw, dict):
+        raise AdapterFileError(f"{where} is corrupted: its config is {raw!r:.80}, not an object")
+    try:
+        config = config_type.from_dict(raw)
+    except (TypeError, ValueError, KeyError, OverflowError) as error:
+        raise AdapterFileError(f"{where}: unreadable {config_type.__name__} ({type(error).__name__}: "
+                               f"{str(error)[:300]})") from None
+    tensors = _load_tensors(path)
+    _check_tensors(tensors, metadata, where)
+    checked = dict(metadata)
+    checked["config"] = config
+    return path, tensors, checked
+
+
+def check_model_targets(model: torch.nn.Module, metadata: dict[str, Any], where: str) -> list[tuple[str, Any]]:
+    """The model's modules the file targets, refused like at attach (``AdapterFileError``)."""
+    from ._shared import check_targets, plain_named_modules
+
+    modules = dict(plain_named_modules(model))
+    names = [r["name"] for r in metadata["targets"]]
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise AdapterFileError(
+            f"{where} targets modules the model does not have: {missing[:5]}"
+            f"{' …' if len(missing) > 5 else ''} ({len(missing)} of {len(names)})"
+        )
+    try:
+        return check_targets(model, [(n, modules[n]) for n in names])
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise AdapterFileError(f"{where}: {error}") from None
+
+
+def check_saved_modules(model: torch.nn.Module, metadata: dict[str, Any], tensors: dict[str, torch.Tensor],
+                        where: str) -> tuple[list[str], dict[str, dict[str, torch.Tensor]]]:
+    """``(names, {name: {param: tensor}})`` of the file's ``modules_to_save``, checked against the
+    model's modules (same parameters and shapes)."""
+    from ._shared import MODULES_TO_SAVE_PREFIX
+
+    names, values = [], {}
+    targets = [r["name"] for r in metadata["targets"]]
+    for record in metadata.get("modules_to_save", []):
+        name = record["name"]
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise AdapterFileError(f"{where} saves module {name!r:.80}, which the model does not have") from None
+        if any(t == name or t.startswith(name + ".") or name.startswith(t + ".") for t in targets):
+            raise AdapterFileError(f"{where} saves module {name!r:.80}, which overlaps a target")
+        if record["type"] != type(module).__name__:
+            raise AdapterFileError(f"{where} saves module {name!r:.80} as a {record['type']!r:.40}, but the "
+                                   f"model's is a {type(module).__name__}")
+        own = {p: list(t.shape) for p, t in module.state_dict().items()}
+        if own != record["parameters"]:
+            raise AdapterFileError(f"{where}: saved module {name!r:.80} has parameters and buffers "
+                                   f"{sorted(record['parameters'])[:5]} with other names or shapes than the model's")
+        values[name] = {p: tensors[f"{MODULES_TO_SAVE_PREFIX}{name}.{p}"] for p in own}
+        state = module.state_dict()
+        for entry, tensor in values[name].items():  # floats stay floats, integer buffers keep their dtype
+            mine = state[entry].dtype
+            if tensor.dtype != mine and not (tensor.dtype.is_floating_point and mine.is_floating_point):
+                raise AdapterFileError(f"{where}: saved module {name!r:.80} entry {entry!r:.40} is {tensor.dtype}, "
+                                       f"the model's is {mine}")
+        names.append(name)
+    return names, values

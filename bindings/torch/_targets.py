@@ -27,7 +27,10 @@ TargetSpec = str | Sequence[str] | Callable[[str, nn.Module], bool]
 @dataclass(frozen=True)
 class WeightView(TargetView):
     """A :class:`tensoradapt._targets.TargetView` (``kind``, ``(o, n)`` ``shape``,
-    ``weight_shape``) that maps ``ΔW`` back to the stored layout."""
+    ``weight_shape``) that maps ``ΔW`` back to the stored layout.  ``padding_idx``: an embedding's
+    padding row, which PyTorch keeps fixed and an update therefore never changes."""
+
+    padding_idx: int | None = None
 
     def to_weight(self, delta: torch.Tensor) -> torch.Tensor:
         """``ΔW`` ``(o, n)`` → the stored weight's layout (transposed for Conv1D, reshaped for convs)."""
@@ -37,6 +40,16 @@ class WeightView(TargetView):
             return delta.reshape(self.weight_shape)
         return delta
 
+    def update_to_weight(self, delta: torch.Tensor) -> torch.Tensor:
+        """An update ``ΔW`` in the stored layout (:meth:`to_weight`), with an embedding's padding row
+        zeroed (out of place, so gradients flow to every other row)."""
+        update = self.to_weight(delta)
+        if self.padding_idx is None:
+            return update
+        keep = torch.ones(update.shape[0], 1, dtype=update.dtype, device=update.device)
+        keep[self.padding_idx] = 0
+        return update * keep
+
 
 def _is_tensor(value: object) -> bool:
     return isinstance(value, torch.Tensor)
@@ -44,8 +57,14 @@ def _is_tensor(value: object) -> bool:
 
 def weight_view(name: str, module: nn.Module) -> WeightView:
     """The :class:`WeightView` of a targeted module; ``TypeError`` when it has no usable weight."""
+    from ._shared import is_quantized
+
+    if is_quantized(module):  # the stored weight is packed: the layer's own sizes give (o, n)
+        shape = (int(module.out_features), int(module.in_features))
+        return WeightView("linear", shape, shape)
     view = target_view(name, module, is_array=_is_tensor)
-    return WeightView(view.kind, view.shape, view.weight_shape)
+    padding = getattr(module, "padding_idx", None) if isinstance(module, nn.Embedding) else None
+    return WeightView(view.kind, view.shape, view.weight_shape, None if padding is None else int(padding))
 
 
 def match_targets(model: nn.Module, targets: TargetSpec) -> list[tuple[str, nn.Module]]:

@@ -1,17 +1,17 @@
 """``attach(model, SuperLoRAConfig(...), targets)``: SuperLoRA on a live PyTorch model.
 
-Each targeted module is wrapped by an :class:`AdaptedLayer` that calls the original module with
-the weight ``W + ΔW``; the :class:`Adapter` (registered on the model as ``model.tensoradapt``)
-owns every trainable tensor and generates ``ΔW`` one component of the generator at a time
+Each targeted module is wrapped by a :class:`SuperLoRALayer` that runs the module's own forward
+functionally with the weight ``W + ΔW`` (the module's parameters are never swapped or mutated);
+the :class:`SuperLoRAAdapter` (registered on the model as ``model.tensoradapt``) owns every
+trainable tensor and generates ``ΔW`` one component of the generator at a time
 (:meth:`tensoradapt.SuperLoRA.components`), **once per model forward**: the first layer that needs
-a component triggers it and later layers reuse the result until the forward ends.
+a component triggers it and later layers reuse the result until the forward ends.  That reuse is
+per thread, so concurrent forwards from several threads never see each other's ``ΔW``.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from pathlib import Path
+import threading
 from typing import Any
 
 import torch
@@ -22,59 +22,150 @@ from tensoradapt import SuperLoRA, SuperLoRAConfig, buffers
 from tensoradapt._version import __version__
 from tensoradapt.superlora.plan import param_name
 
-from ._io import FORMAT, FORMAT_VERSION, AdapterFileError, write_adapter
-from ._shared import ADAPTER_ATTRIBUTE, ReadsThrough, Switchable, graph_task_id
+from ._io import FORMAT, FORMAT_VERSION, AdapterFileError
+from ._shared import (
+    ADAPTER_ATTRIBUTE,
+    BaseAdapter,
+    ReadsThrough,
+    ThreadState,
+    base_forward,
+    check_targets,
+    forward_kind,
+    graph_task_id,
+)
 from ._targets import TargetSpec, WeightView, match_targets, weight_view
 from .functional import superlora_component_delta
 
-__all__ = ["ADAPTER_ATTRIBUTE", "AdaptedLayer", "Adapter", "attach_superlora", "load_superlora"]
+__all__ = ["ADAPTER_ATTRIBUTE", "AdaptedLayer", "Adapter", "SuperLoRAAdapter", "SuperLoRALayer",
+           "attach_superlora", "check_targets", "load_superlora"]
+
+
+_BACKWARD_LOCK = threading.Lock()  # guards every adapter's backward-pass ΔW caches (short critical sections)
 
 
 def _safe_key(name: str) -> str:
     return name.replace(".", "__")
 
 
-class AdaptedLayer(ReadsThrough, nn.Module):
-    """A targeted module with its adapter: ``forward`` runs the original module with ``W + ΔW``.
+class _ForwardState:
+    """One thread's forward-scoped ΔW reuse: nesting depth and ``{(component, grad): (versions, ΔW)}``."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.cache: dict[tuple[int, bool], Any] | None = None
+
+
+class SuperLoRALayer(ReadsThrough, nn.Module):
+    """A targeted module with its SuperLoRA adapter: ``forward`` runs the module's own forward
+    (functionally, with its own settings) with ``W + ΔW``.
 
     ``base_layer`` is the original module (its parameters untouched).  While the adapter is
     merged or disabled, the base layer runs as is.
     """
 
-    def __init__(self, base_layer: nn.Module, index: int, view: WeightView, owner: Adapter) -> None:
+    _owner: SuperLoRAAdapter
+
+    def __init__(self, base_layer: nn.Module, index: int, view: WeightView, kind: str,
+                 owner: SuperLoRAAdapter) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.index = index
         self.view = view
+        self.kind = kind
         object.__setattr__(self, "_owner", owner)  # not a submodule: the adapter is registered once, on the model
+        # every adapter adding its update here: [(adapter, its target index)], the first one is _owner
+        object.__setattr__(self, "_contributions", [(owner, index)])
+        self.register_state_dict_post_hook(_report_original_weight)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        owner: Adapter = self._owner
+    @property
+    def contributions(self) -> list[tuple[SuperLoRAAdapter, int]]:
+        """``[(adapter, its target index)]`` of every adapter adding its update to this layer."""
+        return list(self._contributions)
+
+    def join(self, owner: SuperLoRAAdapter, index: int) -> None:
+        """Add ``owner``'s update (its target ``index``) to this layer (a named adapter on a shared target)."""
+        self._contributions.append((owner, index))
+
+    def release(self, owner: SuperLoRAAdapter) -> bool:
+        """Drop ``owner``'s update; True when other adapters still use this wrapper."""
+        rest = [(o, i) for o, i in self._contributions if o is not owner]
+        object.__setattr__(self, "_contributions", rest)
+        if rest:
+            object.__setattr__(self, "_owner", rest[0][0])
+            self.index = rest[0][1]
+        return bool(rest)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self._contributions) > 1:
+            return self._forward_shared(x)
+        return self._forward_one(self._owner, self.index, x)
+
+    def _forward_shared(self, x: torch.Tensor) -> torch.Tensor:
+        """Several adapters on this layer: the active ones' updates add (``W + ΔW_a + ΔW_b``)."""
+        active = [(o, i) for o, i in self._contributions if o.active]
+        if len(active) <= 1:
+            return self.base_layer(x) if not active else self._forward_one(active[0][0], active[0][1], x)
+        base = self.base_layer
+        factored = [(o, i) for o, i in active if i in o.factored_targets]
+        dense = [(o, i) for o, i in active if i not in o.factored_targets]
+        if self.kind == "quantized":
+            out = base(x)
+            for o, i in dense:
+                delta = o.target_delta(i).to(out.device)
+                out = out + F.linear(x.to(delta.dtype), delta).to(out.dtype)
+        elif dense:
+            weight = base.weight
+            total: torch.Tensor | None = None
+            for o, i in dense:
+                delta = self.view.update_to_weight(o.target_delta(i)).to(weight.device)
+                total = delta if total is None else total + delta.to(total.dtype)
+            assert total is not None
+            if weight.dtype == total.dtype:
+                effective = weight + total
+            else:
+                effective = (weight.to(total.dtype) + total).to(weight.dtype)
+            out = base_forward(base, self.kind, x, effective, getattr(base, "bias", None))
+        else:
+            out = base(x)
+        for o, i in factored:
+            out = out + o.low_rank_update(i, x.to(out.device)).to(out.dtype)
+        return out
+
+    def _forward_one(self, owner: SuperLoRAAdapter, index: int, x: torch.Tensor) -> torch.Tensor:
         if not owner.active:
-            return self.base_layer(*args, **kwargs)
-        if self.index in owner.factored_targets and len(args) == 1 and not kwargs:
-            out = self.base_layer(args[0])
-            return out + owner.low_rank_update(self.index, args[0].to(out.device)).to(out.dtype)
-        weight = self.base_layer.weight
-        delta = self.view.to_weight(owner.target_delta(self.index)).to(weight.device)  # no-op on one device
+            return self.base_layer(x)
+        if index in owner.factored_targets:
+            out = self.base_layer(x)
+            return out + owner.low_rank_update(index, x.to(out.device)).to(out.dtype)
+        base = self.base_layer
+        if self.kind == "quantized":  # never touch the quantised weight: base(x) + x ΔWᵀ
+            out = base(x)
+            delta = owner.target_delta(index).to(out.device)
+            return out + F.linear(x.to(delta.dtype), delta).to(out.dtype)
+        weight = base.weight
+        delta = self.view.update_to_weight(owner.target_delta(index)).to(weight.device)  # no-op on one device
         if weight.dtype == delta.dtype:
             effective = weight + delta
         else:  # half-precision weights: add in fp32, round once
             effective = (weight.to(delta.dtype) + delta).to(weight.dtype)
-        kind, base = self.view.kind, self.base_layer
-        if kind == "linear" and type(base) is nn.Linear and len(args) == 1 and not kwargs:
-            return F.linear(args[0], effective, base.bias)
-        if kind == "conv1d" and len(args) == 1 and not kwargs:
-            x = args[0]
-            out = torch.addmm(base.bias, x.reshape(-1, x.shape[-1]), effective)
-            return out.reshape(*x.shape[:-1], effective.shape[1])
-        return torch.func.functional_call(base, {"weight": effective}, args, kwargs)
+        return base_forward(base, self.kind, x, effective, getattr(base, "bias", None))
 
     def extra_repr(self) -> str:
         return f"target={self.index}, kind={self.view.kind}, delta_shape={self.view.shape}"
 
 
-class Adapter(Switchable, nn.Module):
+def _report_original_weight(module: SuperLoRALayer, state: dict[str, Any], prefix: str, local: Any) -> None:
+    """While merged, ``state_dict()`` reports the original base weight (never ``W + ΔW``), so a
+    state dict loaded back into an adapted model does not count ``ΔW`` twice."""
+    merged = [(o, i) for o, i in module.contributions if o.original_weight(i) is not None]
+    merged.sort(key=lambda item: item[0].merge_position)
+    original = merged[0][0].original_weight(merged[0][1]) if merged else None  # the weight before any merge
+    key = f"{prefix}base_layer.weight"
+    if original is not None and key in state:
+        state[key] = original.detach()
+
+
+class SuperLoRAAdapter(BaseAdapter):
     """SuperLoRA attached to a model (made by :func:`tensoradapt.torch.attach`).
 
     Attributes
@@ -89,25 +180,31 @@ class Adapter(Switchable, nn.Module):
         The targets computed as ``base(x) + s (x V) Uᵀ`` without forming ``ΔW`` (see
         :meth:`low_rank_update`): ``{index: (U name, V name, s)}``.
 
-    Constructing one puts the wrappers in place (``attach`` and ``load`` do it); ``values`` (a
-    ``{generator name: tensor}`` dict of the plan's shapes) replaces the initial parameters first.
+    Constructing one builds the tensors; ``attach`` and ``load`` then install the wrappers.
+    ``values`` (a ``{generator name: tensor}`` dict of the plan's shapes) replaces the initial
+    parameters.
     """
+
+    merge_writes_base = True
+
+    method = "superlora"
 
     def __init__(self, model: nn.Module, config: SuperLoRAConfig, found: list[tuple[str, nn.Module]], *,
                  freeze_base: bool, seed: int | None, dtype: torch.dtype | None,
                  values: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
+        kinds = [forward_kind(name, module) for name, module in found]
         views = [weight_view(name, module) for name, module in found]
         names = [name for name, _ in found]
         self.plan = SuperLoRA(config, [v.shape for v in views], names)
         self.config = config
-        self.target_names = tuple(names)
         self.views = tuple(views)
+        self.kinds = tuple(kinds)
         self.seed = config.seed if seed is None else int(seed)
         first = found[0][1].weight
         if dtype is None:
             dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-        if not dtype.is_floating_point:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
         initial = self.plan.init(self.seed, xp=torch, dtype=dtype, device=first.device)
         self.params = nn.ParameterDict({_safe_key(k): nn.Parameter(v) for k, v in initial.items()})
@@ -119,34 +216,25 @@ class Adapter(Switchable, nn.Module):
         self._group_names = [
             tuple(sorted(self.plan.parameter_shapes(groups))) for _, groups in self._components
         ]
+        self._setup_lifecycle(model, found, freeze_base)
         self.factored_targets = {
             i: f for i, f in ((i, self._factored_form(i, m)) for i, (_, m) in enumerate(found)) if f
         }
-        object.__setattr__(self, "_model", model)
-        self._originals = [module for _, module in found]
-        self._wrappers: list[AdaptedLayer] = []
         self._merged_weights: list[torch.Tensor] | None = None
-        self._disabled = 0
-        # ΔW reuse: {(component, grad enabled): (parameter versions, ΔW of the component's targets)}
-        self._cache: dict[tuple[int, bool], Any] | None = None
-        self._backward_cache: tuple[int, dict[tuple[int, bool], Any]] = (-1, {})
-        self._depth = 0
-        self._requires_grad: dict[str, bool] = {}
-        self._hooks: list[Any] = []
-        self._attached = False
-        self._freeze_base = freeze_base
+        self._state = ThreadState(_ForwardState)
+        # ΔW recomputed inside backward passes (activation checkpointing): {graph task id: cache}
+        self._backward_cache: dict[int, dict[tuple[int, bool], Any]] = {}
         if values is not None:
             with torch.no_grad():
                 for name, value in values.items():
                     self.params[_safe_key(name)].copy_(value)
-        self._install()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The identity on its first argument.
 
         The adapter is registered on the model so that ``model.parameters()``, ``.to()``,
         ``state_dict()`` and DistributedDataParallel see its tensors; its computation happens in
-        the :class:`AdaptedLayer` wrappers.  Containers that call every child in turn
+        the :class:`SuperLoRALayer` wrappers.  Containers that call every child in turn
         (``nn.Sequential``) therefore pass through it unchanged.
         """
         return args[0] if args else None
@@ -165,7 +253,8 @@ class Adapter(Switchable, nn.Module):
         targets, groups = self._components[c]
         if (len(targets), len(groups)) != (1, 1) or cfg.projection != "none" or cfg.layout != "fold":
             return None
-        if not (view.kind == "conv1d" or (view.kind == "linear" and type(module) is nn.Linear)):
+        if not (view.kind == "conv1d" or (view.kind == "linear" and type(module) is nn.Linear)
+                or self.kinds[index] == "quantized"):
             return None
         group = self.plan.groups[groups[0]]
         if len(group.splits) != 1 or group.n != group.size or group.padding:
@@ -184,33 +273,32 @@ class Adapter(Switchable, nn.Module):
         return F.linear(hidden, (U * scale if scale != 1.0 else U).to(dtype))
 
     # ------------------------------------------------------------------ installation
-    def _install(self) -> None:
-        for name, module in zip(self.target_names, self._originals, strict=True):
-            if isinstance(module, AdaptedLayer):
-                raise RuntimeError(f"target {name!r} is already adapted; detach the other adapter first")
-        self._wrap_targets(lambda i, module: AdaptedLayer(module, i, self.views[i], self))
+    def _make_wrapper(self, index: int, module: nn.Module) -> nn.Module:
+        return SuperLoRALayer(module, index, self.views[index], self.kinds[index], self)
+
+    def _can_share(self, wrapper: nn.Module) -> bool:
+        return isinstance(wrapper, SuperLoRALayer)
+
+    def install(self, *args: Any, **kwargs: Any) -> None:
+        super().install(*args, **kwargs)
         self._hooks = [
             self._model.register_forward_pre_hook(self._begin_forward),
             self._model.register_forward_hook(self._end_forward, always_call=True),
         ]
 
     def _begin_forward(self, module: nn.Module, args: Any) -> None:
-        if self._depth == 0:
-            self._cache = {}
-            self._backward_cache = (-1, {})
-        self._depth += 1
+        state = self._state.get()
+        if state.depth == 0:
+            state.cache = {}
+        state.depth += 1
 
     def _end_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._depth = max(0, self._depth - 1)
-        if self._depth == 0:
-            self._cache = None
+        state = self._state.get()
+        state.depth = max(0, state.depth - 1)
+        if state.depth == 0:
+            state.cache = None
 
     # ------------------------------------------------------------------ ΔW
-    @property
-    def active(self) -> bool:
-        """Whether the adapted layers add ``ΔW`` (not merged, not disabled, attached)."""
-        return self._attached and self._merged_weights is None and self._disabled == 0
-
     def _component_params(self, c: int) -> dict[str, torch.Tensor]:
         return {name: self.params[_safe_key(name)] for name in self._group_names[c]}
 
@@ -218,14 +306,24 @@ class Adapter(Switchable, nn.Module):
         targets = self._components[c][0]
         return tuple(superlora_component_delta(self.plan, targets, self._component_params(c)))
 
-    def _release_backward_cache(self) -> None:
-        self._backward_cache = (-1, {})
+    def _backward_pass_cache(self, task: int) -> dict[tuple[int, bool], Any]:
+        with _BACKWARD_LOCK:
+            cache = self._backward_cache.get(task)
+            if cache is None:
+                cache = self._backward_cache[task] = {}
+
+                def release(task: int = task) -> None:  # when this backward pass ends, not at the next forward
+                    with _BACKWARD_LOCK:
+                        self._backward_cache.pop(task, None)
+
+                torch.autograd.Variable._execution_engine.queue_callback(release)
+            return cache
 
     def target_delta(self, index: int) -> torch.Tensor:
         """``ΔW`` of target ``index`` as the adapted layers use it: differentiable, generated once
-        per model forward for the target's whole component (and reused within it)."""
+        per model forward (per thread) for the target's whole component (and reused within it)."""
         c, position = self._component_of[index]
-        cache = self._cache
+        cache = self._state.get().cache
         if cache is None:
             # Outside a model forward.  During a backward pass (activation checkpointing recomputing
             # a block) reuse within that pass: the parameters cannot change in the middle of it.
@@ -233,11 +331,7 @@ class Adapter(Switchable, nn.Module):
             task = graph_task_id()
             if task < 0:
                 return self._generate(c)[position]
-            if self._backward_cache[0] != task:
-                self._backward_cache = (task, {})
-                # release the recomputed ΔW when this backward pass ends, not at the next forward
-                torch.autograd.Variable._execution_engine.queue_callback(self._release_backward_cache)
-            cache = self._backward_cache[1]
+            cache = self._backward_pass_cache(task)
         key = (c, torch.is_grad_enabled())  # never hand a graph-less ΔW to a layer that needs grads
         versions = self._versions(c)
         hit = cache.get(key)
@@ -251,9 +345,9 @@ class Adapter(Switchable, nn.Module):
     def reset_cache(self) -> None:
         """Forget every cached ``ΔW``.  Never needed in normal use: the cache lives for one model
         forward (or one backward pass) and entries are regenerated when a parameter changed."""
-        self._cache = None
-        self._depth = 0
-        self._backward_cache = (-1, {})
+        self._state.clear()
+        with _BACKWARD_LOCK:
+            self._backward_cache.clear()
 
     @torch.no_grad()
     def deltas(self) -> dict[str, torch.Tensor]:
@@ -265,32 +359,24 @@ class Adapter(Switchable, nn.Module):
         return out
 
     # ------------------------------------------------------------------ parameters and reporting
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The adapter's trainable tensors (give these to the optimiser)."""
-        return list(self.params.values())
-
-    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """``(generator name, parameter)`` pairs, e.g. ``("g0.split1.factor0", …)``."""
+    def _adapter_parameters(self) -> Any:
         for key, value in self.params.items():
             yield key.replace("__", "."), value
 
     @property
     def num_params(self) -> int:
-        """Number of trainable entries (equals ``tensoradapt.count_params`` for the same shapes)."""
+        """Number of trainable adapter entries (equals ``tensoradapt.count_params`` for the same
+        shapes; ``modules_to_save`` not included)."""
         return self.plan.num_params
 
     def summary(self) -> str:
         """A table: trainable vs all parameters (like PEFT's ``print_trainable_parameters``),
         the targets with their ``(o, n)`` shapes, and the generator's per-group shapes."""
-        model = self._model
-        adapter_ids = {id(p) for p in self.params.values()}
-        base = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = base + self.num_params
+        state = "merged" if self.merged else "disabled" if self._disabled else "active"
         lines = [
-            f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}",
+            self._trainable_line(),
             f"adapter params: {self.num_params:,} in {len(self.params)} tensors, {len(self.target_names)} targets, "
-            f"state={'merged' if self._merged_weights is not None else 'disabled' if self._disabled else 'active'}",
+            f"state={state}" + (f", modules_to_save={list(self.modules_to_save)}" if self.modules_to_save else ""),
             f"{'#':>4} {'target':<40} {'kind':<7} {'delta (o, n)':<14}",
         ]
         for i, (name, view) in enumerate(zip(self.target_names, self.views, strict=True)):
@@ -298,27 +384,21 @@ class Adapter(Switchable, nn.Module):
         lines.append(self.plan.describe())
         return "\n".join(lines)
 
-    def print_trainable_parameters(self) -> None:
-        """Print the first line of :meth:`summary` (PEFT's format)."""
-        print(self.summary().splitlines()[0])
-
     # ------------------------------------------------------------------ merge / unmerge / detach
-    def _check_attached(self) -> None:
-        if not self._attached:
-            raise RuntimeError("this adapter was detached from its model")
+    def original_weight(self, index: int) -> torch.Tensor | None:
+        """The weight target ``index`` had before :meth:`merge` (``None`` when not merged)."""
+        return None if self._merged_weights is None else self._merged_weights[index]
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Add ``ΔW`` into the targets' weights (inference without overhead).
-
-        The original weights are kept (on their device) so that :meth:`unmerge` and :meth:`detach`
-        restore them bit for bit.  Refuses (``RuntimeError``) when already merged and
-        (``FloatingPointError``) when any ``ΔW`` has a NaN or infinite entry; in both cases the
-        model is left unchanged.
-        """
-        self._check_attached()
-        if self._merged_weights is not None:
-            raise RuntimeError("the adapter is already merged; call unmerge() first")
+    def _apply_merge(self) -> None:
+        quantized = [n for n, k in zip(self.target_names, self.kinds, strict=True) if k == "quantized"]
+        if quantized:
+            raise RuntimeError(
+                f"cannot merge into quantised target {quantized[0]!r}"
+                ": W + ΔW does not fit its quantised weight without re-quantising it; keep the adapter unmerged "
+                "(base(x) + x ΔWᵀ costs little), or save it and load it onto the unquantised model to merge there. "
+                "The model was not changed"
+            )
         deltas = []
         for c, (targets, _) in enumerate(self._components):
             deltas.extend(zip(targets, self._generate(c), strict=True))
@@ -326,23 +406,26 @@ class Adapter(Switchable, nn.Module):
 
         def merged_weight(t: int, delta: torch.Tensor) -> torch.Tensor:
             weight = self._originals[t].weight
-            update = self.views[t].to_weight(delta).to(weight.device)
+            update = self.views[t].update_to_weight(delta).to(weight.device)
             return (weight.to(update.dtype) + update).to(weight.dtype)
 
+        merged = {}
         for t, delta in deltas:  # check everything before writing anything
             if not bool(torch.isfinite(delta).all()):
                 raise FloatingPointError(
                     f"ΔW of target {self.target_names[t]!r} has non-finite entries; the model was not changed"
                 )
-            if not bool(torch.isfinite(merged_weight(t, delta)).all()):
+            value = merged_weight(t, delta)
+            if not bool(torch.isfinite(value).all()):
                 raise FloatingPointError(
                     f"W + ΔW of target {self.target_names[t]!r} overflows its dtype "
                     f"({self._originals[t].weight.dtype}); the model was not changed"
                 )
+            merged[t] = value
         originals = [module.weight.detach().clone() for module in self._originals]
         try:
-            for t, delta in deltas:
-                self._originals[t].weight.copy_(merged_weight(t, delta))
+            for t, value in merged.items():
+                self._originals[t].weight.copy_(value)
         except BaseException:
             for module, original in zip(self._originals, originals, strict=True):
                 module.weight.copy_(original)
@@ -350,44 +433,20 @@ class Adapter(Switchable, nn.Module):
         self._merged_weights = originals
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restore the weights saved by :meth:`merge` (bit for bit)."""
-        self._check_attached()
-        if self._merged_weights is None:
-            raise RuntimeError("the adapter is not merged")
+    def _apply_unmerge(self) -> None:
+        assert self._merged_weights is not None
         for module, original in zip(self._originals, self._merged_weights, strict=True):
             module.weight.copy_(original)
         self._merged_weights = None
 
-    @property
-    def merged(self) -> bool:
-        return self._merged_weights is not None
+    def _plain_modules(self) -> list[nn.Module]:
+        self._merged_weights = None  # the merged weights stay
+        return list(self._originals)
 
-    def _uninstall(self) -> nn.Module:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-        model = self._unwrap_targets(self._originals)
-        self._wrappers = []
-        self._cache = None
-        self._backward_cache = (-1, {})
+    def _uninstall(self, modules: Any) -> nn.Module:
+        model = super()._uninstall(modules)
+        self.reset_cache()
         return model
-
-    def detach(self) -> nn.Module:
-        """Remove the adapter: the original modules go back in place with their original weights
-        (unmerged first if merged), ``requires_grad`` flags restored; returns the model."""
-        self._check_attached()
-        if self._merged_weights is not None:
-            self.unmerge()
-        return self._uninstall()
-
-    def merge_and_detach(self) -> nn.Module:
-        """Merge ``ΔW`` into the weights and remove the adapter: a plain model with updated weights."""
-        self._check_attached()
-        if self._merged_weights is None:
-            self.merge()
-        self._merged_weights = None
-        return self._uninstall()
 
     # ------------------------------------------------------------------ files
     def metadata(self) -> dict[str, Any]:
@@ -403,105 +462,64 @@ class Adapter(Switchable, nn.Module):
                 {"name": n, "kind": v.kind, "shape": list(v.shape), "weight_shape": list(v.weight_shape)}
                 for n, v in zip(self.target_names, self.views, strict=True)
             ],
-            "parameters": {name: list(p.shape) for name, p in self.named_trainable_parameters()},
+            "parameters": {name: list(p.shape) for name, p in self._adapter_parameters()},
             "param_dtype": str(dtype).removeprefix("torch."),
             "seed": self.seed,
             "generator_id": buffers.GENERATOR_ID,
+            "modules_to_save": self._saved_metadata(),
         }
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the adapter to ``path`` (``.safetensors``; tensors plus JSON metadata), atomically."""
-        return write_adapter(path, dict(self.named_trainable_parameters()), self.metadata())
 
-
-def check_targets(model: nn.Module, found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    """Refuse targets a wrapper cannot adapt faithfully (see the messages)."""
-    for name, module in found:
-        if isinstance(module, AdaptedLayer) or ".base_layer" in f".{name}":
-            raise RuntimeError(f"module {name!r} belongs to an attached adapter; detach it first")
-    aliases: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        aliases.setdefault(id(module), []).append(name)
-    weights: dict[Any, str] = {}
-    for name, module in found:
-        names = aliases.get(id(module), [name])
-        if len(names) > 1:
-            raise ValueError(
-                f"target {name!r} is one module reachable under several names {names}: a wrapper on one name "
-                "would leave the others unadapted; untie the module or do not target it"
-            )
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor):
-            key = (weight.device, weight.untyped_storage().data_ptr()) if weight.numel() else id(weight)
-            if key in weights:
-                raise ValueError(
-                    f"targets {weights[key]!r} and {name!r} share one weight tensor (tied weights); "
-                    "merging would add both updates to it: target one of them"
-                )
-            weights[key] = name
-        parent_name = name.rpartition(".")[0]
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if isinstance(parent, nn.MultiheadAttention):
-            raise TypeError(
-                f"target {name!r} belongs to an nn.MultiheadAttention, whose forward reads its weights "
-                "directly and would bypass the adapter; target other layers"
-            )
-    return found
+Adapter = SuperLoRAAdapter  # the 0.x name
+AdaptedLayer = SuperLoRALayer  # the 0.x name
 
 
 def attach_superlora(model: nn.Module, config: SuperLoRAConfig, targets: TargetSpec, *, freeze_base: bool = True,
-                     seed: int | None = None, dtype: torch.dtype | None = None) -> Adapter:
+                     seed: int | None = None, dtype: torch.dtype | None = None,
+                     modules_to_save: Any = (), name: str = "default") -> SuperLoRAAdapter:
     """Attach SuperLoRA to ``model`` (see :func:`tensoradapt.torch.attach`)."""
     if not isinstance(config, SuperLoRAConfig):
         raise TypeError(f"config must be a SuperLoRAConfig, got {type(config).__name__}")
-    found = check_targets(model, match_targets(model, targets))
-    return Adapter(model, config, found, freeze_base=freeze_base, seed=seed, dtype=dtype)
+    found = check_targets(model, match_targets(model, targets) if not isinstance(targets, list)
+                          or not targets or not isinstance(targets[0], tuple) else targets)
+    adapter = SuperLoRAAdapter(model, config, found, freeze_base=freeze_base, seed=seed, dtype=dtype)
+    adapter.install(modules_to_save, name=name)
+    return adapter
 
 
 def load_superlora(model: nn.Module, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], *,
-                   path: str, freeze_base: bool = True) -> Adapter:
-    """Rebuild a saved SuperLoRA adapter on ``model`` (checks targets, shapes and dtypes first)."""
-    try:
-        config = SuperLoRAConfig.from_dict(metadata["config"])
-        records = metadata["targets"]
-        names = [str(r["name"]) for r in records]
-        shapes = [tuple(int(d) for d in r["shape"]) for r in records]
-        kinds = [str(r["kind"]) for r in records]
-        weight_shapes = [tuple(int(d) for d in r["weight_shape"]) for r in records]
-        seed = int(metadata.get("seed", config.seed))
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise AdapterFileError(f"{path!r}: unreadable SuperLoRA metadata ({type(error).__name__}: {error})") from None
-    if not names or len(set(names)) != len(names):
-        raise AdapterFileError(f"{path!r}: the target list is empty or repeats a name")
-    if metadata.get("generator_id") != buffers.GENERATOR_ID:
-        raise AdapterFileError(
-            f"{path!r} was made with buffer generator {metadata.get('generator_id')!r}; this tensoradapt has "
-            f"{buffers.GENERATOR_ID!r}, so its fixed projections would differ"
-        )
-    modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
-    if missing:
-        raise AdapterFileError(
-            f"{path!r} targets modules the model does not have: {missing[:5]}"
-            f"{' …' if len(missing) > 5 else ''} ({len(missing)} of {len(names)})"
-        )
-    found = check_targets(model, [(n, modules[n]) for n in names])
+                   path: str, freeze_base: bool = True) -> SuperLoRAAdapter:
+    """Rebuild a saved SuperLoRA adapter on ``model`` from a checked file (see ``_io.check_file``):
+    the model's targets are checked against the file first, the config's plan against the stored
+    tensors before anything sized by the config is allocated."""
+    from ._io import check_model_targets
+
+    config = metadata["config"]
+    names = [r["name"] for r in metadata["targets"]]
+    found = check_model_targets(model, metadata, path)
+    for name, module in found:
+        try:
+            forward_kind(name, module)
+        except TypeError as error:
+            raise AdapterFileError(f"{path}: {error}") from None
     mismatched = []
-    for (name, module), shape, kind, weight_shape in zip(found, shapes, kinds, weight_shapes, strict=True):
+    for (name, module), record in zip(found, metadata["targets"], strict=True):
         view = weight_view(name, module)
+        shape, kind, weight_shape = tuple(record["shape"]), record["kind"], tuple(record["weight_shape"])
         if (view.shape, view.kind, view.weight_shape) != (shape, kind, weight_shape):
             mismatched.append(f"{name}: file {kind} {shape} (weight {weight_shape}) vs model {view.kind} "
                               f"{view.shape} (weight {view.weight_shape})")
     if mismatched:
-        raise AdapterFileError(f"{path!r} does not fit this model, target shapes differ: " + "; ".join(mismatched[:5]))
-    dtype = getattr(torch, str(metadata.get("param_dtype")), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise AdapterFileError(f"{path!r}: param_dtype {metadata.get('param_dtype')!r} is not a floating torch dtype")
+        raise AdapterFileError(f"{path} does not fit this model, target shapes differ: " + "; ".join(mismatched[:5]))
     try:
-        expected = SuperLoRA(config, shapes, names).parameter_shapes()
-    except ValueError as error:
-        raise AdapterFileError(f"{path!r}: its config does not fit the targets ({error})") from None
-    if set(expected) != set(tensors) or any(list(tensors[k].shape) != list(s) for k, s in expected.items()):
-        raise AdapterFileError(f"{path!r}: the stored parameters do not match the plan their config makes")
-    return Adapter(model, config, found, freeze_base=freeze_base, seed=seed, dtype=dtype, values=tensors)
-
+        plan = SuperLoRA(config, [tuple(r["shape"]) for r in metadata["targets"]], names)
+        expected = plan.parameter_shapes()
+    except (ValueError, TypeError, OverflowError) as error:
+        raise AdapterFileError(f"{path}: its config does not fit the targets ({error})") from None
+    adapter_tensors = {k: v for k, v in tensors.items() if k in metadata["parameters"]}
+    if set(expected) != set(adapter_tensors) or any(
+            list(adapter_tensors[k].shape) != list(s) for k, s in expected.items()):
+        raise AdapterFileError(f"{path}: the stored parameters do not match the plan their config makes")
+    dtype = getattr(torch, metadata["param_dtype"])
+    return SuperLoRAAdapter(model, config, found, freeze_base=freeze_base, seed=metadata["seed"], dtype=dtype,
+                            values=adapter_tensors)  # installed by the caller

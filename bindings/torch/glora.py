@@ -29,7 +29,6 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,10 +42,9 @@ from tensoradapt.glora import algebra
 from tensoradapt.glora.config import TENSORS, GLoRAConfig, LayerChoice, check_bias, largest_choice, search_space
 from tensoradapt.glora.search import SearchRecord, SearchResult, evolve
 
-from ._io import FORMAT, FORMAT_VERSION, AdapterFileError, read_adapter, write_adapter
-from ._shared import ADAPTER_ATTRIBUTE, ReadsThrough, Switchable, graph_task_id, replace_module
+from ._io import FORMAT, FORMAT_VERSION, AdapterFileError, check_model_targets
+from ._shared import BaseAdapter, ReadsThrough, check_targets, forward_kind, graph_task_id
 from ._targets import TargetSpec, WeightView, match_targets, weight_view
-from .adapter import check_targets
 
 __all__ = [
     "GLoRAAdapter",
@@ -134,7 +132,20 @@ class GLoRALayer(ReadsThrough, nn.Module):
         self.view = view
         self.choice: LayerChoice | None = None
         self.last_choice: LayerChoice | None = None
+        # W', b' while merged: non-persistent buffers, so they follow .to() and stay out of state_dict()
+        self.register_buffer("merged_weight", None, persistent=False)
+        self.register_buffer("merged_bias", None, persistent=False)
         object.__setattr__(self, "_owner", owner)  # not a submodule: the adapter is registered on the model
+
+    @property
+    def merged_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(W' (o, n), b' or None)`` formed by :meth:`GLoRAAdapter.merge` (``None`` when not merged)."""
+        weight = self.merged_weight
+        return None if weight is None else (weight, self.merged_bias)
+
+    @merged_weight_bias.setter
+    def merged_weight_bias(self, value: tuple[torch.Tensor, torch.Tensor | None] | None) -> None:
+        self.merged_weight, self.merged_bias = (None, None) if value is None else value
 
     def base_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(W0 (o, n), b0 (o,) or None)`` of the base layer (a transposed view for Conv1D)."""
@@ -165,17 +176,16 @@ class GLoRALayer(ReadsThrough, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         owner: GLoRAAdapter = self._owner
+        if owner.merged and not owner.is_disabled:
+            W, b = self.merged_weight_bias  # W', b' computed by merge(), in the base dtype
+            return F.linear(x, W, b)
         if not owner.active:
             return self.base_layer(x)
         choice = self.current_choice()
         self.last_choice = choice
         W, b = self.weight_bias(choice)
-        base = self.base_layer
         W, b = W.to(x.dtype), None if b is None else b.to(x.dtype)
-        if (b is None) == (base.bias is None):  # through the module, so its hooks run as after merge
-            values = {"weight": self.view.to_weight(W)} | ({} if b is None else {"bias": b})
-            return torch.func.functional_call(base, values, (x,))
-        return F.linear(x, W, b)  # a bias-free layer that C or E gives a bias
+        return F.linear(x, W, b)  # W' is (o, n) for Linear and Conv1D alike: x W'ᵀ + b'
 
     def extra_repr(self) -> str:
         o, n = self.view.shape
@@ -183,7 +193,7 @@ class GLoRALayer(ReadsThrough, nn.Module):
         return f"target={self.index}, kind={self.view.kind}, shape=({o}, {n}), config={state}"
 
 
-class GLoRAAdapter(Switchable, nn.Module):
+class GLoRAAdapter(BaseAdapter):
     """GLoRA attached to a model (made by :func:`attach_glora` / :func:`tensoradapt.torch.attach`).
 
     Attributes
@@ -204,13 +214,18 @@ class GLoRAAdapter(Switchable, nn.Module):
         super().__init__()
         views = []
         for name, module in found:
+            if forward_kind(name, module) == "quantized":  # also refuses modules it cannot reproduce
+                raise TypeError(f"GLoRA needs the dense base weight W0 (W' = W0 + W0 ⊙ A + B), and target {name!r} "
+                                f"is a quantised {type(module).__name__}; attach GLoRA to the unquantised model, "
+                                "or use a SuperLoRA config (base(x) + x ΔWᵀ) on quantised layers")
             view = weight_view(name, module)
             if view.kind not in ("linear", "conv1d"):
                 raise TypeError(f"GLoRA adapts nn.Linear and transformers' Conv1D layers; target {name!r} is a "
                                 f"{type(module).__name__} with weight shape {tuple(module.weight.shape)}")
             views.append(view)
         self.config = config
-        self.target_names = tuple(name for name, _ in found)
+        self._setup_lifecycle(model, found, freeze_base)
+        self.pending_configs: tuple[LayerChoice, ...] | None = None  # set by load, fixed at install
         self.views = tuple(views)
         self.shapes = tuple(v.shape for v in views)
         self.has_bias = tuple(getattr(m, "bias", None) is not None for _, m in found)
@@ -228,14 +243,6 @@ class GLoRAAdapter(Switchable, nn.Module):
         self._spaces = tuple(search_space(config, has_bias=b) for b in self.has_bias)
         self._largest = tuple(largest_choice(config, has_bias=b).resolve(config.rank) for b in self.has_bias)
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([config.seed, _SAMPLE_STREAM])))
-        object.__setattr__(self, "_model", model)
-        self._originals = [module for _, module in found]
-        self._wrappers: list[GLoRALayer] = []
-        self._merged: list[nn.Module] | None = None
-        self._disabled = 0
-        self._requires_grad: dict[str, bool] = {}
-        self._attached = False
-        self._freeze_base = freeze_base
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The identity on its first argument (the work happens in the :class:`GLoRALayer` wrappers;
@@ -244,21 +251,15 @@ class GLoRAAdapter(Switchable, nn.Module):
         return args[0] if args else None
 
     # ------------------------------------------------------------------ installation
-    def _install(self) -> None:
-        self._wrap_targets(lambda i, module: GLoRALayer(module, i, self.views[i], self))
+    def _make_wrapper(self, index: int, module: nn.Module) -> nn.Module:
+        return GLoRALayer(module, index, self.views[index], self)
 
-    def _check_attached(self) -> None:
-        if not self._attached:
-            raise RuntimeError("this GLoRA adapter was detached from its model")
-
-    @property
-    def active(self) -> bool:
-        """Whether the wrapped layers apply GLoRA (attached, not merged, not disabled)."""
-        return self._attached and self._merged is None and self._disabled == 0
-
-    @property
-    def merged(self) -> bool:
-        return self._merged is not None
+    def install(self, *args: Any, **kwargs: Any) -> None:
+        super().install(*args, **kwargs)
+        if self.pending_configs is not None:  # the per-layer configs of a loaded file (checked by load)
+            for wrapper, choice in zip(self._wrappers, self.pending_configs, strict=True):
+                wrapper.choice = choice
+            self.pending_configs = None
 
     def _layer_params(self, index: int) -> dict[str, torch.Tensor]:
         return dict(self.layers[index].items())
@@ -320,7 +321,7 @@ class GLoRAAdapter(Switchable, nn.Module):
             ``rank=None`` means the supernet rank.  A bias-free layer needs ``D="none"``.
         """
         self._check_attached()
-        if self._merged is not None:
+        if self.merged:
             raise RuntimeError("the adapter is merged; call unmerge() before changing its configs")
         choices = (None,) * len(self._wrappers) if configs is None else self._normalise_configs(configs)
         for wrapper, choice in zip(self._wrappers, choices, strict=True):
@@ -342,11 +343,17 @@ class GLoRAAdapter(Switchable, nn.Module):
         return tuple(w.last_choice for w in self._wrappers)
 
     # ------------------------------------------------------------------ counting and reporting
-    def num_params(self, configs: Any = None) -> int:
+    @property
+    def num_params(self) -> int:
+        """Number of trainable adapter entries: the stored supernet tensors (:meth:`num_stored_params`;
+        ``modules_to_save`` not included).  :meth:`active_params` counts a configuration's."""
+        return self.num_stored_params()
+
+    def active_params(self, configs: Any = None) -> int:
         """Active parameters of per-layer ``configs`` (default: the fixed configs), docs/math.md §7.2 counts.
 
         Raises ``RuntimeError`` when ``configs`` is ``None`` and none are fixed (use
-        :meth:`num_stored_params` for the supernet's storage).
+        :attr:`num_params` for the supernet's storage).
         """
         if configs is None:
             configs = self.configs
@@ -362,27 +369,23 @@ class GLoRAAdapter(Switchable, nn.Module):
         return sum(algebra.count_stored_params(o, n, self.config.rank, has_bias=b)
                    for (o, n), b in zip(self.shapes, self.has_bias, strict=True))
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The adapter's trainable tensors (give these to the optimiser)."""
-        return list(self.parameters())
+    def _adapter_parameters(self) -> Any:
+        for name, layer in zip(self.target_names, self.layers, strict=True):
+            for k, p in layer.items():
+                yield f"{name}.{k}", p
 
     def summary(self) -> str:
         """A table: trainable vs all parameters, then each layer's shape, bias, config and active count."""
-        own = {id(p) for p in self.parameters()}
-        model = self._model
-        base = sum(p.numel() for p in model.parameters() if id(p) not in own)
         stored = self.num_stored_params()
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = base + stored
         configs = self.configs
         state = "merged" if self.merged else "disabled" if self._disabled else "active"
         lines = [
-            f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}",
+            self._trainable_line(),
             f"GLoRA supernet: rank {self.config.rank}, stored {stored:,} params, {len(self.target_names)} layers, "
             f"state={state}, configs={'fixed' if configs is not None else 'supernet (eval: largest)'}",
         ]
         if configs is not None:
-            lines.append(f"active params of the fixed configs: {self.num_params():,}")
+            lines.append(f"active params of the fixed configs: {self.active_params():,}")
         lines.append(f"{'#':>4} {'target':<36} {'kind':<7} {'(o, n)':<12} {'bias':<5} {'active':>9}  config")
         for i, name in enumerate(self.target_names):
             o, n = self.shapes[i]
@@ -402,67 +405,39 @@ class GLoRAAdapter(Switchable, nn.Module):
         return out
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Structural re-parameterisation: replace every wrapper by a fresh module of the original type
-        (``nn.Linear`` / ``Conv1D``) whose weight is ``W'`` and bias ``b'`` (cast to the base dtype).
-
-        Uses :meth:`inference_configs` (the fixed configs; without them the largest choice of each
-        layer, with a warning).  A bias-free layer whose ``C`` or ``E`` is active gets a bias.
-        The original modules are kept untouched for :meth:`unmerge` / :meth:`detach`.  Refuses
-        (``RuntimeError``) when already merged and (``FloatingPointError``) when any ``W'``/``b'``
-        is not finite; then the model is unchanged.
-        """
-        self._check_attached()
-        if self._merged is not None:
-            raise RuntimeError("the adapter is already merged; call unmerge() first")
+    def _apply_merge(self) -> None:
+        """Structural re-parameterisation: each layer runs ``x W'ᵀ + b'`` with ``W'``, ``b'`` formed
+        once (:meth:`inference_configs`; without fixed configs the largest choice of each layer, with
+        a warning) and rounded to the base layer's dtype; the base parameters are never written.
+        Refuses (``FloatingPointError``) any ``W'``/``b'`` not finite in the base dtype."""
         if self.configs is None:
             warnings.warn("merging without fixed configs: every layer uses its largest choice (the full "
                           "supernet); call set_configs() or search() first to merge a searched subnet",
-                          UserWarning, stacklevel=2)
-        merged_wb = self.merged_weight_bias()
-        for name, (W, b) in merged_wb.items():
+                          UserWarning, stacklevel=3)
+        merged = []
+        for wrapper, (name, (W, b)) in zip(self._wrappers, self.merged_weight_bias().items(), strict=True):
+            base = wrapper.base_layer
+            W = W.to(base.weight.dtype)
+            if b is not None:
+                b = b.to(base.bias.dtype if base.bias is not None else base.weight.dtype)
             if not bool(torch.isfinite(W).all()) or (b is not None and not bool(torch.isfinite(b).all())):
-                raise FloatingPointError(f"W'/b' of layer {name!r} has non-finite entries; the model was not changed")
-        modules = []
-        for wrapper, (W, b) in zip(self._wrappers, merged_wb.values(), strict=True):
-            modules.append(_rebuilt(wrapper.base_layer, wrapper.view, W, b))
-        for name, module in zip(self.target_names, modules, strict=True):
-            replace_module(self._model, name, module)
-        self._merged = modules
+                raise FloatingPointError(f"W'/b' of layer {name!r} has non-finite entries in the base dtype "
+                                         f"({base.weight.dtype}): it overflows; the model was not changed")
+            merged.append((W.contiguous(), None if b is None else b.contiguous()))
+        for wrapper, wb in zip(self._wrappers, merged, strict=True):
+            wrapper.merged_weight_bias = wb
 
-    def unmerge(self) -> None:
-        """Put the GLoRA wrappers back (the original ``W0``, ``b0`` were never modified)."""
-        self._check_attached()
-        if self._merged is None:
-            raise RuntimeError("the adapter is not merged")
-        for name, wrapper in zip(self.target_names, self._wrappers, strict=True):
-            wrapper.train(self._model.get_submodule(name).training)  # the mode set while merged
-            replace_module(self._model, name, wrapper)
-        self._merged = None
+    def _apply_unmerge(self) -> None:
+        for wrapper in self._wrappers:
+            wrapper.merged_weight_bias = None
 
-    def _uninstall(self, modules: Sequence[nn.Module]) -> nn.Module:
-        model = self._unwrap_targets(modules)
-        self._merged = None
-        return model
-
-    def detach(self) -> nn.Module:
-        """Remove the adapter: the original module objects go back in place (bit for bit, merged or
-        not), ``requires_grad`` flags restored; returns the model."""
-        self._check_attached()
-        return self._uninstall(self._originals)
-
-    def merge_and_detach(self) -> nn.Module:
-        """Merge and remove the adapter: a plain model (original module types) with ``W'``, ``b'``."""
-        self._check_attached()
-        if self._merged is None:
-            self.merge()
-        return self._uninstall(self._merged)
+    def _plain_modules(self) -> list[nn.Module]:
+        return [_rebuilt(w.base_layer, w.view, *w.merged_weight_bias) for w in self._wrappers]
 
     # ------------------------------------------------------------------ files
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """``{"<target name>.<tensor>": tensor}`` for every stored tensor (detached)."""
-        return {f"{name}.{k}": p.detach() for name, layer in zip(self.target_names, self.layers, strict=True)
-                for k, p in layer.items()}
+        return {name: p.detach() for name, p in self._adapter_parameters()}
 
     def metadata(self) -> dict[str, Any]:
         """JSON metadata of an adapter file: config, targets with ``(o, n)``, bias and kind, the fixed
@@ -484,17 +459,19 @@ class GLoRAAdapter(Switchable, nn.Module):
             "param_dtype": str(dtype).removeprefix("torch."),
             "seed": self.config.seed,
             "generator_id": buffers.GENERATOR_ID,
+            "modules_to_save": self._saved_metadata(),
         }
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the adapter (tensors, config and the fixed configs) to a ``.safetensors`` file, atomically."""
-        return write_adapter(path, self.state_tensors(), self.metadata())
 
     @classmethod
     def load(cls, model: nn.Module, path: str | os.PathLike[str], *, freeze_base: bool = True) -> GLoRAAdapter:
-        """Attach the GLoRA adapter saved at ``path`` to ``model`` (see :func:`load_glora`)."""
-        tensors, metadata = read_adapter(path)
-        return load_glora(model, tensors, metadata, freeze_base=freeze_base)
+        """Attach the GLoRA adapter saved at ``path`` to ``model`` (same as :func:`tensoradapt.torch.load`)."""
+        from . import load
+
+        adapter = load(model, path, freeze_base=freeze_base)
+        if not isinstance(adapter, GLoRAAdapter):
+            adapter.detach()
+            raise AdapterFileError(f"{str(path)!r} holds a {type(adapter).__name__}, not a GLoRA adapter")
+        return adapter
 
 
 def _rebuilt(base: nn.Module, view: WeightView, W: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
@@ -517,15 +494,8 @@ def _rebuilt(base: nn.Module, view: WeightView, W: torch.Tensor, b: torch.Tensor
     return module
 
 
-def _resolve(model: nn.Module, found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    for name, module in found:
-        if isinstance(module, GLoRALayer) or f"{ADAPTER_ATTRIBUTE}." in f"{name}.":
-            raise RuntimeError(f"module {name!r} belongs to an attached adapter; detach it first")
-    return check_targets(model, found)  # the refusals SuperLoRA makes too (tied, aliased, attention)
-
-
 def attach_glora(model: nn.Module, config: GLoRAConfig, targets: TargetSpec, *, freeze_base: bool = True,
-                 dtype: torch.dtype | None = None) -> GLoRAAdapter:
+                 dtype: torch.dtype | None = None, modules_to_save: Any = (), name: str = "default") -> GLoRAAdapter:
     """Attach a GLoRA supernet to ``model``.
 
     Parameters
@@ -541,6 +511,8 @@ def attach_glora(model: nn.Module, config: GLoRAConfig, targets: TargetSpec, *, 
     dtype : torch.dtype, optional
         Dtype of the trainable tensors (default float32; float64 for a float64 model).  ``W'`` and
         ``b'`` are computed in it and cast to the input's dtype.
+    modules_to_save : list of str, optional
+        Modules trained in full (copies), saved in the adapter file.
 
     Returns
     -------
@@ -549,63 +521,77 @@ def attach_glora(model: nn.Module, config: GLoRAConfig, targets: TargetSpec, *, 
     """
     if not isinstance(config, GLoRAConfig):
         raise TypeError(f"config must be a GLoRAConfig, got {type(config).__name__}")
-    found = _resolve(model, match_targets(model, targets))
+    found = check_targets(model, match_targets(model, targets) if not isinstance(targets, list)
+                          or not targets or not isinstance(targets[0], tuple) else targets)
     adapter = GLoRAAdapter(model, config, found, freeze_base=freeze_base, dtype=dtype)
-    adapter._install()
+    adapter.install(modules_to_save, name=name)
     return adapter
 
 
 def load_glora(model: nn.Module, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], *,
-               freeze_base: bool = True) -> GLoRAAdapter:
-    """Rebuild a saved GLoRA adapter on ``model``: same targets (checked by name and ``(o, n)``),
-    the stored tensors copied in, and the saved per-layer configs fixed again.
+               path: str = "the adapter file", freeze_base: bool = True) -> GLoRAAdapter:
+    """Build a saved GLoRA adapter for ``model`` from a checked file (``_io.check_file``): same
+    targets (checked by name, kind, ``(o, n)`` and bias), the stored tensors checked against the
+    shapes the config makes *before* anything is allocated, the saved per-layer configs checked.
+    The adapter is returned uninstalled (the caller installs it).
 
     Raises
     ------
     AdapterFileError
-        The metadata is unreadable, or the model lacks a target or has a different shape or bias.
+        Anything in the file does not fit the model; the model is not touched.
     """
-    try:
-        if metadata.get("method") != "glora":
-            raise ValueError(f"method is {metadata.get('method')!r}, not 'glora'")
-        config = GLoRAConfig.from_dict(metadata["config"])
-        records = metadata["targets"]
-        names = [r["name"] for r in records]
-        shapes = [tuple(r["shape"]) for r in records]
-        biases = [bool(r["has_bias"]) for r in records]
-        saved = metadata.get("configs")
-        choices = None if saved is None else [LayerChoice.from_dict(c) for c in saved]
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise AdapterFileError(f"unreadable GLoRA metadata ({error})") from None
-    modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
-    if missing:
-        raise AdapterFileError(f"the adapter targets modules the model does not have: {missing[:5]} "
-                               f"({len(missing)} of {len(names)})")
-    found = _resolve(model, [(n, modules[n]) for n in names])
+    config = metadata["config"]
+    records = metadata["targets"]
+    found = check_model_targets(model, dict(metadata), path)
     problems = []
-    for (name, module), shape, bias in zip(found, shapes, biases, strict=True):
-        view = weight_view(name, module)
-        if view.shape != shape:
-            problems.append(f"{name}: file {shape} vs model {view.shape}")
-        elif (getattr(module, "bias", None) is not None) != bias:
-            problems.append(f"{name}: file has_bias={bias} vs model has_bias={not bias}")
+    for (name, module), record in zip(found, records, strict=True):
+        try:
+            forward_kind(name, module)
+            view = weight_view(name, module)
+        except TypeError as error:
+            raise AdapterFileError(f"{path}: {error}") from None
+        if view.kind not in ("linear", "conv1d"):
+            problems.append(f"{name}: a {type(module).__name__}, which GLoRA does not adapt")
+        elif (view.kind, view.shape) != (record["kind"], tuple(record["shape"])):
+            problems.append(f"{name}: file {record['kind']} {tuple(record['shape'])} vs model {view.kind} {view.shape}")
+        elif (getattr(module, "bias", None) is not None) != record["has_bias"]:
+            problems.append(f"{name}: file has_bias={record['has_bias']} vs model has_bias={not record['has_bias']}")
     if problems:
-        raise AdapterFileError("the adapter does not fit this model: " + "; ".join(problems[:5]))
-    dtype = getattr(torch, str(metadata.get("param_dtype")), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise AdapterFileError(f"param_dtype {metadata.get('param_dtype')!r} is not a floating torch dtype")
+        raise AdapterFileError(f"{path} does not fit this model: " + "; ".join(problems[:5]))
+    expected = {}
+    for record in records:
+        o, n = record["shape"]
+        for k, shape in algebra.parameter_shapes(o, n, config.rank, has_bias=record["has_bias"]).items():
+            expected[f"{record['name']}.{k}"] = tuple(shape)
+    stored = {k: tuple(v.shape) for k, v in tensors.items() if k in metadata["parameters"]}
+    if stored != expected:
+        raise AdapterFileError(f"{path}: the stored tensors do not match the GLoRA layers its config makes "
+                               f"(rank {config.rank})")
+    saved = metadata.get("configs")
+    choices = None
+    if saved is not None:
+        if not isinstance(saved, list) or len(saved) != len(records):
+            raise AdapterFileError(f"{path}: configs must be null or one per target, got {saved!r:.80}")
+        choices = []
+        for record, data in zip(records, saved, strict=True):
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError(f"a layer choice must be an object, got {data!r:.40}")
+                choice = LayerChoice.from_dict(data)
+                check_bias(choice, record["has_bias"])
+                if choice.rank is not None and (type(choice.rank) is not int or not 0 < choice.rank <= config.rank):
+                    raise ValueError(f"rank {choice.rank!r:.40} is not in 1..{config.rank}")
+                choices.append(choice.resolve(config.rank))
+            except (TypeError, ValueError, KeyError) as error:
+                raise AdapterFileError(f"{path}: the saved config of layer {record['name']!r} is invalid "
+                                       f"({error})") from None
+    dtype = getattr(torch, metadata["param_dtype"])
     adapter = GLoRAAdapter(model, config, found, freeze_base=freeze_base, dtype=dtype)
-    expected = adapter.state_tensors()
-    if set(expected) != set(tensors) or any(tuple(tensors[k].shape) != tuple(v.shape) for k, v in expected.items()):
-        raise AdapterFileError("the stored tensors do not match the GLoRA layers their config makes")
     with torch.no_grad():
         for name, layer in zip(adapter.target_names, adapter.layers, strict=True):
             for k, p in layer.items():
                 p.copy_(tensors[f"{name}.{k}"])
-    adapter._install()
-    if choices is not None:
-        adapter.set_configs(choices)
+    adapter.pending_configs = None if choices is None else tuple(choices)
     return adapter
 
 
@@ -620,7 +606,7 @@ def search(adapter: GLoRAAdapter, evaluate: Callable[[], float], max_params: int
     the official settings, the seeding) over :meth:`GLoRAAdapter.search_spaces` with the docs/math.md §7.2
     counts; this wrapper fixes every new individual on the adapter
     (:meth:`GLoRAAdapter.set_configs`) before calling ``evaluate()``.  An individual is *feasible*
-    when ``min_params <= adapter.num_params(individual) <= max_params``; infeasible individuals
+    when ``min_params <= adapter.active_params(individual) <= max_params``; infeasible individuals
     are never evaluated, and no individual is evaluated twice.
 
     Parameters
@@ -664,7 +650,8 @@ def search(adapter: GLoRAAdapter, evaluate: Callable[[], float], max_params: int
         raise TypeError(f"adapter must be a GLoRAAdapter, got {type(adapter).__name__}")
     if not callable(evaluate):
         raise TypeError(f"evaluate must be a callable returning a score, got {type(evaluate).__name__}")
-    adapter._check_attached()
+    if not adapter.attached:
+        raise RuntimeError("this GLoRAAdapter was detached from its model")
     if adapter.merged:
         raise RuntimeError("the adapter is merged; call unmerge() before searching")
     rank = adapter.config.rank

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .._backend import device_of, from_host, indexed, namespace, to_numpy
-from .._validate import check_int
+from .._validate import check_float, check_int
 from ..ops import kron_shape
 from ..superlora.config import SuperLoRAConfig
 from ..superlora.generator import SuperLoRA
@@ -326,8 +326,7 @@ def _check_options(init: str, decomposer: str, steps: Any, seed: Any, decomposit
     steps = check_int("steps", steps, minimum=0)
     seed = check_int("seed", seed, minimum=0)
     decomposition_iterations = check_int("decomposition_iterations", decomposition_iterations, minimum=0)
-    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
-        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    tol = check_float("tol", tol, minimum=0.0)
     return steps, seed, decomposition_iterations
 
 

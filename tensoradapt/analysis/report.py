@@ -61,7 +61,8 @@ def format_count_table(shapes: Sequence[Any], rows: Sequence[CountRow]) -> str:
         if r.params is None:
             lines.append(f"{r.label:<{width}} {'n/a':>12} {'':>7} {'':>7}  ({r.note})")
         else:
-            lines.append(f"{r.label:<{width}} {r.params:>12,} {100 * r.fraction:>7.3f} {r.groups:>7}")
+            line = f"{r.label:<{width}} {r.params:>12,} {100 * r.fraction:>7.3f} {r.groups:>7}"
+            lines.append(f"{line}  ({r.note})" if r.note else line)
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -36,8 +37,9 @@ from typing import Any, NamedTuple
 import tensoradapt._safetensors as safetensors_header
 import tensoradapt._targets as target_rules
 
+from .._validate import MAX_DIM, MAX_NDIM, brief, is_int
 from ..superlora import presets as _presets
-from ..superlora.budget import FAMILIES, BudgetEntry, budget
+from ..superlora.budget import FAMILIES, BudgetEntry, budget, count_many
 from ..superlora.config import SuperLoRAConfig
 from ..superlora.generator import SuperLoRA
 from .report import format_budget_sweep, format_count_table  # re-exported: the text tables live in report
@@ -67,6 +69,14 @@ PRESETS = ("dense", "lora", "lokr", "krona", "loha", "lotr", "lonkr", "lorta")
 DEFAULT_PRESETS = ("dense", "lora", "lokr", "loha", "lotr", "lonkr:splits=3", "lorta:order=3", "lorta:order=4")
 #: Ranks swept for presets given without an explicit rank.
 DEFAULT_RANKS = (1, 2, 4, 8, 16)
+
+#: The note of a count-table row with more trainable parameters than dense fine-tuning (``> N``).
+OVER_DENSE_NOTE = "more parameters than dense fine-tuning: over-parameterised, not an adapter"
+#: Most targets a shape source may describe (text such as ``SxOxN``, a JSON ``count``): refused beyond.
+MAX_TARGETS = 10**6
+#: Largest shape file read (a JSON shape list; a safetensors header has its own limit).
+MAX_SHAPE_FILE_BYTES = 64 * 2**20
+
 
 class ShapeSourceError(ValueError):
     """A shape source (text, JSON, safetensors header, model) is malformed or unusable."""
@@ -149,10 +159,26 @@ def shapes_from_safetensors(path: str | os.PathLike[str], *, min_ndim: int = 2,
 
 
 def _shape_of(value: Any, where: str) -> tuple[int, ...]:
-    if (not isinstance(value, (list, tuple)) or not value
-            or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in value)):
-        raise ShapeSourceError(f"{where}: a shape is a non-empty list of positive integers, got {value!r:.80}")
+    if (not isinstance(value, (list, tuple)) or not value or len(value) > MAX_NDIM
+            or any(not is_int(d) or not 1 <= d <= MAX_DIM for d in value)):
+        raise ShapeSourceError(f"{where}: a shape is a non-empty list of positive integers (at most {MAX_NDIM}, "
+                               f"each <= 2**64 - 1), got {brief(value)}")
     return tuple(value)
+
+
+def _read_regular(path: str, limit: int) -> bytes:
+    """The bytes of the regular file ``path`` (at most ``limit``): a FIFO, device or folder is
+    refused before it is opened, so reading never blocks or runs without end."""
+    info = os.stat(path)  # FileNotFoundError / PermissionError
+    if not stat.S_ISREG(info.st_mode):
+        raise ShapeSourceError(f"{path}: not a regular file")
+    if info.st_size > limit:
+        raise ShapeSourceError(f"{path}: {info.st_size:,} bytes, more than the {limit:,} a shape file may have")
+    with open(path, "rb") as fh:  # read what the file holds (+1 to tell if it grew), not a buffer of `limit`
+        raw = fh.read(info.st_size + 1)
+    if len(raw) > limit:
+        raise ShapeSourceError(f"{path}: more than the {limit:,} bytes a shape file may have")
+    return raw
 
 
 def shapes_from_json(source: str | os.PathLike[str] | Any, *, min_ndim: int = 1,
@@ -171,31 +197,36 @@ def shapes_from_json(source: str | os.PathLike[str] | Any, *, min_ndim: int = 1,
     where = "JSON shapes"
     if isinstance(source, (str, os.PathLike)):
         where = os.fspath(source)
-        with open(where, encoding="utf-8") as fh:  # FileNotFoundError for a missing file
-            try:
-                data = json.load(fh)
-            except (ValueError, RecursionError) as exc:  # bad UTF-8 / JSON, huge integers, deep nesting
-                raise ShapeSourceError(f"{where}: not valid JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
+        raw = _read_regular(where, MAX_SHAPE_FILE_BYTES)
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:  # bad UTF-8 / JSON, huge integers, deep nesting
+            raise ShapeSourceError(f"{where}: not valid JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
     else:
         data = source
     if isinstance(data, Mapping) and "targets" in data:
         data = data["targets"]
     targets: list[Target] = []
     if isinstance(data, Mapping):
-        targets = [Target(str(k), _shape_of(v, f"{where}[{k!r}]")) for k, v in data.items()]
+        targets = [Target(str(k), _shape_of(v, f"{where}[{str(k)[:60]!r}]")) for k, v in data.items()]
     elif isinstance(data, list):
         for i, item in enumerate(data):
             if isinstance(item, Mapping):
                 if "shape" not in item:
-                    raise ShapeSourceError(f"{where}[{i}]: an object entry needs a 'shape', got keys {sorted(item)}")
+                    raise ShapeSourceError(f"{where}[{i}]: an object entry needs a 'shape', got keys "
+                                           f"{sorted(map(str, item))[:8]}")
                 count = item.get("count", 1)
-                if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-                    raise ShapeSourceError(f"{where}[{i}]: 'count' must be a positive integer, got {count!r}")
+                if not is_int(count) or count < 1:
+                    raise ShapeSourceError(f"{where}[{i}]: 'count' must be a positive integer, got {brief(count)}")
+                if len(targets) + count > MAX_TARGETS:
+                    raise ShapeSourceError(f"{where}: more than {MAX_TARGETS:,} targets (the documented cap)")
                 shape = _shape_of(item["shape"], f"{where}[{i}]")
                 name = str(item.get("name", i))
                 targets += [Target(name if count == 1 else f"{name}.{c}", shape) for c in range(count)]
             else:
                 targets.append(Target(str(i), _shape_of(item, f"{where}[{i}]")))
+            if len(targets) > MAX_TARGETS:
+                raise ShapeSourceError(f"{where}: more than {MAX_TARGETS:,} targets (the documented cap)")
     else:
         raise ShapeSourceError(f"{where}: expected a list of shapes or an object of name -> shape, "
                                f"got {type(data).__name__}")
@@ -232,20 +263,28 @@ def parse_shapes(spec: str, *, min_ndim: int = 2, pattern: str | None = None) ->
         return shapes_from_safetensors(text, min_ndim=min_ndim, pattern=pattern)
     if lowered.endswith(".json"):
         return shapes_from_json(text, min_ndim=min_ndim, pattern=pattern)
-    if os.path.isfile(text):
+    if os.path.exists(text):
         raise ShapeSourceError(f"{text}: shape files must end in .json or .safetensors")
+    if len(text) > MAX_SHAPE_FILE_BYTES:
+        raise ShapeSourceError(f"the shape text has {len(text):,} characters, more than {MAX_SHAPE_FILE_BYTES:,}")
     targets: list[Target] = []
     items = [item.strip() for item in text.split(",")]
     for item in items:
         match = _ITEM.match(item)
         if match is None:
-            raise ShapeSourceError(f"malformed shape {item!r} in {text!r}: use OxN (one weight), SxOxN "
+            raise ShapeSourceError(f"malformed shape {item[:60]!r} in {text[:80]!r}: use OxN (one weight), SxOxN "
                                    "(S weights of O×N), comma-separated, or a .json/.safetensors path")
-        a, b, c = match.groups()
-        if c is None:
-            targets.append(Target(str(len(targets)), (int(a), int(b))))
-        else:
-            targets += [Target(str(len(targets) + s), (int(b), int(c))) for s in range(int(a))]
+        if any(len(part) > 20 for part in match.groups() if part is not None):
+            raise ShapeSourceError(f"shape {item[:60]!r}: a number has more than 20 digits (dimensions are at most "
+                                   "2**64 - 1)")
+        a, b, c = (None if part is None else int(part) for part in match.groups())
+        dims = (a, b) if c is None else (b, c)
+        if max(dims) > MAX_DIM:
+            raise ShapeSourceError(f"shape {item[:60]!r}: a dimension exceeds 2**64 - 1")
+        count = 1 if c is None else a
+        if len(targets) + count > MAX_TARGETS:
+            raise ShapeSourceError(f"{text[:80]!r} describes more than {MAX_TARGETS:,} targets (the documented cap)")
+        targets += [Target(str(len(targets) + s), dims) for s in range(count)]
     return _selected(targets, 0, pattern)
 
 
@@ -280,7 +319,8 @@ def shapes_from_model(model: Any, targets: str | Sequence[str] | Callable[[str, 
     Raises
     ------
     TypeError
-        If ``model`` is not a ``torch.nn.Module``, or ``targets`` is not a selection.
+        If ``model`` is not a ``torch.nn.Module``, ``targets`` is not a selection, or a selected
+        module has no weight ``attach`` could adapt (the same message ``attach`` gives).
     ShapeSourceError
         If no module matches, or ``targets`` is not a valid regular expression.
     """
@@ -297,11 +337,13 @@ def shapes_from_model(model: Any, targets: str | Sequence[str] | Callable[[str, 
     out = []
     for qualified, module in modules:
         weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.ndim < min_ndim:
+        is_tensor = isinstance(weight, torch.Tensor)
+        # a selected module attach() would refuse raises attach()'s error here too
+        view = target_rules.target_view(qualified, module) if (targets is not None and not is_tensor) or (
+            is_tensor and weight.ndim >= 2) else None
+        if not is_tensor or weight.ndim < min_ndim:
             continue
-        shape = tuple(int(d) for d in weight.shape)
-        if weight.ndim >= 2:
-            shape = target_rules.target_view(qualified, module).shape
+        shape = view.shape if view is not None else tuple(int(d) for d in weight.shape)
         out.append(Target(f"{qualified}.weight" if qualified else "weight", shape,
                           str(weight.dtype).removeprefix("torch.")))
     if not out:
@@ -333,8 +375,9 @@ def parse_preset(spec: str, shapes: Sequence[Sequence[int]] | None = None,
 
     ``name`` is one of :data:`PRESETS`; the keys are the preset function's arguments (e.g.
     ``lorta:order=3,groups=1``, ``lokr:factor=8``, ``lora:rank=8``).  A preset that takes a rank
-    and is given none is expanded over ``ranks`` (default :data:`DEFAULT_RANKS`).  ``lotr``'s
-    ``num_weights`` defaults to ``len(shapes)``.
+    and is given none is expanded over ``ranks`` (default :data:`DEFAULT_RANKS`).  ``lotr`` stacks
+    all the targets (``S`` is taken from the shapes when the plan is built), so ``shapes`` is no
+    longer needed here; it is accepted for existing callers and ignored.
 
     Returns
     -------
@@ -364,21 +407,23 @@ def parse_preset(spec: str, shapes: Sequence[Sequence[int]] | None = None,
             raise ValueError(f"preset argument {item!r} in {spec!r} must look like key=value")
         if key not in params:
             raise ValueError(f"preset {name!r} has no argument {key!r}; its arguments are {', '.join(params)}")
+        if key in kwargs:
+            raise ValueError(f"preset {spec!r} gives {key!r} twice")
         kwargs[key] = _parse_value(value.strip())
-    if name == "lotr" and "num_weights" not in kwargs:
-        if shapes is None:
-            raise ValueError("preset 'lotr' needs num_weights=S (or the target shapes)")
-        kwargs["num_weights"] = len(shapes)
     sweep = ("rank" in params and "rank" not in kwargs)
+    missing = [p.name for p in params.values() if p.default is inspect.Parameter.empty
+               and p.name not in kwargs and not (sweep and p.name == "rank")]
+    if missing:
+        raise ValueError(f"preset {name!r} needs {', '.join(f'{m}=…' for m in missing)} "
+                         f"(e.g. {name}:{missing[0]}=3); its arguments are {', '.join(params)}")
     rank_list = list(ranks) if ranks is not None else list(DEFAULT_RANKS)
     variants = [{**kwargs, "rank": r} for r in rank_list] if sweep else [kwargs]
     out = []
     for kw in variants:
-        shown = {k: v for k, v in kw.items() if not (name == "lotr" and k == "num_weights")}
-        label = f"{name}({', '.join(f'{k}={v}' for k, v in shown.items())})"
+        label = f"{name}({', '.join(f'{k}={v}' for k, v in kw.items())})"
         try:
             config = func(**kw)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"preset {spec!r}: {exc}") from None
         out.append((label, config))
     return out
@@ -452,13 +497,25 @@ def count_table(shapes: Sequence[Any], configs: Iterable[str] | Mapping[str, Sup
     else:
         labelled = [item for spec in configs for item in parse_preset(spec, plain, ranks)]
     rows = []
-    for label, config in labelled:
+    simple = [config.grouping == "weight" or is_int(config.grouping) for _, config in labelled]
+    # weight-wise and G-chunk configurations are counted without the full plan, the shapes checked once
+    counts = iter(count_many([config for (_, config), easy in zip(labelled, simple, strict=True) if easy],
+                             plain, names))
+    for (label, config), easy in zip(labelled, simple, strict=True):
         try:
-            plan = SuperLoRA(config, plain, names)
+            if easy:
+                params = next(counts)
+                if isinstance(params, ValueError):
+                    raise params
+                groups = len(plain) if config.grouping == "weight" else config.grouping
+            else:
+                plan = SuperLoRA(config, plain, names)
+                params, groups = plan.num_params, len(plan.groups)
         except ValueError as exc:
             rows.append(CountRow(label, None, None, None, config, str(exc).split("\n")[0]))
             continue
-        rows.append(CountRow(label, plan.num_params, plan.num_params / total, len(plan.groups), config))
+        note = OVER_DENSE_NOTE if params > total else ""
+        rows.append(CountRow(label, params, params / total, groups, config, note))
     return rows
 
 

@@ -18,6 +18,12 @@ from ._args import UsageError, one_line, positive_int
 __all__ = ["add_parser", "run"]
 
 _FLOAT_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64"}
+#: Most entries of one compared tensor (larger ones are refused before they are read: loading
+#: and decomposing them would need gigabytes; docs/reliability.md).
+MAX_COMPARE_ENTRIES = 2**26
+#: Plot formats (what matplotlib writes without extra packages).
+PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp", "pgf", "raw",
+                "rgba")
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -58,7 +64,7 @@ def _progress(enabled: bool, total: int, desc: str) -> Any:
 def _read_header(path: str) -> safetensors_header.SafetensorsHeader:
     """The checked header of ``path`` (the library's one reader); ``UsageError`` naming the file."""
     if not os.path.isfile(path):
-        raise UsageError(f"{path}: no such file")
+        raise UsageError(f"{path}: not a regular file" if os.path.exists(path) else f"{path}: no such file")
     try:
         return safetensors_header.read_header(path)
     except safetensors_header.SafetensorsHeaderError as exc:
@@ -106,12 +112,32 @@ def _finite_json(value: Any) -> Any:
 
 
 def _check_writable(flag: str, path: str) -> None:
-    """Exit 2 before any work when ``path`` cannot be written."""
+    """Exit 2 before any work when ``path`` cannot be written: its folder must exist, the path
+    must be a regular file or not exist (never a device such as /dev/full, a FIFO or a folder),
+    and creating it must work (a test create, removed again, catches /proc and read-only mounts)."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"{flag} {path}: folder {folder} does not exist")
-    if os.path.isdir(path) or not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UsageError(f"{flag} {path}: cannot write there")
+    if os.path.lexists(path):
+        if not os.path.isfile(path):
+            raise UsageError(f"{flag} {path}: not a regular file")
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{flag} {path}: cannot write there")
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot write there ({exc.strerror or type(exc).__name__})") from None
+    os.close(fd)
+    os.unlink(path)
+
+
+def _write_output(flag: str, path: str, write: Any) -> None:
+    """Run ``write()``; a failure of the file system (full, vanished folder) is one line, exit 2."""
+    try:
+        write()
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot write ({exc.strerror or one_line(exc)})") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,6 +166,11 @@ def run(args: argparse.Namespace) -> int:
     skipped = len(common) - len(keys)
     if not keys:
         raise UsageError(f"the {len(common)} common tensors have fewer than 2 dimensions (no weight matrices)")
+    for key in keys:
+        entries = math.prod(first[key]["shape"])
+        if entries > MAX_COMPARE_ENTRIES:
+            raise UsageError(f"tensor {key!r} has {entries:,} entries, more than the {MAX_COMPARE_ENTRIES:,} "
+                             "compare reads (docs/reliability.md); select others with --filter")
     plot_path = None
     if not args.no_plot:
         plot_path = args.plot or _default_plot_path(args.first, args.second)
@@ -149,6 +180,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("writing the plot needs matplotlib (pip install matplotlib), or pass --no-plot") from None
         if not os.path.splitext(plot_path)[1]:
             plot_path += ".png"
+        extension = os.path.splitext(plot_path)[1][1:].lower()
+        if extension not in PLOT_FORMATS:
+            raise UsageError(f"--plot {plot_path}: {extension!r} is not a plot format ({', '.join(PLOT_FORMATS)})")
         _check_writable("--plot", plot_path)
     if args.json:
         _check_writable("--json", args.json)
@@ -164,8 +198,13 @@ def run(args: argparse.Namespace) -> int:
             if not np.isfinite(value).all():
                 raise UsageError(f"tensor {key!r} in {path} has NaN or infinite entries")
         dtype = np.result_type(p.dtype, q.dtype, np.float32)
-        records.append(geometry.compare_pair(p.astype(dtype, copy=False), q.astype(dtype, copy=False), name=key,
-                                             k=args.k, paired=args.paired, method=args.method))
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                record = geometry.compare_pair(p.astype(dtype, copy=False), q.astype(dtype, copy=False), name=key,
+                                               k=args.k, paired=args.paired, method=args.method)
+        except (ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:  # e.g. norms past the float range
+            raise UsageError(f"tensor {key!r}: cannot compare it ({one_line(exc)})") from None
+        records.append(record)
     summary = geometry.aggregate_by_kind(records)
     print(report.format_similarity_table(records, summary, args.k, args.paired))
     if skipped:
@@ -173,13 +212,17 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         payload = {"records": [r.as_dict() for r in records],
                    "by_kind": {kind: dataclasses.asdict(s) for kind, s in summary.items()}}
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(_finite_json(payload), fh, indent=1, allow_nan=False)
+        def write_json() -> None:
+            with open(args.json, "w", encoding="utf-8") as fh:
+                json.dump(_finite_json(payload), fh, indent=1, allow_nan=False)
+
+        _write_output("--json", args.json, write_json)
         print(f"records written to {args.json}")
     if plot_path is not None:
         from ..analysis import plot
 
-        plot.plot_similarity(records, plot_path, f"{os.path.basename(args.first)} vs {os.path.basename(args.second)}"
-                             + (" (paired cosines)" if args.paired else ""), args.k)
+        title = f"{os.path.basename(args.first)} vs {os.path.basename(args.second)}" + (
+            " (paired cosines)" if args.paired else "")
+        _write_output("--plot", plot_path, lambda: plot.plot_similarity(records, plot_path, title, args.k))
         print(f"plot written to {plot_path}")
     return 0

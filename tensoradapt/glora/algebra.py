@@ -126,6 +126,9 @@ def count_params(o: int, n: int, choice: LayerChoice | Mapping[str, Any], *, has
         if r is None:
             raise ValueError(f"choice {choice} uses LoRA with rank=None (the supernet rank): pass r")
         q = check_int("r", r, minimum=1)
+    elif choice.uses_lora and r is not None and q > check_int("r", r, minimum=1):
+        raise ValueError(f"choice {choice} has LoRA rank {q} > the supernet rank r={r} (a sampled rank "
+                         "uses the first r' of the supernet's r columns)")
     counts = {
         "A": {"lora": (q or 0) * (o + n), "vector": o, "scalar": 1, "none": 0},
         "C": {"lora": (q or 0) * (n + 1), "vector": n, "none": 0},

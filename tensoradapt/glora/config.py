@@ -17,11 +17,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._validate import check_int, config_fields
+from .._validate import brief, check_int, config_fields
 
 __all__ = [
     "CHOICES",
     "CONFIG_VERSION",
+    "MAX_FORMS",
+    "MAX_RANK",
+    "MAX_RANKS",
+    "MAX_SEED",
     "TENSORS",
     "GLoRAConfig",
     "LayerChoice",
@@ -45,6 +49,31 @@ TENSORS = ("A", "B", "C", "D", "E")
 CONFIG_VERSION = 1
 _ALIASES = {"constant": "scalar", "const": "scalar", "LoRA": "lora", "vec": "vector"}
 _SIZE_ORDER = {"lora": 3, "vector": 2, "scalar": 1, "none": 0}
+# Documented caps (docs/reliability.md), checked before anything is iterated or allocated.
+#: Largest supernet rank ``r`` (and LoRA rank ``r'``).
+MAX_RANK = 2**24
+#: Most entries of ``ranks`` (the offered ranks).
+MAX_RANKS = 1024
+#: Most entries of a support tensor's list of forms (duplicates included).
+MAX_FORMS = 64
+#: Largest seed (an unsigned 64-bit integer).
+MAX_SEED = 2**64 - 1
+
+
+def _bounded(name: str, value: Any, limit: int) -> list[Any]:
+    """At most ``limit`` entries of the iterable ``value`` (one more is read to tell), else ``ValueError``."""
+    items = list(itertools.islice(value, limit + 1))
+    if len(items) > limit:
+        raise ValueError(f"{name} has more than {limit} entries (the documented cap, docs/reliability.md)")
+    return items
+
+
+def _capped_int(name: str, value: Any, minimum: int, cap: int) -> int:
+    as_int = check_int(name, value, minimum=minimum)
+    if as_int > cap:
+        raise ValueError(f"{name} must be at most {brief(cap)} (the documented cap, docs/reliability.md), "
+                         f"got {brief(as_int)}")
+    return as_int
 
 
 def normalise_form(tensor: str, value: Any) -> str:
@@ -56,10 +85,10 @@ def normalise_form(tensor: str, value: Any) -> str:
     'scalar'
     """
     if not isinstance(value, str):
-        raise TypeError(f"{tensor} must be one of {CHOICES[tensor]} (a string), got {value!r}")
+        raise TypeError(f"{tensor} must be one of {CHOICES[tensor]} (a string), got {brief(value)}")
     form = _ALIASES.get(value, value)
     if form not in CHOICES[tensor]:
-        raise ValueError(f"{tensor} must be one of {CHOICES[tensor]}, got {value!r}")
+        raise ValueError(f"{tensor} must be one of {CHOICES[tensor]}, got {brief(value)}")
     return form
 
 
@@ -102,7 +131,7 @@ class LayerChoice:
         for t in TENSORS:
             object.__setattr__(self, t, normalise_form(t, getattr(self, t)))
         if self.rank is not None:
-            rank = check_int("rank (the LoRA rank r')", self.rank, minimum=1)
+            rank = _capped_int("rank (the LoRA rank r')", self.rank, 1, MAX_RANK)
             object.__setattr__(self, "rank", rank if self.uses_lora else None)
 
     @property
@@ -142,7 +171,7 @@ class LayerChoice:
         if not isinstance(data, Mapping):
             raise TypeError(f"a layer choice must be a LayerChoice or a mapping of A..E forms, "
                             f"got {type(data).__name__}")
-        unknown = sorted(set(data) - {*TENSORS, "rank"})
+        unknown = sorted(set(data) - {*TENSORS, "rank"}, key=repr)
         if unknown:
             raise ValueError(f"unknown LayerChoice keys {unknown}; known keys are {[*TENSORS, 'rank']}")
         return cls(**data)
@@ -203,31 +232,32 @@ class GLoRAConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        rank = check_int("rank (the supernet rank r)", self.rank, minimum=1)
+        rank = _capped_int("rank (the supernet rank r)", self.rank, 1, MAX_RANK)
         object.__setattr__(self, "rank", rank)
         ranks = (rank,) if self.ranks is None else self.ranks
-        if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Iterable):
-            ranks = (ranks,)  # one rank
-        ranks = tuple(check_int(f"ranks[{i}]", q, minimum=1) for i, q in enumerate(ranks))
+        if isinstance(ranks, (str, bytes, Mapping)) or not isinstance(ranks, Iterable):
+            ranks = (ranks,)  # one rank (a string or mapping is refused by check_int below)
+        ranks = tuple(check_int(f"ranks[{i}]", q, minimum=1)
+                      for i, q in enumerate(_bounded("ranks", ranks, MAX_RANKS)))
         if not ranks or max(ranks) > rank:
             raise ValueError(f"ranks must be a non-empty sequence of integers in [1, rank={rank}] "
-                             f"(weight entanglement uses the first r' of r stored columns), got {self.ranks!r}")
+                             f"(weight entanglement uses the first r' of r stored columns), got {brief(self.ranks)}")
         object.__setattr__(self, "ranks", tuple(sorted(set(ranks), reverse=True)))
         for t in TENSORS:
             value = getattr(self, t)
             if isinstance(value, str):
                 value = (value,)
-            if not isinstance(value, Iterable) or isinstance(value, bytes):
-                raise TypeError(f"{t} must be a sequence of forms from {CHOICES[t]}, got {value!r}")
+            if not isinstance(value, Iterable) or isinstance(value, (bytes, Mapping)):
+                raise TypeError(f"{t} must be a sequence of forms from {CHOICES[t]}, got {brief(value)}")
             forms: list[str] = []
-            for v in value:
+            for v in _bounded(t, value, MAX_FORMS):
                 form = normalise_form(t, v)
                 if form not in forms:
                     forms.append(form)
             if not forms:
                 raise ValueError(f"{t} must offer at least one form from {CHOICES[t]}, got an empty search space")
             object.__setattr__(self, t, tuple(forms))
-        object.__setattr__(self, "seed", check_int("seed", self.seed, minimum=0))
+        object.__setattr__(self, "seed", _capped_int("seed", self.seed, 0, MAX_SEED))
 
     def replace(self, **changes: Any) -> GLoRAConfig:
         """A copy with some fields changed (validated again)."""
@@ -284,6 +314,8 @@ def largest_choice(config: GLoRAConfig | None = None, *, has_bias: bool = True) 
     """The choice with the most active parameters in ``config``'s space (lora > vector > scalar > none,
     largest rank): the full supernet for the default space (A, B, C = LoRA at rank ``r``; D, E = vector)."""
     config = GLoRAConfig() if config is None else config
+    if not isinstance(config, GLoRAConfig):
+        raise TypeError(f"config must be a GLoRAConfig or None, got {type(config).__name__} {brief(config)}")
     forms = {t: max(getattr(config, t), key=_SIZE_ORDER.__getitem__) for t in TENSORS}
     if not has_bias:
         forms["D"] = "none"

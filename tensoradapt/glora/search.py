@@ -27,6 +27,7 @@ installed (imported only when ``progress=True``).
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .._validate import check_int
+from .._validate import brief, check_float, check_int
 
 __all__ = ["SearchRecord", "SearchResult", "evolve"]
 
@@ -197,7 +198,11 @@ class _Scores:
         if genes not in self.values:
             if not self.budget.feasible(genes):  # pragma: no cover - guarded by construction
                 raise AssertionError("an infeasible individual reached evaluation")
-            value = float(self.evaluate(self.configs(genes)))
+            score = self.evaluate(self.configs(genes))
+            if isinstance(score, bool) or not isinstance(score, numbers.Real):
+                raise TypeError(f"evaluate must return a number (higher is better), got {type(score).__name__} "
+                                f"{brief(score)}")
+            value = float(score)
             self.values[genes] = -math.inf if math.isnan(value) else value
             self.order[genes] = len(self.order)
         return self.values[genes]
@@ -283,9 +288,7 @@ def _check_problem(spaces: Sequence[Sequence[Any]], counts: Sequence[Sequence[in
 
 
 def _check_probability(name: str, value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
-    return float(value)
+    return check_float(name, value, minimum=0.0, maximum=1.0, rule="a probability in [0, 1]")
 
 
 # ---------------------------------------------------------------------------------- the search

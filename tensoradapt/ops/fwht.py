@@ -21,7 +21,7 @@ import numpy as np
 from .._backend import check_floating, compute_dtype, device_of, from_host, namespace
 from .._validate import check_int
 
-__all__ = ["default_block", "fwht", "hadamard_block"]
+__all__ = ["default_block", "fwht", "fwht_inplace", "hadamard_block"]
 
 
 @functools.lru_cache(maxsize=16)
@@ -91,6 +91,70 @@ def fwht_last(xp: Any, x: Any, block: int | None = None) -> Any:
             x = h @ xp.reshape(x, (before, f, after))
         before *= f
     return xp.reshape(x, (*batch, n))
+
+
+#: Elements per chunk of an in-place pass (256 KiB of float32: the GEMM operands stay in L2).
+CHUNK = 1 << 16
+
+
+def writes_in_place(xp: Any, x: Any) -> bool:
+    """Whether ``x`` can be updated through slice assignment of reshaped views (NumPy, CuPy and
+    torch arrays; not ``array_api_strict``, whose standard gives views no aliasing guarantee)."""
+    if isinstance(x, np.ndarray):
+        return x.flags.writeable and x.flags.c_contiguous
+    module = type(x).__module__.split(".")[0]
+    if module == "torch":
+        return bool(x.is_contiguous()) and not x.requires_grad
+    return module == "cupy" and bool(x.flags.c_contiguous)
+
+
+def fwht_inplace(xp: Any, x: Any, block: int | None = None, chunk: int = CHUNK) -> Any:
+    """Unvalidated FWHT along the last axis of ``x``, overwriting ``x`` (returned).
+
+    The same Kronecker-GEMM digits as :func:`fwht_last`, applied in place: the trailing digits
+    that fit in ``chunk`` elements are done together on contiguous pieces of ``chunk`` elements
+    (one out-of-place :func:`fwht_last` on a piece, assigned back), and every remaining digit is
+    one chunked GEMM pass, ``X[piece] = H_f · X[piece]`` on a free reshape.  Extra memory is
+    O(chunk), never a second length-``n`` buffer.  Where the namespace has no aliasing views
+    (:func:`writes_in_place` is false) this is ``fwht_last`` (two length-``n`` buffers).
+    """
+    n = x.shape[-1]
+    if not writes_in_place(xp, x):
+        return fwht_last(xp, x, block)
+    total = math.prod(x.shape)
+    if total == 0 or n == 1:
+        return x
+    rows = total // n
+    digits = _digit_sizes(n, block or default_block(n, rows))
+    flat = xp.reshape(x, (total,))
+    # inner: the trailing digits whose product fits in a chunk
+    inner, k = 1, len(digits)
+    while k > 0 and inner * digits[k - 1] <= chunk:
+        k -= 1
+        inner *= digits[k]
+    if inner > 1:
+        pieces = xp.reshape(flat, (total // inner, inner))
+        step = max(1, chunk // inner)
+        inner_block = max(digits[k:])
+        for i in range(0, total // inner, step):
+            pieces[i:i + step] = fwht_last(xp, pieces[i:i + step], inner_block)
+    device = device_of(x)
+    after = inner
+    for f in reversed(digits[:k]):
+        before = total // (f * after)
+        h = hadamard_block(xp, f, x.dtype, device)
+        view = xp.reshape(flat, (before, f, after))
+        if f * after <= chunk:
+            step = max(1, chunk // (f * after))
+            for i in range(0, before, step):
+                view[i:i + step] = h @ view[i:i + step]
+        else:
+            width = max(1, chunk // f)
+            for i in range(before):
+                for c in range(0, after, width):
+                    view[i, :, c:c + width] = h @ view[i, :, c:c + width]
+        after *= f
+    return x
 
 
 def fwht(x: Any, axis: int = -1, *, block: int | None = None) -> Any:

@@ -113,7 +113,7 @@ class Grouping(Frozen):
     ((4, 3, 3), ((0,), (1,), (1,)))
     """
 
-    __slots__ = ("_target_offsets", "bounds", "layout", "members", "order", "shapes")
+    __slots__ = ("_sizes", "_target_groups", "_target_offsets", "bounds", "layout", "members", "order", "shapes")
 
     def __init__(self, shapes: Sequence[Sequence[int]], grouping: Any = "weight",
                  layout: str = "fold") -> None:
@@ -144,8 +144,14 @@ class Grouping(Frozen):
         members = self._overlaps(order, [offsets[i] for i in order], [sizes[i] for i in order], bounds)
         if layout == "stack":
             self._check_stack(shapes, members)
+        target_groups: list[list[int]] = [[] for _ in range(count)]  # target -> its groups, O(S + G)
+        for g, group in enumerate(members):
+            for i in group:
+                target_groups[i].append(g)
         self._freeze(shapes=shapes, layout=layout, order=order, bounds=tuple(bounds),
-                     members=members, _target_offsets=offsets)
+                     members=members, _target_offsets=offsets,
+                     _sizes=tuple(hi - lo for lo, hi in itertools.pairwise(bounds)),
+                     _target_groups=tuple(tuple(g) for g in target_groups))
 
     @staticmethod
     def _overlaps(order: Sequence[int], starts: Sequence[int], sizes: Sequence[int],
@@ -224,8 +230,8 @@ class Grouping(Frozen):
 
     @property
     def sizes(self) -> tuple[int, ...]:
-        """``N_g``, the entries of ``ΔW_all`` that each group produces."""
-        return tuple(hi - lo for lo, hi in itertools.pairwise(self.bounds))
+        """``N_g``, the entries of ``ΔW_all`` that each group produces (computed once)."""
+        return self._sizes
 
     @property
     def total(self) -> int:
@@ -249,7 +255,9 @@ class Grouping(Frozen):
         bad = [t for t in wanted if t >= len(self.shapes)]
         if bad:
             raise ValueError(f"targets must be < the number of targets ({len(self.shapes)}), got {bad}")
-        return tuple(g for g, group in enumerate(self.members) if wanted.intersection(group))
+        if len(wanted) == 1:
+            return self._target_groups[next(iter(wanted))]
+        return tuple(sorted({g for t in wanted for g in self._target_groups[t]}))
 
     # -- fold-layout vector maps ---------------------------------------------------------------
     def split(self, delta: Any) -> list[Any]:

@@ -9,18 +9,19 @@ backend.  Device copies of the buffers are cached per (namespace, dtype, device)
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from .. import buffers
-from .._backend import check_floating, compute_dtype, device_of, from_host, namespace
+from .._backend import check_floating, compat_namespace, compute_dtype, device_of, from_host, namespace
 from .._frozen import Frozen
 from .._validate import check_int
-from .fwht import fwht_last
+from .fwht import fwht_inplace, fwht_last, writes_in_place
 
-__all__ = ["Fastfood", "Shuffle"]
+__all__ = ["Fastfood", "Shuffle", "device_buffer_budget"]
 
 _ORDERS = ("li", "paper")
 
@@ -41,6 +42,45 @@ class _BufferCache:
             value = from_host(xp, host(), dtype=dtype, device=device)
             self._store[key] = value
         return value
+
+
+#: Entries of ``L`` handled per chunk by generator 2's on-device maps.
+MAP_CHUNK = 1 << 12
+
+_BUDGET = {"limit": 512 << 20, "used": 0}
+
+
+def device_buffer_budget(limit: int | None = None) -> dict[str, int]:
+    """Read (and with ``limit``, set) the process-wide byte budget for materialised generator-2
+    buffers.  Generator-2 Fastfood operators compute their maps on the device per call, in chunks
+    (O(1) state); while the budget allows, an operator keeps the computed index and Gaussian
+    arrays of a direction on that device instead (8 bytes per entry of ``L``), which changes the
+    speed, never the result.  ``limit=0`` turns materialisation off.  Returns ``{"limit", "used"}``."""
+    if limit is not None:
+        _BUDGET["limit"] = check_int("limit", limit, minimum=0)
+    return dict(_BUDGET)
+
+
+def _release(nbytes: int) -> None:
+    _BUDGET["used"] -= nbytes
+
+
+class _CounterCache:
+    """Device state of a generator-2 operator: small tables and, within the budget, materialised maps."""
+
+    def __init__(self) -> None:
+        self.store: dict[Any, Any] = {}
+        self.nbytes = 0
+        self._finalizer = weakref.finalize(self, _release, 0)
+
+    def reserve(self, nbytes: int) -> bool:
+        if _BUDGET["used"] + nbytes > _BUDGET["limit"]:
+            return False
+        _BUDGET["used"] += nbytes
+        self.nbytes += nbytes
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _release, self.nbytes)
+        return True
 
 
 def _read_only_permutation_pair(perm: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -111,6 +151,11 @@ class Shuffle(Frozen):
     def __repr__(self) -> str:
         return f"Shuffle(n={self.n}, seed={self.seed}, group={self.group})"
 
+    @staticmethod
+    def state_bytes_for(n: int) -> int:
+        """Bytes of host state of ``Shuffle(n, ...)``: ``π`` and ``π⁻¹`` as int64."""
+        return 16 * n
+
     @property
     def permutation(self) -> np.ndarray:
         """The host permutation ``π`` (read-only int64 array)."""
@@ -168,8 +213,8 @@ class Fastfood(Frozen):
     products.  16-bit inputs are computed in float32 and returned in their dtype.
     """
 
-    __slots__ = ("_cache", "_gaussian", "_inverse", "_permutation", "_signs", "group",
-                 "length", "n_in", "n_out", "order", "scale", "seed")
+    __slots__ = ("_cache", "_gaussian", "_inverse", "_keys", "_permutation", "_signs", "generator",
+                 "group", "length", "n_in", "n_out", "order", "scale", "seed")
 
     def __init__(
         self,
@@ -180,10 +225,14 @@ class Fastfood(Frozen):
         *,
         order: str = "li",
         allow_shrink: bool = False,
+        generator: str | None = None,
     ) -> None:
         n_in, n_out, length = self._check_sizes(n_in, n_out, allow_shrink)
         seed = check_int("seed", seed, minimum=0)
         group = check_int("group", group, minimum=0)
+        if buffers.check_generator(generator) == buffers.GENERATOR_V2:
+            self._init_counter(n_in, n_out, length, order, seed, group)
+            return
         self._init(
             n_in, n_out, order,
             buffers.rademacher(length, seed, group, "fastfood.signs"),
@@ -219,8 +268,20 @@ class Fastfood(Frozen):
             array.setflags(write=False)
         values = {"n_in": n_in, "n_out": n_out, "length": int(perm.shape[0]), "order": order,
                   "seed": seed, "group": group, "scale": 1.0 / math.sqrt(n_out * total),
-                  "_cache": _BufferCache(), **arrays}
+                  "_cache": _BufferCache(), "generator": buffers.GENERATOR_V1, "_keys": None, **arrays}
         self._freeze(**values)
+
+    def _init_counter(self, n_in: int, n_out: int, length: int, order: str, seed: int, group: int) -> None:
+        """Generator 2: three counter keys, no buffers; ``c = 1/sqrt(N·L)`` (docs/math.md §3.8)."""
+        if order not in _ORDERS:
+            raise ValueError(f"order must be one of {_ORDERS}, got {order!r}")
+        buffers.check_counter_length(length)
+        keys = {name: buffers.CounterKey(seed, group, "fastfood." + name)
+                for name in ("signs", "permutation", "gaussian")}
+        self._freeze(n_in=n_in, n_out=n_out, length=length, order=order, seed=seed, group=group,
+                     scale=1.0 / math.sqrt(n_out * length), generator=buffers.GENERATOR_V2,
+                     _keys=keys, _cache=_CounterCache(), _signs=None, _permutation=None,
+                     _inverse=None, _gaussian=None)
 
     @classmethod
     def from_buffers(cls, n_in: int, n_out: int, signs: Any, permutation: Any, gaussian: Any,
@@ -256,8 +317,37 @@ class Fastfood(Frozen):
     @property
     def buffers(self) -> dict[str, np.ndarray]:
         """The host buffers (read-only): ``signs`` (int8), ``permutation`` (int64) and
-        ``gaussian`` (float32), each of length ``L``."""
-        return {"signs": self._signs, "permutation": self._permutation, "gaussian": self._gaussian}
+        ``gaussian`` (float32), each of length ``L``.  Generator-2 operators hold none; this
+        computes them (``8·L`` bytes of int64 working memory), for tests and inspection."""
+        if self._keys is None:
+            return {"signs": self._signs, "permutation": self._permutation, "gaussian": self._gaussian}
+        xp = compat_namespace(np)
+        index = np.arange(self.length, dtype=np.int64)
+        bits = self.length.bit_length() - 1
+        out = {"signs": buffers.counter_signs(xp, index, self._keys["signs"], np.int8),
+               "permutation": buffers.counter_permutation(xp, index, self._keys["permutation"], bits),
+               "gaussian": buffers.counter_gaussian(xp, index, self._keys["gaussian"],
+                                                    buffers.gaussian_tables(), np.float32)}
+        for value in out.values():
+            value.setflags(write=False)
+        return out
+
+    @staticmethod
+    def state_bytes_for(n_in: int, n_out: int, generator: str | None = None) -> int:
+        """:attr:`state_bytes` of ``Fastfood(n_in, n_out, ..., generator=generator)`` without
+        building it (``SuperLoRA.describe`` prints it per group)."""
+        length = 1 << (max(n_in, n_out) - 1).bit_length()
+        if buffers.check_generator(generator) == buffers.GENERATOR_V2:
+            return 3 * 8 * 4
+        return length * (1 + 8 + 8 + 4)
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of fixed random state the operator holds on the host: ``L·(1 + 8 + 8 + 4)`` for
+        generator 1 (signs, π, π⁻¹, g), O(1) for generator 2 (three keys)."""
+        if self._keys is None:
+            return sum(int(a.nbytes) for a in (self._signs, self._permutation, self._inverse, self._gaussian))
+        return 3 * 8 * 4
 
     def _prepare(self, name: str, x: Any, length: int) -> tuple[Any, Any, Any, Any]:
         xp = namespace(**{name: x})
@@ -333,9 +423,18 @@ class Fastfood(Frozen):
         rows = xp.reshape(w, (*w.shape[:-1], self.length // self._short, self._short))
         return fwht_last(xp, xp.sum(rows, axis=rows.ndim - 2))[..., : self.n_in]
 
-    def apply(self, x: Any) -> Any:
-        """``y = F x`` for ``x`` of shape ``(..., n_in)``; returns ``(..., n_out)``."""
+    def apply(self, x: Any, *, compact: bool = False) -> Any:
+        """``y = F x`` for ``x`` of shape ``(..., n_in)``; returns ``(..., n_out)``.
+
+        Generator 2 returns a view of its length-``L`` work array (no copy: the least peak for
+        one call); ``compact=True`` returns a copy of the first ``n_out`` entries instead, so that
+        ``L − n_out`` entries are not kept alive (for many groups whose outputs are all kept)."""
         xp, x, dtype, work = self._prepare("x", x, self.n_in)
+        if self._keys is not None:
+            y = self._counter_apply(xp, x)
+            if compact and self.length > self.n_out and work == dtype:
+                y = xp.asarray(y, copy=True)
+            return y if work == dtype else xp.astype(y, dtype)
         signs = self._buffer(xp, "signs", work, device_of(x))
         if self.order == "li":
             y = self._forward(xp, x * signs[: self.n_in]) * self.scale
@@ -343,12 +442,141 @@ class Fastfood(Frozen):
             y = self._forward(xp, x) * (signs[: self.n_out] * self.scale)
         return y if work == dtype else xp.astype(y, dtype)
 
-    def adjoint(self, y: Any) -> Any:
-        """``z̄ = Fᵀ y`` for ``y`` of shape ``(..., n_out)``; returns ``(..., n_in)`` (the VJP)."""
+    def adjoint(self, y: Any, *, overwrite: bool = False) -> Any:
+        """``z̄ = Fᵀ y`` for ``y`` of shape ``(..., n_out)``; returns ``(..., n_in)`` (the VJP).
+
+        Generator 2 also accepts ``y`` zero-padded to ``(..., L)`` (entries past ``n_out`` must be
+        zero), and with ``overwrite=True`` uses such a ``y`` as its workspace (no second length-``L``
+        array); the generator passes its freshly gathered group cotangent this way."""
+        if self._keys is not None and getattr(y, "ndim", 0) >= 1 and y.shape[-1] == self.length:
+            xp, y, dtype, work = self._prepare("y", y, self.length)
+            z = self._counter_adjoint(xp, y, padded=True, overwrite=overwrite or work != dtype)
+            return z if work == dtype else xp.astype(z, dtype)
         xp, y, dtype, work = self._prepare("y", y, self.n_out)
+        if self._keys is not None:
+            z = self._counter_adjoint(xp, y)
+            return z if work == dtype else xp.astype(z, dtype)
         signs = self._buffer(xp, "signs", work, device_of(y))
         if self.order == "li":
             z = self._backward(xp, y) * (signs[: self.n_in] * self.scale)
         else:
             z = self._backward(xp, y * signs[: self.n_out]) * self.scale
         return z if work == dtype else xp.astype(z, dtype)
+
+    # ------------------------------------------------------------------ generator 2 (on the device)
+    def _tables(self, xp: Any, device: Any) -> tuple[Any, ...]:
+        key = ("tables", getattr(xp, "__name__", repr(xp)), str(device))
+        store = self._cache.store
+        if key not in store:
+            store[key] = tuple(from_host(xp, t, dtype=xp.float64, device=device)
+                               for t in buffers.gaussian_tables())
+        return store[key]
+
+    def _signs_chunk(self, xp: Any, j0: int, j1: int, dtype: Any, device: Any) -> Any:
+        index = xp.arange(j0, j1, dtype=xp.int64, device=device)
+        return buffers.counter_signs(xp, index, self._keys["signs"], dtype)
+
+    def _map_chunk(self, xp: Any, j0: int, j1: int, forward: bool, dtype: Any, device: Any) -> tuple[Any, Any]:
+        """``(index, g)`` for output positions ``[j0, j1)`` of the gather-and-scale step.
+
+        Li forward ``v[π(j)] · g(j)``, Li adjoint ``v[π⁻¹(j)] · g(π⁻¹(j))``; paper order the other
+        way round.  Forward indices read the short transform (``mod b``)."""
+        bits = self.length.bit_length() - 1
+        j = xp.arange(j0, j1, dtype=xp.int64, device=device)
+        if forward == (self.order == "li"):
+            index = buffers.counter_permutation(xp, j, self._keys["permutation"], bits)
+            at = j
+        else:
+            index = buffers.counter_inverse_permutation(xp, j, self._keys["permutation"], bits)
+            at = index
+        g = buffers.counter_gaussian(xp, at, self._keys["gaussian"], self._tables(xp, device), xp.float32)
+        if g.dtype != dtype:
+            g = xp.astype(g, dtype)  # the Gaussians are float32 values in every compute dtype
+        if forward:
+            index = xp.bitwise_and(index, self._short - 1)
+        return index, g
+
+    def _maps(self, xp: Any, forward: bool, dtype: Any, device: Any):
+        """Yield ``(j0, j1, index, g)`` chunks, from materialised arrays when the budget allows."""
+        length, chunk = self.length, min(self.length, MAP_CHUNK)
+        key = ("maps", forward, getattr(xp, "__name__", repr(xp)), str(dtype), str(device))
+        store = self._cache.store
+        if key not in store:
+            itemsize = 4 if length <= 1 << 31 else 8
+            nbytes = length * (itemsize + xp.finfo(dtype).bits // 8)
+            store[key] = None
+            if self._cache.reserve(nbytes):
+                int_type = xp.int32 if itemsize == 4 else xp.int64
+                parts = [self._map_chunk(xp, j0, min(j0 + chunk, length), forward, dtype, device)
+                         for j0 in range(0, length, chunk)]
+                store[key] = (xp.concat([xp.astype(p[0], int_type) for p in parts]),
+                              xp.concat([p[1] for p in parts]))
+        cached = store[key]
+        for j0 in range(0, length, chunk):
+            j1 = min(j0 + chunk, length)
+            if cached is None:
+                index, g = self._map_chunk(xp, j0, j1, forward, dtype, device)
+            else:
+                index, g = cached[0][j0:j1], cached[1][j0:j1]
+            yield j0, j1, index, g
+
+    def _signed(self, xp: Any, x: Any, length: int, total: int) -> Any:
+        """``Pad_total(b_{:length} ⊙ x)`` as a fresh array, built chunk by chunk."""
+        device = device_of(x)
+        out = xp.zeros((*x.shape[:-1], total), dtype=x.dtype, device=device)
+        for j0 in range(0, length, MAP_CHUNK):
+            j1 = min(j0 + MAP_CHUNK, length)
+            out[..., j0:j1] = x[..., j0:j1] * self._signs_chunk(xp, j0, j1, x.dtype, device)
+        return out
+
+    def _counter_apply(self, xp: Any, x: Any) -> Any:
+        device, dtype = device_of(x), x.dtype
+        if self.order == "li":
+            short = self._signed(xp, x, self.n_in, self._short)
+        else:
+            short = self._pad(xp, xp.asarray(x, copy=True), self._short)
+        short = fwht_inplace(xp, short)
+        out = xp.empty((*x.shape[:-1], self.length), dtype=dtype, device=device)
+        last = short.ndim - 1
+        for j0, j1, index, g in self._maps(xp, True, dtype, device):
+            out[..., j0:j1] = xp.take(short, index, axis=last) * g
+        del short
+        out = fwht_inplace(xp, out)
+        if self.order == "li":
+            out *= self.scale
+        else:
+            for j0 in range(0, self.n_out, MAP_CHUNK):
+                j1 = min(j0 + MAP_CHUNK, self.n_out)
+                out[..., j0:j1] = out[..., j0:j1] * (self._signs_chunk(xp, j0, j1, dtype, device) * self.scale)
+        return out[..., : self.n_out]
+
+    def _counter_adjoint(self, xp: Any, y: Any, padded: bool = False, overwrite: bool = False) -> Any:
+        device, dtype = device_of(y), y.dtype
+        n_out = self.n_out
+        if padded and overwrite and writes_in_place(xp, y):
+            v = y
+            if self.order != "li":
+                for j0 in range(0, n_out, MAP_CHUNK):
+                    j1 = min(j0 + MAP_CHUNK, n_out)
+                    v[..., j0:j1] = v[..., j0:j1] * self._signs_chunk(xp, j0, j1, dtype, device)
+        elif self.order == "li":
+            v = xp.zeros((*y.shape[:-1], self.length), dtype=dtype, device=device)
+            v[..., :n_out] = y[..., :n_out]
+        else:
+            v = self._signed(xp, y, n_out, self.length)
+        v = fwht_inplace(xp, v)
+        b = self._short
+        rows = xp.zeros((*y.shape[:-1], b), dtype=dtype, device=device)
+        last = v.ndim - 1
+        for j0, j1, index, g in self._maps(xp, False, dtype, device):
+            w = xp.take(v, index, axis=last) * g
+            if j1 - j0 >= b:
+                rows += xp.sum(xp.reshape(w, (*w.shape[:-1], (j1 - j0) // b, b)), axis=w.ndim - 1)
+            else:
+                lo = j0 % b
+                rows[..., lo:lo + j1 - j0] += w
+        del v
+        z = fwht_inplace(xp, rows)[..., : self.n_in]
+        if self.order == "li":
+            return self._signed(xp, z, self.n_in, self.n_in) * self.scale
+        return z * self.scale

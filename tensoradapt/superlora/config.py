@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from .._validate import check_choice, check_float, check_int, config_fields, is_int
+from .._validate import MAX_DIM, brief, check_bool, check_choice, check_float, check_int, config_fields, is_int
 
-__all__ = ["CORES", "FOLDS", "LAYOUTS", "PROJECTIONS", "SuperLoRAConfig"]
+__all__ = ["CORES", "FOLDS", "LAYOUTS", "MAX_GROUPS", "MAX_ORDER", "MAX_RANK", "MAX_SEED", "MAX_SPLITS",
+           "PROJECTIONS", "SuperLoRAConfig"]
 
 CORES = ("tucker", "cp", "identity", "dense")
 PROJECTIONS = ("none", "shuffle", "fastfood")
@@ -22,12 +23,46 @@ SHUFFLE_SCOPES = ("group", "global")
 FASTFOOD_ORDERS = ("li", "paper")
 CONFIG_VERSION = 1
 
+# Caps on the size-like fields, checked on construction before anything is allocated (the shapes
+# bound them further when a plan is built, see tensoradapt.superlora.plan; docs/reliability.md).
+#: Largest tensor order ``M`` (a fold of 2**64 entries has at most 64 modes of side >= 2).
+MAX_ORDER = 64
+#: Most Kronecker splits ``K`` (each split multiplies the generated size by at least 2 per mode).
+MAX_SPLITS = 64
+#: Largest rank of a mode.
+MAX_RANK = 2**24
+#: Largest integer ``G`` of ``grouping`` (and the most membership lists).
+MAX_GROUPS = 2**24
+#: Largest ``seed`` (an unsigned 64-bit integer, as stored in adapter files).
+MAX_SEED = 2**64 - 1
+
 
 def _as_int(value: Any) -> Any:
     """NumPy (or other ``__index__``) integers as Python ints, recursively in tuples; anything else as is."""
     if isinstance(value, tuple):
         return tuple(_as_int(v) for v in value)
     return int(value) if is_int(value) else value
+
+
+def _capped(name: str, value: Any, rule: str | None, cap: int, *, minimum: int | None = 1) -> int:
+    """``check_int`` with ``rule`` for the kind and lower bound, then the documented ``cap``."""
+    as_int = check_int(name, value, minimum=minimum, rule=rule)
+    if as_int > cap:
+        raise ValueError(f"{name} must be at most {brief(cap)} (the documented cap, docs/reliability.md), "
+                         f"got {brief(as_int)}")
+    return as_int
+
+
+def _as_tuple(name: str, value: Any, limit: int) -> Any:
+    """A list (e.g. from JSON) as a tuple, refusing more than ``limit`` entries before copying
+    them; anything else as is (the field's own check names what is wrong with it)."""
+    if isinstance(value, list):
+        if len(value) > limit:
+            raise ValueError(f"{name} has {len(value)} entries; at most {limit} are allowed")
+        return tuple(value)
+    if isinstance(value, tuple) and len(value) > limit:
+        raise ValueError(f"{name} has {len(value)} entries; at most {limit} are allowed")
+    return value
 
 
 @dataclass(frozen=True)
@@ -109,12 +144,17 @@ class SuperLoRAConfig:
     def __post_init__(self) -> None:
         # normalise lists (e.g. from JSON) to tuples so the config stays hashable, integers to int
         for name in ("rank", "fold"):
-            value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
-        if isinstance(self.grouping, list):
-            object.__setattr__(self, "grouping", tuple(tuple(g) for g in self.grouping))
-        object.__setattr__(self, "fixed_identity_modes", tuple(self.fixed_identity_modes))
+            object.__setattr__(self, name, _as_tuple(name, getattr(self, name), MAX_ORDER))
+        grouping = _as_tuple("grouping", self.grouping, MAX_GROUPS)
+        if isinstance(grouping, tuple):
+            grouping = tuple(tuple(m) if isinstance(m, list) else m for m in grouping)
+        object.__setattr__(self, "grouping", grouping)
+        modes = _as_tuple("fixed_identity_modes", self.fixed_identity_modes, MAX_ORDER)
+        if not isinstance(modes, tuple):
+            raise TypeError(f"fixed_identity_modes must be a tuple of mode indices, got {brief(modes)}")
+        object.__setattr__(self, "fixed_identity_modes", modes)
+        check_bool("decompose_both", self.decompose_both)
+        object.__setattr__(self, "decompose_both", bool(self.decompose_both))
         for name in ("rank", "order", "splits", "dense_side", "grouping", "fold", "fixed_identity_modes", "seed"):
             object.__setattr__(self, name, _as_int(getattr(self, name)))
         self._validate()
@@ -136,8 +176,8 @@ class SuperLoRAConfig:
         self._check_grouping()
 
     def _check_sizes(self) -> None:
-        for name in ("order", "splits"):
-            check_int(name, getattr(self, name), minimum=1, rule="an integer >= 1")
+        for name, cap in (("order", MAX_ORDER), ("splits", MAX_SPLITS)):
+            _capped(name, getattr(self, name), "an integer >= 1", cap)
 
     def _check_choices(self) -> None:
         for name, allowed in (("core", CORES), ("projection", PROJECTIONS), ("layout", LAYOUTS),
@@ -148,12 +188,12 @@ class SuperLoRAConfig:
     def _check_ranks(self) -> None:
         if isinstance(self.rank, tuple):
             for m, r in enumerate(self.rank):
-                check_int(f"rank[{m}]", r, minimum=1, rule="a positive integer")
+                _capped(f"rank[{m}]", r, "a positive integer", MAX_RANK)
             if len(self.rank) != self.order:
                 raise ValueError(f"rank {self.rank!r} has {len(self.rank)} entries but order is {self.order} "
                                  "(give one rank per mode)")
         else:
-            check_int("rank", self.rank, minimum=1, rule="a positive integer or a tuple of them")
+            _capped("rank", self.rank, "a positive integer or a tuple of them", MAX_RANK)
         if self.core in ("identity", "cp") and len(set(self.ranks)) > 1:
             raise ValueError(f"core={self.core!r} needs equal ranks in every mode (a diagonal core), got {self.rank!r}")
 
@@ -162,7 +202,7 @@ class SuperLoRAConfig:
         if f is None:
             return
         rule = "a positive integer (or -1 with fold='matrix')"
-        if check_int("dense_side", f, rule=rule) < 1 and f != -1:
+        if _capped("dense_side", f, rule, MAX_DIM, minimum=None) < 1 and f != -1:
             raise ValueError(f"dense_side must be {rule}, got {f!r}")
         if self.splits < 2:
             raise ValueError(f"dense_side={f} needs splits >= 2 (the dense factor is split 1 of a Kronecker "
@@ -175,13 +215,13 @@ class SuperLoRAConfig:
         if isinstance(fold, tuple):
             if not fold:
                 raise ValueError(f"fold must be one of {FOLDS} or a tuple of positive ints, got {fold!r}")
-            for m, d in enumerate(fold):
-                check_int(f"fold[{m}]", d, minimum=1, rule="a positive integer")
             if len(fold) != self.order:
-                raise ValueError(f"fold shape {fold!r} has {len(fold)} modes but order is {self.order}")
+                raise ValueError(f"fold shape {brief(fold)} has {len(fold)} modes but order is {self.order}")
+            for m, d in enumerate(fold):
+                _capped(f"fold[{m}]", d, "a positive integer", MAX_DIM)
             return
         if not isinstance(fold, str) or fold not in FOLDS:
-            raise ValueError(f"fold must be one of {FOLDS} or a tuple of positive ints, got {fold!r}")
+            raise ValueError(f"fold must be one of {FOLDS} or a tuple of positive ints, got {brief(fold)}")
         needed = {"matrix": (2, "each weight's (o, n) matrix"), "layers": (3, "an (S, o, n) tensor")}.get(fold)
         if needed is not None and self.order != needed[0]:
             raise ValueError(f"fold={fold!r} generates {needed[1]}, so order must be {needed[0]}, got {self.order}")
@@ -232,7 +272,7 @@ class SuperLoRAConfig:
             raise ValueError("fixed_identity_modes cannot fix every mode (nothing but the core would train)")
 
     def _check_seed_and_scale(self) -> None:
-        check_int("seed", self.seed, minimum=0, rule="a non-negative integer")
+        _capped("seed", self.seed, "a non-negative integer", MAX_SEED, minimum=0)
         check_float("scale", self.scale)
         if self.alpha is not None:
             check_float("alpha", self.alpha)
@@ -241,15 +281,16 @@ class SuperLoRAConfig:
         g = self.grouping
         if isinstance(g, str):
             if g not in ("weight", "layer"):
-                raise ValueError(f"grouping must be 'weight', 'layer', an integer G or membership lists, got {g!r}")
+                raise ValueError(f"grouping must be 'weight', 'layer', an integer G or membership lists, "
+                                 f"got {brief(g)}")
         elif is_int(g):
-            check_int("grouping (G)", g, minimum=1)
+            _capped("grouping (G)", g, None, MAX_GROUPS)
         elif isinstance(g, tuple):
-            if not g or any(not isinstance(m, tuple) or not m or any(not is_int(i) or i < 0 for i in m)
+            if not g or any(not isinstance(m, tuple) or not m or any(not is_int(i) or not 0 <= i <= MAX_DIM for i in m)
                             for m in g):
-                raise ValueError(f"grouping lists must be non-empty lists of target indices, got {g!r}")
+                raise ValueError(f"grouping lists must be non-empty lists of target indices, got {brief(g)}")
         else:
-            raise ValueError(f"grouping must be 'weight', 'layer', an integer G or membership lists, got {g!r}")
+            raise ValueError(f"grouping must be 'weight', 'layer', an integer G or membership lists, got {brief(g)}")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -264,6 +305,8 @@ class SuperLoRAConfig:
 
     def projected_size(self, group_size: int) -> int:
         """``n_g = max(1, ⌈ρ·N_g⌉)`` in exact rational arithmetic on the decimal value of ρ."""
+        if self.ratio == 1:
+            return max(1, group_size)
         return max(1, math.ceil(Fraction(str(self.ratio)) * group_size))
 
     def replace(self, **changes: Any) -> SuperLoRAConfig:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 from .._validate import check_int
 
-__all__ = ["factorization", "split_side"]
+__all__ = ["MAX_FACTORIZED_DIM", "factorization", "split_side"]
+
+#: Largest dimension :func:`factorization` splits (its divisor search is ``O(√dim)``: about a
+#: million steps at this cap, a fraction of a second).
+MAX_FACTORIZED_DIM = 2**40
 
 
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
@@ -24,6 +30,13 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
     factor = check_int("factor", factor)
     if factor == 0 or factor < -1:
         raise ValueError(f"factor must be -1 (no limit) or a positive integer, got {factor}")
+    if dim > MAX_FACTORIZED_DIM and not (0 < factor and dim % factor == 0):
+        raise ValueError(f"dim {dim:,} is too large to factorise (at most 2**40; docs/reliability.md)")
+    return _factorization(dim, factor)
+
+
+@functools.lru_cache(maxsize=4096)
+def _factorization(dim: int, factor: int) -> tuple[int, int]:
     if factor > 0 and dim % factor == 0:
         other = dim // factor
         return (min(factor, other), max(factor, other))

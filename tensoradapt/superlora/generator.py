@@ -22,10 +22,17 @@ import numpy as np
 
 from .. import buffers
 from .._backend import check_floating, compat_namespace, device_of, from_host, indexed, namespace
-from ..ops import cp_to_tensor, cp_vjp, kron, kron_vjp, tucker_to_tensor, tucker_vjp
+from ..ops import Fastfood, Shuffle, cp_to_tensor, cp_vjp, kron, kron_vjp, tucker_to_tensor, tucker_vjp
 from .plan import GroupPlan, Plan, SplitPlan, param_name, param_prefix
 
 __all__ = ["GroupPlan", "SplitPlan", "SuperLoRA"]
+
+
+def _format_bytes(count: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
 
 
 class SuperLoRA(Plan):
@@ -35,20 +42,8 @@ class SuperLoRA(Plan):
     names) with the computations over it: :meth:`init`, :meth:`delta`, :meth:`delta_for`,
     :meth:`vjp`, :meth:`vjp_for`, :meth:`components` and :meth:`describe`.
 
-    Parameters
-    ----------
-    config : SuperLoRAConfig
-    shapes : sequence of shapes
-        Target weight shapes ``(o_i, n_i, …)`` in target order.
-    names : sequence of str, optional
-        Target names (module paths); needed for ``grouping="layer"`` (consecutive targets with
-        the same parent module form one group).
-
-    Attributes
-    ----------
-    config, names, shapes : the inputs (shapes as tuples)
-    grouping : the :class:`~tensoradapt.ops.Grouping` of ``ΔW_all``
-    groups : tuple of GroupPlan
+    Its parameters (``config``, ``shapes``, ``names``) and attributes are the plan's; see
+    :class:`~tensoradapt.superlora.plan.Plan`.
     """
 
     # ------------------------------------------------------------------ init
@@ -132,10 +127,11 @@ class SuperLoRA(Plan):
                 out.append(p[f"factor{m}"])
         return out
 
-    @staticmethod
-    def _local(params: Mapping[str, Any], g: int, k: int) -> dict[str, Any]:
+    def _local(self, params: Mapping[str, Any], g: int, k: int) -> dict[str, Any]:
+        """Split ``k`` of group ``g``'s arrays by local name: a lookup of the plan's own names
+        (not a scan of ``params``, which would make a forward quadratic in the targets)."""
         prefix = param_prefix(g, k)
-        return {name[len(prefix):]: v for name, v in params.items() if name.startswith(prefix)}
+        return {block: params[prefix + block] for block in self.groups[g].splits[k - 1].parameter_shapes()}
 
     @staticmethod
     def _scaled(local: dict[str, Any], scale: float) -> dict[str, Any]:
@@ -160,7 +156,11 @@ class SuperLoRA(Plan):
             return tensor
         z = xp.reshape(tensor, (-1,))[: group.n]
         op = self.group_projection(group.index)
-        return z if op is None else op.apply(z)
+        if op is None:
+            return z
+        if len(self.groups) > 1 and getattr(op, "generator", None) == buffers.GENERATOR_V2:
+            return op.apply(z, compact=True)  # do not keep every group's length-L work array
+        return op.apply(z)
 
     def delta(self, params: Mapping[str, Any]) -> list[Any]:
         """``[ΔW_1, …, ΔW_S]``, each with its target's shape, on the params' backend and device."""
@@ -232,10 +232,8 @@ class SuperLoRA(Plan):
         else:
             def cotangent_of(g: int) -> Any:  # one group at a time keeps the peak at one group
                 group = self.groups[g]
-                direct = self.config.layout == "fold" and self.group_projection(g) is None
                 # without a projection, gather the pieces and zero-pad for the cut in one concat
-                return self.grouping.group_cotangent(xp, cotangents, g,
-                                                     math.prod(group.shape) if direct else None)
+                return self.grouping.group_cotangent(xp, cotangents, g, self._cotangent_pad(group))
         return self._groups_vjp(xp, params, range(len(self.groups)), cotangent_of)
 
     def _groups_vjp(self, xp: Any, params: Mapping[str, Any], groups: Iterable[int],
@@ -287,15 +285,34 @@ class SuperLoRA(Plan):
 
         def cotangent_of(g: int) -> Any:
             group = self.groups[g]
-            direct = self.config.layout == "fold" and self.group_projection(g) is None
-            return self.grouping.group_cotangent(xp, full, g, math.prod(group.shape) if direct else None)
+            return self.grouping.group_cotangent(xp, full, g, self._cotangent_pad(group))
 
         return self._groups_vjp(xp, params, needed, cotangent_of)
+
+    def _cotangent_pad(self, group: GroupPlan) -> int | None:
+        """The length group ``group``'s gathered cotangent is zero-padded to: the generated tensor
+        without a projection (the adjoint of the cut), a generator-2 Fastfood's ``L`` (its adjoint
+        then works in that one array), else none."""
+        if self.config.layout != "fold":
+            return None
+        op = self.group_projection(group.index)
+        if op is None:
+            return math.prod(group.shape)
+        if getattr(op, "generator", None) == buffers.GENERATOR_V2 and op.length > group.size:
+            return op.length
+        return None
 
     def _group_vjp(self, xp: Any, group: GroupPlan, params: Mapping[str, Any], cot: Any) -> dict[str, Any]:
         if self.config.layout != "stack":
             op = self.group_projection(group.index)
-            z_cot = cot if op is None else op.adjoint(cot)
+            if op is None:
+                z_cot = cot
+            elif getattr(op, "generator", None) == buffers.GENERATOR_V2 and (
+                    cot.shape[0] > group.size or len(self.grouping.members[group.index]) > 1):
+                # padded by _cotangent_pad, or gathered from several targets: a fresh array, reusable
+                z_cot = op.adjoint(cot, overwrite=True)
+            else:
+                z_cot = op.adjoint(cot)
             total = math.prod(group.shape)
             if z_cot.shape[0] < total:
                 z_cot = xp.concat([z_cot, xp.zeros((total - z_cot.shape[0],), dtype=z_cot.dtype,
@@ -336,14 +353,17 @@ class SuperLoRA(Plan):
 
     # ------------------------------------------------------------------ reporting
     def describe(self) -> str:
-        """A text table: groups, members, generator shapes, split shapes, padding, ρ and params."""
+        """A text table: groups, members, generator shapes, split shapes, padding, ρ, params and the
+        bytes of fixed random buffers each group's projection holds (``buffers``)."""
         cfg = self.config
+        state = [self._buffer_bytes(group) for group in self.groups]
         lines = [
             f"SuperLoRA: {len(self.shapes)} targets, N = {self.grouping.total:,}, G = {len(self.groups)}, "
             f"core={cfg.core}, M={cfg.order}, K={cfg.splits}, projection={cfg.projection}, "
-            f"layout={cfg.layout}, trainable = {self.num_params:,}",
+            f"layout={cfg.layout}, trainable = {self.num_params:,}, "
+            f"buffers = {_format_bytes(sum(state))} ({self.generator_id.split(' ')[0]})",
             f"{'group':>5} {'targets':<16} {'N_g':>12} {'n_g':>12} {'rho':>7} {'generated':<18} "
-            f"{'pad':>9} {'splits':<34} {'params':>10}",
+            f"{'pad':>9} {'splits':<34} {'params':>10} {'buffers':>10}",
         ]
         for group in self.groups:
             members = self.grouping.members[group.index]
@@ -352,9 +372,19 @@ class SuperLoRA(Plan):
             lines.append(
                 f"{group.index:>5} {targets:<16} {group.size:>12,} {group.n:>12,} "
                 f"{group.n / group.size:>7.4f} {'x'.join(map(str, group.shape)):<18} {group.padding:>9,} "
-                f"{splits:<34} {group.num_params:>10,}"
+                f"{splits:<34} {group.num_params:>10,} {_format_bytes(state[group.index]):>10}"
             )
         return "\n".join(lines)
+
+    def _buffer_bytes(self, group: GroupPlan) -> int:
+        """Host bytes of group ``group``'s fixed random buffers (a global Shuffle counts in group 0)."""
+        cfg = self.config
+        if cfg.projection == "fastfood":
+            return Fastfood.state_bytes_for(group.n, group.size, self.generator_id)
+        if cfg.projection == "shuffle":
+            size = self.grouping.total if self.global_shuffle else group.size
+            return Shuffle.state_bytes_for(size) if not self.global_shuffle or group.index == 0 else 0
+        return 0
 
     def __repr__(self) -> str:
         return (f"SuperLoRA(targets={len(self.shapes)}, groups={len(self.groups)}, "

@@ -16,18 +16,23 @@ Every trainable array is named ``g{g}.split{k}.{block}`` (``k`` from 1; ``block`
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .. import buffers
 from ..ops import Fastfood, Grouping, Shuffle, kron_shape
 from ..ops.fold import fold_side
 from .config import SuperLoRAConfig
 from .factorize import factorization, split_side
 
 __all__ = [
+    "MAX_GENERATED_FACTOR",
+    "MAX_TARGETS",
+    "SIZE_SLACK",
     "GroupPlan",
     "Plan",
     "SplitPlan",
@@ -41,6 +46,17 @@ __all__ = [
 ]
 
 _NAME = re.compile(r"g(\d+)\.split(\d+)\.([A-Za-z_][A-Za-z0-9_]*)")
+
+# What the shapes allow (docs/reliability.md): a group generates at most
+# MAX_GENERATED_FACTOR · n_g + SIZE_SLACK entries before the cut (the rest is padding) and has at most
+# MAX_GENERATED_FACTOR · N_g + SIZE_SLACK trainable parameters, so init / delta / vjp never allocate
+# more than a fixed multiple of ΔW itself; a plan over more than MAX_TARGETS targets is refused.
+#: Largest ratio of a group's generated entries (and of its parameters) to its own entries.
+MAX_GENERATED_FACTOR = 64
+#: Entries (and parameters) a group may have beyond that ratio, so that tiny groups keep small folds.
+SIZE_SLACK = 2**16
+#: Most targets of one plan.
+MAX_TARGETS = 10**6
 
 
 # ---------------------------------------------------------------------------------- names
@@ -99,8 +115,8 @@ class SplitPlan:
                 out[f"factor{m}"] = (d, r)
         return out
 
-    @property
-    def num_params(self) -> int:
+    @functools.cached_property
+    def num_params(self) -> int:  # cached: many groups of a plan share one SplitPlan
         return sum(math.prod(s) for s in self.parameter_shapes().values())
 
     @property
@@ -131,11 +147,17 @@ class GroupPlan:
 
 
 def layer_groups(names: Sequence[str]) -> list[list[int]]:
-    """Consecutive targets with the same parent module name form one group."""
+    """Consecutive targets with the same parent module name form one group.
+
+    Names are module names (``h.0.attn.c_attn``, as ``attach`` gives them) or tensor names
+    (``h.0.attn.c_attn.weight``, as safetensors files and ``shapes_from_model`` give them); a
+    trailing ``.weight`` is dropped first, so both group ``c_attn`` with ``c_proj`` of ``h.0.attn``.
+    """
     groups: list[list[int]] = []
     last = None
     for i, name in enumerate(names):
-        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        module = name.removesuffix(".weight")
+        parent = module.rsplit(".", 1)[0] if "." in module else ""
         if groups and parent == last:
             groups[-1].append(i)
         else:
@@ -194,14 +216,45 @@ def _weight_fold(config: SuperLoRAConfig, grouping: Grouping, g: int, n: int) ->
 
 # ---------------------------------------------------------------------------------- splits
 def plan_group(config: SuperLoRAConfig, grouping: Grouping, g: int) -> GroupPlan:
-    """Sizes, fold and splits of group ``g``."""
+    """Sizes, fold and splits of group ``g``.
+
+    Raises ``ValueError`` when the group would generate, or train, more than
+    ``MAX_GENERATED_FACTOR`` times its own entries plus ``SIZE_SLACK`` (e.g. ``order=40`` on a
+    16-entry weight folds it into ``2**40`` entries): checked on shapes, before anything exists.
+    """
     size = grouping.sizes[g]
     n = size if config.layout == "stack" else config.projected_size(size)
     shape = fold_shape(config, grouping, g, n)
     _check_fixed_modes(config, shape, g)
+    _check_generated(config, "generates", math.prod(shape), n, g)
     splits, scale = plan_splits(config, shape)
     out_shape = splits[0].shape if config.unit == "hadamard" else kron_shape([s.shape for s in splits])
+    _check_generated(config, "generates", math.prod(out_shape), n, g)
+    _check_generated(config, "trains", sum(s.num_params for s in splits), size, g)
     return GroupPlan(g, size, n, out_shape, splits, scale)
+
+
+def _check_generated(config: SuperLoRAConfig, verb: str, count: int, entries: int, g: int) -> None:
+    limit = MAX_GENERATED_FACTOR * entries + SIZE_SLACK
+    if count > limit:
+        what = "entries" if verb == "generates" else "parameters"
+        shown = f"{count:,}" if count < 10**40 else f"about 10^{len(str(count)) - 1}"
+        raise ValueError(f"group {g} {verb} {shown} {what} for its {entries:,} entries (order={config.order}, "
+                         f"splits={config.splits}, rank={config.rank!r}, fold={config.fold!r}); at most "
+                         f"{MAX_GENERATED_FACTOR}x its entries + {SIZE_SLACK:,} are allowed (docs/reliability.md)")
+
+
+def _group_key(config: SuperLoRAConfig, grouping: Grouping, g: int) -> Any:
+    """What :func:`plan_group` depends on besides ``g``: groups with equal keys have equal plans
+    (so a plan over 10^5 equal-shape weights plans one group, not 10^5)."""
+    size = grouping.sizes[g]
+    if config.layout == "stack" or config.fold in ("matrix", "layers"):
+        shapes, members = grouping.shapes, grouping.members[g]
+        if len(members) == 1:
+            shape = shapes[members[0]]
+            return size, (shape,), math.prod(shape) == size
+        return size, tuple(shapes[i] for i in members), sum(math.prod(shapes[i]) for i in members) == size
+    return (size,)
 
 
 def _check_fixed_modes(config: SuperLoRAConfig, shape: tuple[int, ...], g: int) -> None:
@@ -294,7 +347,7 @@ class Plan:
     """
 
     def __init__(self, config: SuperLoRAConfig, shapes: Sequence[Sequence[int]],
-                 names: Sequence[str] | None = None) -> None:
+                 names: Sequence[str] | None = None, *, generator: str | None = None) -> None:
         if not isinstance(config, SuperLoRAConfig):
             raise TypeError(f"config must be a SuperLoRAConfig, got {type(config).__name__}")
         grouping_spec: Any = config.grouping
@@ -306,12 +359,26 @@ class Plan:
             if names is None:
                 raise ValueError("grouping='layer' needs the target names (names=[...]) to find the layers")
             grouping_spec = layer_groups(names)
+        if hasattr(shapes, "__len__") and len(shapes) > MAX_TARGETS:
+            raise ValueError(f"shapes has {len(shapes):,} targets; at most {MAX_TARGETS:,} are allowed "
+                             "(docs/reliability.md)")
         self.config = config
         self.names = tuple(names) if names is not None else None
         self.grouping = Grouping(shapes, grouping_spec, layout=config.layout)
         self.shapes = self.grouping.shapes
-        self.groups = tuple(plan_group(config, self.grouping, g) for g in range(self.grouping.num_groups))
+        planned: dict[Any, GroupPlan] = {}  # one plan per distinct group (linear in the targets)
+        groups = []
+        for g in range(self.grouping.num_groups):
+            key = _group_key(config, self.grouping, g)
+            known = planned.get(key)
+            if known is None:
+                known = planned[key] = plan_group(config, self.grouping, g)
+            groups.append(known if known.index == g else
+                          GroupPlan(g, known.size, known.n, known.shape, known.splits, known.scale))
+        self.groups = tuple(groups)
         self._operators: dict[Any, Any] = {}
+        #: the fixed-buffer generator of the projections (``buffers.GENERATORS``; docs/math.md D6)
+        self.generator_id = buffers.check_generator(generator)
 
     # ------------------------------------------------------------------ sizes and names
     @property
@@ -354,7 +421,7 @@ class Plan:
                 op = Shuffle(self.groups[g].size, cfg.seed, group=g)
             else:
                 op = Fastfood(self.groups[g].n, self.groups[g].size, cfg.seed, group=g,
-                              order=cfg.fastfood_order)
+                              order=cfg.fastfood_order, generator=self.generator_id)
             self._operators[g] = op
         return self._operators[g]
 

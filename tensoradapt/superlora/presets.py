@@ -6,7 +6,8 @@ the exact mapping.  Projections can be added to any of them with :func:`with_pro
 
 from __future__ import annotations
 
-from .config import SuperLoRAConfig
+from .._validate import brief, check_choice, check_float, check_int
+from .config import SHUFFLE_SCOPES, SuperLoRAConfig
 
 __all__ = ["dense", "krona", "loha", "lokr", "lonkr", "lora", "lorta", "lotr", "with_projection"]
 
@@ -74,8 +75,9 @@ def lotr(rank: int, num_weights: int | None = None, sigma: float | None = None) 
     >>> count_params(lotr(2), [(768, 768)] * 24), count_params(lotr(2, 24), [(768, 768)] * 24)
     (3168, 3168)
     """
-    scale = 1.0 if sigma is None else sigma / rank
-    ranks = rank if num_weights is None else (num_weights, rank, rank)
+    rank = check_int("rank", rank, minimum=1)
+    scale = 1.0 if sigma is None else check_float("sigma", sigma) / rank
+    ranks = rank if num_weights is None else (check_int("num_weights", num_weights, minimum=1), rank, rank)
     return SuperLoRAConfig(rank=ranks, order=3, core="tucker", grouping=1, fold="layers",
                            fixed_identity_modes=(0,), scale=scale)
 
@@ -110,5 +112,10 @@ def with_projection(config: SuperLoRAConfig, projection: str = "fastfood",
     >>> count_params(with_projection(lora(2), "fastfood", 0.5), [(16, 16)])  # d = 12: 2 · 12 · 2
     48
     """
-    return config.replace(projection=projection, ratio=ratio,
-                          shuffle_scope=scope if projection == "shuffle" else "group")
+    if not isinstance(config, SuperLoRAConfig):
+        raise TypeError(f"config must be a SuperLoRAConfig (e.g. presets.lora(2)), got {type(config).__name__} "
+                        f"{brief(config)}")
+    scope = check_choice("scope", scope, SHUFFLE_SCOPES)
+    if scope != "group" and projection != "shuffle":
+        raise ValueError(f"scope={scope!r} applies to projection='shuffle' only, got projection={projection!r}")
+    return config.replace(projection=projection, ratio=ratio, shuffle_scope=scope)
