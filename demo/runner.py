@@ -52,14 +52,15 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _progress_bar(total: int, label: str, enabled: bool) -> Any:
+def progress_bar(total: int, label: str, enabled: bool, *, unit: str = "step", leave: bool = False) -> Any:
+    """A tqdm bar on a terminal (None when disabled or without tqdm); the demo's and the study's."""
     if not enabled:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is optional
         return None
-    return tqdm(total=total, desc=label, leave=False, unit="step", disable=not sys.stderr.isatty())
+    return tqdm(total=total, desc=label, leave=leave, unit=unit, disable=not sys.stderr.isatty())
 
 
 def run(selected: Sequence[str] | None = None, *, quick: bool = False, seed: int = 0,
@@ -135,7 +136,7 @@ class _Run:
         """One transfer of ``method``, with a progress bar when enabled."""
         repeats = self.settings.repeats
         label = method.name if repeats == 1 else f"{method.name} ({repeat + 1}/{repeats})"
-        bar = _progress_bar(self.settings.transfer_steps, label, self.progress)
+        bar = progress_bar(self.settings.transfer_steps, label, self.progress)
         step = None if bar is None else (lambda _step: bar.update(1))
         try:
             return transfer(backbone, method, target, self.settings, self.seed, repeat, step)

@@ -40,6 +40,7 @@ import numpy as np
 from tensoradapt.cli import OneLineParser, non_negative_int, positive_int
 
 from .cli import missing_packages, usable_folder
+from .runner import progress_bar
 from .study_gain import bootstrap_gain, levels_from
 from .study_points import FAMILIES, GAIN_FAMILIES, LR_REPRESENTATIVE, SUPERLORA_UNION, Point, points
 
@@ -291,16 +292,6 @@ def _representative(by_name: dict[str, Point], group: str) -> Point:
     return next(p for p in by_name.values() if p.lr_group == group)
 
 
-def _bar(total: int, label: str, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is optional
-        return None
-    return tqdm(total=total, desc=label, unit="run", disable=not sys.stderr.isatty())
-
-
 def _run_task(task: _Task, selected: list[Point], store: _Store, threads: int, progress: bool,
               emit: Log) -> dict[str, Any]:
     """LR selection, then every point × repeat; returns the task's section of ``results.json``."""
@@ -311,7 +302,7 @@ def _run_task(task: _Task, selected: list[Point], store: _Store, threads: int, p
     groups = sorted({p.lr_group for p in selected if p.config is not None})
     trials = [(g, lr) for g in groups for lr in settings.lr_grid]
     total = (len(trials) if len(settings.lr_grid) > 1 else 0) + len(selected) * settings.repeats
-    bar = _bar(total, task.name, progress)
+    bar = progress_bar(total, task.name, progress, unit="run", leave=True)
     base = {**task.run_payload(), "threads": threads, "torch": torch.__version__}
 
     def step(label: str) -> None:
