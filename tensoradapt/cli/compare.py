@@ -140,13 +140,9 @@ def _write_output(flag: str, path: str, write: Any) -> None:
         raise UsageError(f"{flag} {path}: cannot write ({exc.strerror or one_line(exc)})") from None
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``compare`` on parsed arguments; ``UsageError`` for bad input."""
-    import numpy as np
-
-    from ..analysis import geometry, report
-
-    infos = [_read_header(path) for path in (args.first, args.second)]
+def _matched_keys(args: argparse.Namespace, infos: list[Any]) -> tuple[list[str], int]:
+    """The common weight-matrix tensor names of the two files (``--filter`` applied) and how many
+    common tensors were skipped for having fewer than 2 dimensions; ``UsageError`` otherwise."""
     regex = None
     if args.filter is not None:
         try:
@@ -163,7 +159,6 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"tensor {key!r} has shape {first[key]['shape']} in {args.first} but "
                              f"{second[key]['shape']} in {args.second}")
     keys = [k for k in common if len(first[k]["shape"]) >= 2]
-    skipped = len(common) - len(keys)
     if not keys:
         raise UsageError(f"the {len(common)} common tensors have fewer than 2 dimensions (no weight matrices)")
     for key in keys:
@@ -171,6 +166,11 @@ def run(args: argparse.Namespace) -> int:
         if entries > MAX_COMPARE_ENTRIES:
             raise UsageError(f"tensor {key!r} has {entries:,} entries, more than the {MAX_COMPARE_ENTRIES:,} "
                              "compare reads (docs/reliability.md); select others with --filter")
+    return keys, len(common) - len(keys)
+
+
+def _output_paths(args: argparse.Namespace) -> str | None:
+    """The plot path (None with ``--no-plot``), with ``--plot`` and ``--json`` checked before any work."""
     plot_path = None
     if not args.no_plot:
         plot_path = args.plot or _default_plot_path(args.first, args.second)
@@ -186,6 +186,15 @@ def run(args: argparse.Namespace) -> int:
         _check_writable("--plot", plot_path)
     if args.json:
         _check_writable("--json", args.json)
+    return plot_path
+
+
+def _compare_tensors(args: argparse.Namespace, infos: list[Any], keys: list[str]) -> list[Any]:
+    """One geometry record per tensor name (both files' tensors finite, compared in float32 or wider)."""
+    import numpy as np
+
+    from ..analysis import geometry
+
     records = []
     progress = _progress(not args.no_progress, len(keys), "compare")
     for key in progress(keys):
@@ -205,6 +214,17 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:  # e.g. norms past the float range
             raise UsageError(f"tensor {key!r}: cannot compare it ({one_line(exc)})") from None
         records.append(record)
+    return records
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``compare`` on parsed arguments; ``UsageError`` for bad input."""
+    from ..analysis import geometry, report
+
+    infos = [_read_header(path) for path in (args.first, args.second)]
+    keys, skipped = _matched_keys(args, infos)
+    plot_path = _output_paths(args)
+    records = _compare_tensors(args, infos, keys)
     summary = geometry.aggregate_by_kind(records)
     print(report.format_similarity_table(records, summary, args.k, args.paired))
     if skipped:
