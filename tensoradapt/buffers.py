@@ -227,39 +227,43 @@ def counter_signs(xp, index, key: CounterKey, dtype):
     return xp.astype(1 - 2 * top, dtype)
 
 
-def _feistel_widths(bits: int) -> tuple[int, int]:
-    return bits // 2, bits - bits // 2
+def _feistel_halves(xp, index, bits: int):
+    """``index`` split into its high ``bits // 2`` and low ``bits - bits // 2`` bits, with those
+    widths: the state both directions of the Feistel network start from."""
+    right_bits = bits - bits // 2
+    left = xp.bitwise_right_shift(index, right_bits)
+    right = xp.bitwise_and(index, (1 << right_bits) - 1)
+    return left, right, [bits // 2, right_bits]
+
+
+def _feistel_join(xp, left, right, bits: int):
+    """The inverse of :func:`_feistel_halves` (after an even number of rounds the widths are back)."""
+    return xp.bitwise_or(xp.bitwise_left_shift(left, bits - bits // 2), right)
 
 
 def counter_permutation(xp, index, key: CounterKey, bits: int):
     """``π(i)`` for int64 ``index`` in ``[0, 2^bits)``: a 4-round Feistel bijection."""
     if bits == 0:
         return index
-    left_bits, right_bits = _feistel_widths(bits)
-    left = xp.bitwise_right_shift(index, right_bits)
-    right = xp.bitwise_and(index, (1 << right_bits) - 1)
-    widths = [left_bits, right_bits]
+    left, right, widths = _feistel_halves(xp, index, bits)
     for r in range(4):
         mask = (1 << widths[0]) - 1
         left, right = right, xp.bitwise_xor(left, xp.bitwise_and(_hash32(xp, right, key.words[4 + r]), mask))
         widths.reverse()
-    return xp.bitwise_or(xp.bitwise_left_shift(left, right_bits), right)
+    return _feistel_join(xp, left, right, bits)
 
 
 def counter_inverse_permutation(xp, index, key: CounterKey, bits: int):
     """``π⁻¹(i)``: the Feistel rounds of :func:`counter_permutation` run backwards."""
     if bits == 0:
         return index
-    left_bits, right_bits = _feistel_widths(bits)
-    left = xp.bitwise_right_shift(index, right_bits)
-    right = xp.bitwise_and(index, (1 << right_bits) - 1)
-    widths = [left_bits, right_bits]  # widths of (left, right) after round r (4 rounds: initial)
+    left, right, widths = _feistel_halves(xp, index, bits)  # widths of (left, right) after round r
     for r in reversed(range(4)):
         # after round r: left = old right, right = old left ^ F(old right); old left has width widths[1]
         mask = (1 << widths[1]) - 1
         left, right = xp.bitwise_xor(right, xp.bitwise_and(_hash32(xp, left, key.words[4 + r]), mask)), left
         widths.reverse()
-    return xp.bitwise_or(xp.bitwise_left_shift(left, right_bits), right)
+    return _feistel_join(xp, left, right, bits)
 
 
 _TABLE_BITS = 12
