@@ -18,9 +18,11 @@ function of ``(seed, group, purpose)``:
 
 The buffers are generated on the host and then moved, exactly, to the target backend and
 device, so the same seed gives bit-identical buffers on NumPy, CuPy and torch on any machine.
-Adapter files record :data:`GENERATOR_ID` next to the seed.
+These functions are generator 1 (:data:`GENERATOR_V1`).  Adapter files record the generator id of
+their fixed projections next to the seed, and every id of :data:`GENERATORS` is reproduced.
 
-Generator 2 (:data:`GENERATOR_V2`, docs/math.md D6) is counter-based: entry ``i`` of a buffer is a
+Generator 2 (:data:`GENERATOR_V2`, the default :data:`GENERATOR_ID`; docs/math.md D6) is
+counter-based: entry ``i`` of a buffer is a
 pure function of ``(key, i)``, where the key is eight 32-bit words of
 ``SeedSequence([seed, group, code(purpose)])``, so a buffer of any length has O(1) state and is
 computed on the caller's device, in chunks, with int64 integer arithmetic kept below ``2**49``
@@ -32,7 +34,9 @@ operations; the results are bit-identical on NumPy, torch, CuPy and array_api_st
 * signs: ``b_i = 1 - 2·(hash32_k0(i) >> 31)``;
 * permutations of ``[0, 2^p)``: a 4-round Feistel network on the ``p`` index bits (halves of
   ``⌊p/2⌋`` and ``⌈p/2⌉`` bits, round function ``hash32`` with keys ``k4..k7``), a bijection whose
-  inverse runs the rounds backwards (no stored index arrays);
+  inverse runs the rounds backwards (no stored index arrays); permutations of ``[0, n)`` for any
+  ``n`` (Shuffle) walk the cycles of the one of ``[0, 2^p)``, ``2^p >= n``: apply it until the
+  value falls below ``n`` (cycle-walking; the inverse walks with the inverse rounds);
 * Gaussians: Box–Muller ``sqrt(-2 ln u1)·cos(2π u2)`` from the two 24-bit uniforms
   ``u1 = (hash32_k2(i) >> 8 + 1)/2^24`` and ``u2 = (hash32_k3(i) >> 8)/2^24``, with ``ln`` and
   ``cos`` from 4096-entry host tables (made by the fixed polynomials below) plus a 4-term
@@ -49,8 +53,8 @@ from ._validate import check_int
 
 __all__ = ["GENERATORS", "GENERATOR_ID", "GENERATOR_V1", "GENERATOR_V2", "CounterKey",
            "check_counter_length", "check_generator", "counter_gaussian", "counter_inverse_permutation",
-           "counter_permutation", "counter_signs", "gaussian", "gaussian_tables", "permutation", "rademacher",
-           "raw_bits"]
+           "counter_permutation", "counter_signs", "counter_walk_inverse_permutation", "counter_walk_permutation",
+           "gaussian", "gaussian_tables", "permutation", "rademacher", "raw_bits"]
 
 #: Generator 1: host buffers from ``PCG64`` streams (the functions ``rademacher``, ``permutation``,
 #: ``gaussian`` of this module).
@@ -59,10 +63,10 @@ GENERATOR_V1 = "tensoradapt.buffers/1 (SeedSequence[seed,group,purpose] -> PCG64
 GENERATOR_V2 = "tensoradapt.buffers/2 (counter: SeedSequence key, lowbias32 hash, Feistel permutation)"
 #: Every generator this library can reproduce.
 GENERATORS = (GENERATOR_V1, GENERATOR_V2)
-#: Identifies the default buffer-generation algorithm; stored in adapter files next to the seed.
-#: Still generator 1, so that existing configurations, files and references reproduce unchanged;
-#: generator 2 is chosen per plan or operator (``generator=GENERATOR_V2``).
-GENERATOR_ID = GENERATOR_V1
+#: The default buffer-generation algorithm of the fixed projections (Fastfood, Shuffle): generator 2.
+#: Adapter files store the id they were made with, and files, plans and operators made with
+#: generator 1 (``generator=GENERATOR_V1``) keep reproducing their values bit for bit.
+GENERATOR_ID = GENERATOR_V2
 
 _LN2 = 0.6931471805599453
 _TWO_PI = 6.283185307179586
@@ -172,11 +176,15 @@ _MASK32 = 0xFFFFFFFF
 
 
 def check_generator(generator: str | None) -> str:
-    """The generator id ``generator`` (``None``: :data:`GENERATOR_ID`), checked to be known."""
+    """The generator id ``generator`` (``None``: :data:`GENERATOR_ID`), checked to be one of
+    :data:`GENERATORS` (``TypeError`` for a non-string, ``ValueError`` for an unknown id)."""
     if generator is None:
         return GENERATOR_ID
+    if not isinstance(generator, str):
+        raise TypeError(f"generator must be a generator id string, one of {GENERATORS}, got "
+                        f"{type(generator).__name__} {generator!r:.80}")
     if generator not in GENERATORS:
-        raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
+        raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r:.200}")
     return generator
 
 
@@ -217,6 +225,7 @@ def _hash32(xp, index, word: int):
 
 
 def check_counter_length(length: int) -> None:
+    """Refuse a generator-2 buffer longer than ``2**32`` (the index range of ``hash32``)."""
     if length > 1 << 32:
         raise ValueError(f"generator 2 supports lengths up to 2**32, got {length}")
 
@@ -264,6 +273,48 @@ def counter_inverse_permutation(xp, index, key: CounterKey, bits: int):
         left, right = xp.bitwise_xor(right, xp.bitwise_and(_hash32(xp, left, key.words[4 + r]), mask)), left
         widths.reverse()
     return _feistel_join(xp, left, right, bits)
+
+
+def _cycle_walk(xp, index, key: CounterKey, n: int, step):
+    """``step`` (a Feistel direction on ``[0, 2^p)``, ``p = ⌈log2 n⌉``) applied to each entry of
+    the 1-D ``index`` until it falls in ``[0, n)``: the induced permutation of ``[0, n)``.
+
+    Each round steps only the entries still outside (boolean indexing), so the work is about two
+    Feistel evaluations per entry; the finished ``(position, value)`` pairs are put back in order
+    by one ``argsort`` of the (distinct) positions."""
+    bits = (n - 1).bit_length()
+    out = step(xp, index, key, bits)
+    if n == 1 << bits:
+        return out
+    inside = out < n
+    if bool(xp.all(inside)):
+        return out
+    position = xp.arange(out.shape[0], dtype=xp.int64, device=out.device)
+    positions, values = [position[inside]], [out[inside]]
+    pending, value = position[~inside], out[~inside]
+    while pending.shape[0]:
+        value = step(xp, value, key, bits)
+        inside = value < n
+        positions.append(pending[inside])
+        values.append(value[inside])
+        pending, value = pending[~inside], value[~inside]
+    return xp.take(xp.concat(values), xp.argsort(xp.concat(positions)))
+
+
+def counter_walk_permutation(xp, index, key: CounterKey, n: int):
+    """``π(i)`` for int64 ``index`` in ``[0, n)``, any ``n >= 1``: the Feistel permutation of
+    ``[0, 2^p)`` (``2^p >= n`` the least power of two) cycle-walked into ``[0, n)``, a bijection.
+
+    For ``i < n``, ``π(i) = σ^k(i)`` with ``σ`` :func:`counter_permutation` and ``k >= 1`` the
+    least power with ``σ^k(i) < n``; since ``2^p < 2n`` a walk takes under two steps on average.
+    For ``n = 2^p`` it is :func:`counter_permutation` itself."""
+    return _cycle_walk(xp, index, key, n, counter_permutation)
+
+
+def counter_walk_inverse_permutation(xp, index, key: CounterKey, n: int):
+    """``π⁻¹(i)`` of :func:`counter_walk_permutation`: the same walk with the inverse rounds
+    (the states the forward walk skipped lie outside ``[0, n)``, so the backward walk skips them too)."""
+    return _cycle_walk(xp, index, key, n, counter_inverse_permutation)
 
 
 _TABLE_BITS = 12

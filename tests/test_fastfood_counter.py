@@ -1,6 +1,7 @@
 """Generator 2 (counter-based fixed random maps, docs/math.md D6) and the Fastfood operator built
 on it: bijection, adjoint identity, norm preservation over seeds, bit-identical maps on every
-backend, the old generator unchanged, and peak memory of the in-place pipeline."""
+backend, generator 2 the default and generator 1 unchanged, peak memory of the in-place pipeline, and
+the generator-2 Shuffle (the Feistel permutation cycle-walked into ``[0, n)``)."""
 
 from __future__ import annotations
 
@@ -82,23 +83,30 @@ def test_map_statistics() -> None:
     assert not np.array_equal(_maps(NP, np.asarray, 64, 3, 1)[3], gauss[:64])
 
 
-def test_old_generator_is_the_default_and_unchanged() -> None:
-    assert buffers.GENERATOR_ID == buffers.GENERATOR_V1 and buffers.GENERATORS == (buffers.GENERATOR_V1, V2)
-    # the golden values of generator 1 (tests/test_buffers.py) through the operators
-    f = ops.Fastfood(5, 8, 0)
-    assert f.generator == buffers.GENERATOR_V1
+def test_generator_2_is_the_default_and_generator_1_unchanged() -> None:
+    V1 = buffers.GENERATOR_V1
+    assert buffers.GENERATOR_ID == V2 and buffers.GENERATORS == (V1, V2)
+    assert buffers.check_generator(None) == V2 and ops.Fastfood(5, 8, 0).generator == V2
+    # the golden values of generator 1 (tests/test_buffers.py) through the operators, when asked for
+    f = ops.Fastfood(5, 8, 0, generator=V1)
+    assert f.generator == V1
     np.testing.assert_array_equal(f.buffers["signs"], buffers.rademacher(8, 0, 0, "fastfood.signs"))
     np.testing.assert_array_equal(f.buffers["permutation"], buffers.permutation(8, 0, 0, "fastfood.permutation"))
     np.testing.assert_array_equal(f.buffers["gaussian"].view(np.uint32),
                                   buffers.gaussian(8, 0, 0, "fastfood.gaussian").view(np.uint32))
     config = presets.with_projection(presets.lorta(3, 2, 1), "fastfood", 0.4)
     shapes = [(4, 5), (3, 4)]
-    default, old = SuperLoRA(config, shapes), SuperLoRA(config, shapes, generator=buffers.GENERATOR_V1)
+    default, new = SuperLoRA(config, shapes), SuperLoRA(config, shapes, generator=V2)
+    old = SuperLoRA(config, shapes, generator=V1)
+    assert (default.generator_id, new.generator_id, old.generator_id) == (V2, V2, V1)
     params = default.init(0, dtype=np.float64, zero=False)
-    for a, b in zip(default.delta(params), old.delta(params), strict=True):
+    for a, b, c in zip(default.delta(params), new.delta(params), old.delta(params), strict=True):
         np.testing.assert_array_equal(a, b)
+        assert not np.allclose(a, c)  # the two generators are different maps
     with pytest.raises(ValueError, match="generator must be one of"):
         SuperLoRA(config, shapes, generator="other/3")
+    with pytest.raises(TypeError, match=r"generator must be a generator id string.*got int 2"):
+        SuperLoRA(config, shapes, generator=2)
 
 
 @pytest.mark.parametrize("order", ["li", "paper"])
@@ -161,7 +169,7 @@ def test_materialised_and_on_the_fly_maps_give_the_same_bits() -> None:
         assert projection.device_buffer_budget()["used"] >= 2 * eager.length * 8
     finally:
         projection.device_buffer_budget(saved)
-    assert lazy.state_bytes < 200 < ops.Fastfood(700, 20000, 9, 1).state_bytes
+    assert lazy.state_bytes < 200 < ops.Fastfood(700, 20000, 9, 1, generator=buffers.GENERATOR_V1).state_bytes
 
 
 def test_fwht_inplace_matches_and_needs_no_second_buffer() -> None:
@@ -231,10 +239,130 @@ def test_plan_vjp_with_generator_2_is_the_adjoint_of_delta() -> None:
 def test_describe_prints_buffer_memory_per_group() -> None:
     config = presets.with_projection(presets.lorta(3, 8, 64), "fastfood", 0.01)
     shapes = [(4096, 4096)] * 64
-    old = SuperLoRA(config, shapes).describe().splitlines()
-    new = SuperLoRA(config, shapes, generator=V2).describe().splitlines()
+    old = SuperLoRA(config, shapes, generator=buffers.GENERATOR_V1).describe().splitlines()
+    new = SuperLoRA(config, shapes).describe().splitlines()
     assert "buffers = 21.0 GiB" in old[0] and old[1].rstrip().endswith("buffers")
     assert old[2].rstrip().endswith("336.0 MiB")  # L = 2^24 entries × 21 bytes
     assert "buffers = 6.0 KiB" in new[0] and new[2].rstrip().endswith("96 B")
-    shuffle = SuperLoRA(presets.with_projection(presets.lorta(3, 8, 2), "shuffle"), [(40, 40)] * 4)
-    assert shuffle.describe().splitlines()[2].rstrip().endswith("50.0 KiB")
+    assert "(tensoradapt.buffers/1)" in old[0] and "(tensoradapt.buffers/2)" in new[0]
+    shuffle = presets.with_projection(presets.lorta(3, 8, 2), "shuffle")
+    old = SuperLoRA(shuffle, [(40, 40)] * 4, generator=buffers.GENERATOR_V1).describe().splitlines()
+    assert old[2].rstrip().endswith("50.0 KiB")  # N_g = 3200 entries, π and π⁻¹ as int64
+    new = SuperLoRA(shuffle, [(40, 40)] * 4).describe().splitlines()
+    assert "buffers = 64 B" in new[0] and new[2].rstrip().endswith("32 B")  # one key per group
+    glob = presets.with_projection(presets.lorta(3, 8, 2), "shuffle", scope="global")
+    lines = SuperLoRA(glob, [(40, 40)] * 4).describe().splitlines()
+    assert lines[2].rstrip().endswith("32 B") and lines[3].rstrip().endswith(" 0 B")
+
+
+# ------------------------------------------------------------------ Shuffle on generator 2
+def _walk_reference(n: int, key: buffers.CounterKey) -> list[int]:
+    """Cycle-walking written out: follow the Feistel permutation of [0, 2^p) until inside [0, n)."""
+    bits = (n - 1).bit_length()
+    step = buffers.counter_permutation(NP, np.arange(1 << bits, dtype=np.int64), key, bits).tolist()
+    out = []
+    for i in range(n):
+        j = step[i]
+        while j >= n:
+            j = step[j]
+        out.append(j)
+    return out
+
+
+def test_golden_values_of_the_generator_2_shuffle() -> None:
+    # Frozen outputs; a change here breaks every shuffle adapter saved with generator 2.
+    s = ops.Shuffle(8, 0)
+    assert s.generator == V2 and s.permutation.tolist() == [3, 6, 1, 4, 0, 5, 2, 7]
+    assert ops.Shuffle(10, 0).permutation.tolist() == [5, 4, 1, 0, 2, 3, 7, 9, 8, 6]
+    assert ops.Shuffle(5, 7, 3).permutation.tolist() == [1, 4, 2, 3, 0]
+    # n = 2^p is the Feistel permutation itself; O(1) state either way
+    key = buffers.CounterKey(0, 0, "shuffle")
+    np.testing.assert_array_equal(s.permutation, buffers.counter_permutation(NP, np.arange(8), key, 3))
+    assert s.state_bytes == 32 == ops.Shuffle.state_bytes_for(10**9)
+    old = ops.Shuffle(10, 0, generator=buffers.GENERATOR_V1)
+    assert old.state_bytes == 160 == ops.Shuffle.state_bytes_for(10, buffers.GENERATOR_V1)
+    np.testing.assert_array_equal(old.permutation, buffers.permutation(10, 0, 0, "shuffle"))
+    with pytest.raises(ValueError, match="generator must be one of"):
+        ops.Shuffle(4, 0, generator="tensoradapt.buffers/3")
+    with pytest.raises(ValueError, match="lengths up to 2\\*\\*32"):
+        ops.Shuffle(2**32 + 1, 0)
+
+
+@given(n=st.integers(1, 3000), seed=st.integers(0, 2**63), group=st.integers(0, 2000))
+def test_walked_feistel_is_a_bijection_of_any_length_and_its_inverse(n: int, seed: int, group: int) -> None:
+    key = buffers.CounterKey(seed, group, "shuffle")
+    index = np.arange(n, dtype=np.int64)
+    perm = buffers.counter_walk_permutation(NP, index, key, n)
+    inverse = buffers.counter_walk_inverse_permutation(NP, index, key, n)
+    np.testing.assert_array_equal(np.sort(perm), index)
+    np.testing.assert_array_equal(perm[inverse], index)
+    np.testing.assert_array_equal(inverse[perm], index)
+    if n <= 300:
+        assert perm.tolist() == _walk_reference(n, key)
+
+
+@pytest.mark.parametrize("n", [1, 3, 64, 1000])
+def test_generator_2_shuffle_adjoint_identity(n: int) -> None:
+    s = ops.Shuffle(n, 11, 2)
+    rng = np.random.default_rng(n)
+    z, y = rng.standard_normal((3, n)), rng.standard_normal((3, n))
+    np.testing.assert_array_equal(s.apply(z), z[:, s.permutation])
+    np.testing.assert_array_equal(s.adjoint(s.apply(z)), z)
+    assert np.sum(s.apply(z) * y) == pytest.approx(np.sum(z * s.adjoint(y)), rel=1e-13)
+
+
+@pytest.mark.parametrize("name", ["torch", "array_api_strict"])
+def test_generator_2_shuffle_is_bit_identical_on_every_backend(name: str, monkeypatch) -> None:
+    xp, wrap = NAMESPACES[name]
+    monkeypatch.setattr(projection, "WALK_CHUNK", 1024)  # several chunks, the last one partial
+    saved = projection.device_buffer_budget()["limit"]
+    rng = np.random.default_rng(0)
+    try:
+        for limit in (0, 1 << 30):  # computed in chunks per call, then materialised on the device
+            projection.device_buffer_budget(limit)
+            for n, seed, group in [(1, 0, 0), (777, 5, 3), (10_000, 2**40 + 1, 11)]:  # 10,000 > WALK_CHUNK
+                x = rng.standard_normal((2, n)).astype(np.float32)
+                ref, other = ops.Shuffle(n, seed, group), ops.Shuffle(n, seed, group)
+                index = np.arange(n, dtype=np.int64)
+                for walk in (buffers.counter_walk_permutation, buffers.counter_walk_inverse_permutation):
+                    key = buffers.CounterKey(seed, group, "shuffle")
+                    got = to_numpy(walk(xp, wrap(index), key, n))
+                    np.testing.assert_array_equal(got, walk(NP, index, key, n))
+                for method in ("apply", "adjoint"):
+                    a = getattr(ref, method)(x)
+                    b = np.asarray(to_numpy(getattr(other, method)(wrap(x))))
+                    np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+        assert projection.device_buffer_budget()["used"] >= 2 * 10_000 * 4
+    finally:
+        projection.device_buffer_budget(saved)
+
+
+def test_generator_2_shuffle_statistics() -> None:
+    # every position is uniform over the 10 values on average over seeds (n is not a power of two)
+    perms = np.stack([ops.Shuffle(10, s).permutation for s in range(2000)])
+    assert np.allclose(perms.mean(axis=0), 4.5, atol=0.3)
+    assert not np.array_equal(ops.Shuffle(100, 3, 1).permutation, ops.Shuffle(100, 3, 2).permutation)
+
+
+@pytest.mark.parametrize("scope", ["group", "global"])
+def test_plans_shuffle_with_their_generator(scope: str) -> None:
+    shapes = [(6, 8), (5, 7), (9, 4)]
+    config = presets.with_projection(presets.lorta(3, 2, 2), "shuffle", scope=scope)
+    plan, old = SuperLoRA(config, shapes), SuperLoRA(config, shapes, generator=buffers.GENERATOR_V1)
+    ops_ = [plan.projection(None)] if scope == "global" else [plan.projection(g) for g in range(2)]
+    assert all(op.generator == V2 for op in ops_)
+    params = plan.init(0, dtype=np.float64, zero=False)
+    new_delta, old_delta = plan.delta(params), old.delta(params)
+    flat = [np.concatenate([d.reshape(-1) for d in ds]) for ds in (new_delta, old_delta)]
+    np.testing.assert_array_equal(np.sort(flat[0]), np.sort(flat[1]))  # the same entries, other places
+    assert not np.array_equal(flat[0], flat[1])
+    # the VJP is the adjoint of ΔW (group 0 feeds two targets: the gathered-cotangent path)
+    rng = np.random.default_rng(2)
+    cots = [rng.standard_normal(s) for s in shapes]
+    grads = plan.vjp(params, cots)
+    direction = {k: rng.standard_normal(v.shape) for k, v in params.items()}
+    eps = 1e-6
+    plus = plan.delta({k: v + eps * direction[k] for k, v in params.items()})
+    minus = plan.delta({k: v - eps * direction[k] for k, v in params.items()})
+    numeric = sum(np.sum((p - m) * c) for p, m, c in zip(plus, minus, cots, strict=True)) / (2 * eps)
+    assert sum(np.sum(grads[k] * direction[k]) for k in params) == pytest.approx(numeric, rel=1e-6)

@@ -29,7 +29,9 @@ EXACT = {
     "dense": (presets.dense(), [(5, 4)]),
     "shuffle": (presets.with_projection(presets.lorta(3, 2, 1), "shuffle"), [(16, 16)] * 2),
     "global-shuffle": (presets.with_projection(presets.lorta(3, 2, 2), "shuffle", scope="global"), [(16, 16)] * 2),
-    "fastfood": (presets.with_projection(presets.lorta(3, 2, 1), "fastfood", 0.5), [(16, 16)] * 2),
+    # seed 1: generator 2's Fastfood of seed 0 happens to have condition number ~420 on these sizes (L-BFGS then
+    # stops at its iteration limit near 1e-4); seeds 1-3 have 45-84, like generator 1's 18-156
+    "fastfood": (presets.with_projection(presets.lorta(3, 2, 1), "fastfood", 0.5).replace(seed=1), [(16, 16)] * 2),
     "stack": (SuperLoRAConfig(rank=2, order=2, layout="stack", grouping=1), [(8, 6), (8, 5)]),
     "straddling-groups": (SuperLoRAConfig(rank=2, order=2, grouping=3), [(8, 6), (8, 5)]),
 }

@@ -33,12 +33,15 @@ def test_shuffle_spec_vector(backend) -> None:
 @given(n=st.integers(1, 200), seed=st.integers(0, 2**32), group=st.integers(0, 50),
        rows=st.integers(1, 3))
 def test_shuffle_inverse_and_adjoint(n: int, seed: int, group: int, rows: int) -> None:
-    s = ops.Shuffle(n, seed, group)
     rng = np.random.default_rng(seed % 2**32)
     z, y = rng.standard_normal((rows, n)), rng.standard_normal((rows, n))
-    np.testing.assert_array_equal(s.adjoint(s.apply(z)), z)
-    np.testing.assert_array_equal(s.apply(s.adjoint(z)), z)
-    assert inner(s.apply(z), y) == pytest.approx(inner(z, s.adjoint(y)), rel=1e-12)
+    for generator in buffers.GENERATORS:
+        s = ops.Shuffle(n, seed, group, generator=generator)
+        np.testing.assert_array_equal(s.adjoint(s.apply(z)), z)
+        np.testing.assert_array_equal(s.apply(s.adjoint(z)), z)
+        assert inner(s.apply(z), y) == pytest.approx(inner(z, s.adjoint(y)), rel=1e-12)
+    # generator 1's frozen host permutation (files made with it reproduce); generator 2: test_fastfood_counter.py
+    s = ops.Shuffle(n, seed, group, generator=buffers.GENERATOR_V1)
     np.testing.assert_array_equal(s.permutation, buffers.permutation(n, seed, group, "shuffle"))
 
 
@@ -75,10 +78,11 @@ def test_fastfood_spec_vector(backend) -> None:
     assert inner(y, [1.0, 0.0, -1.0, 2.0, 0.5]) == pytest.approx(0.3435822762, rel=1e-9)
 
 
+@pytest.mark.parametrize("generator", buffers.GENERATORS)
 @pytest.mark.parametrize("order", ["li", "paper"])
-def test_fastfood_matches_its_dense_definition(order: str) -> None:
+def test_fastfood_matches_its_dense_definition(order: str, generator: str) -> None:
     n, big = 5, 12
-    f = ops.Fastfood(n, big, seed=3, group=2, order=order)
+    f = ops.Fastfood(n, big, seed=3, group=2, order=order, generator=generator)
     L = f.length
     assert L == 16
     from scipy.linalg import hadamard
@@ -95,7 +99,9 @@ def test_fastfood_matches_its_dense_definition(order: str) -> None:
         ref = f.scale * np.diag(b[:big]) @ trunc @ H @ P.T @ np.diag(g) @ H @ pad
     np.testing.assert_allclose(_dense(f.apply, n), ref, rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(_dense(f.adjoint, big), ref.T, rtol=1e-12, atol=1e-13)
-    np.testing.assert_allclose(f.scale, 1 / np.sqrt(big * np.sum(g**2)), rtol=1e-15)
+    # generator 1 normalises by the draw, generator 2 by its expectation (docs/math.md §3.8)
+    total = np.sum(g**2) if generator == buffers.GENERATOR_V1 else L
+    np.testing.assert_allclose(f.scale, 1 / np.sqrt(big * total), rtol=1e-15)
 
 
 @pytest.mark.parametrize("order", ["li", "paper"])

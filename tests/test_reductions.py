@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from scipy.linalg import hadamard
 
 from tensoradapt import SuperLoRA, SuperLoRAConfig, buffers, factorization, fold_side, presets
+from tensoradapt._backend import compat_namespace
 from tensoradapt.superlora.plan import param_name
 from tensoradapt.testing import assert_reduces_to
 
@@ -207,12 +208,15 @@ def test_shuffle_is_a_permutation_of_the_unprojected_update(scope) -> None:
     params = plan.init(3, dtype=np.float64, zero=False)
     plain = np.concatenate([d.reshape(-1) for d in plain_plan.delta(params)])
 
+    def permutation(n: int, group: int) -> np.ndarray:  # the default generator 2's (docs/math.md D6)
+        key = buffers.CounterKey(shuffled.seed, group, "shuffle")
+        return buffers.counter_walk_permutation(compat_namespace(np), np.arange(n), key, n)
+
     def reference(p):
         if scope == "global":
-            perm = buffers.permutation(22, shuffled.seed, 2, "shuffle")
+            perm = permutation(22, 2)
             return _targets_from_stream(plain[perm], target_shapes)
-        pieces = [plain[lo:hi][buffers.permutation(hi - lo, shuffled.seed, g, "shuffle")]
-                  for g, (lo, hi) in enumerate([(0, 11), (11, 22)])]
+        pieces = [plain[lo:hi][permutation(hi - lo, g)] for g, (lo, hi) in enumerate([(0, 11), (11, 22)])]
         return _targets_from_stream(np.concatenate(pieces), target_shapes)
 
     assert_reduces_to(shuffled, target_shapes, reference, params=params)
@@ -224,11 +228,14 @@ def test_fastfood_projection_against_a_dense_matrix() -> None:
     plan = SuperLoRA(config, target_shapes)
     big, n = 32, math.ceil(0.4 * 32)
     assert plan.groups[0].n == n
-    signs = buffers.rademacher(32, config.seed, 0, "fastfood.signs").astype(float)
-    perm = buffers.permutation(32, config.seed, 0, "fastfood.permutation")
-    gauss = buffers.gaussian(32, config.seed, 0, "fastfood.gaussian").astype(float)
+    # the default generator 2's maps (docs/math.md D6) and its normaliser c = 1/sqrt(N L)
+    xp, index = compat_namespace(np), np.arange(32)
+    key = {p: buffers.CounterKey(config.seed, 0, "fastfood." + p) for p in ("signs", "permutation", "gaussian")}
+    signs = buffers.counter_signs(xp, index, key["signs"], np.float64)
+    perm = buffers.counter_permutation(xp, index, key["permutation"], 5)
+    gauss = buffers.counter_gaussian(xp, index, key["gaussian"], buffers.gaussian_tables(), np.float32).astype(float)
     h = hadamard(32)
-    matrix = (h @ np.diag(gauss) @ np.eye(32)[perm] @ h @ np.diag(signs))[:big, :n] / np.sqrt(big * np.sum(gauss**2))
+    matrix = (h @ np.diag(gauss) @ np.eye(32)[perm] @ h @ np.diag(signs))[:big, :n] / np.sqrt(big * 32)
 
     def reference(p):
         factors = [p[param_name(0, 1, f"factor{m}")] for m in range(3)]

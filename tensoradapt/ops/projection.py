@@ -1,9 +1,10 @@
 r"""Fixed random linear maps ``F`` of the SuperLoRA pipeline: Shuffle and Fastfood (docs/math.md §3.7–3.8).
 
 Both are immutable operator objects acting on the last axis (leading axes are a batch) with
-``.apply(x)`` (``F x``) and ``.adjoint(y)`` (``Fᵀ y``, the VJP).  Their random buffers come from
-:mod:`tensoradapt.buffers`, so the same ``(seed, group)`` gives the same operator on every
-backend.  Device copies of the buffers are cached per (namespace, dtype, device).
+``.apply(x)`` (``F x``) and ``.adjoint(y)`` (``Fᵀ y``, the VJP).  Their random maps come from
+:mod:`tensoradapt.buffers`, so the same ``(seed, group, generator)`` gives the same operator on
+every backend: generator 2 (the default) computes them on the input's device from O(1) keys,
+generator 1 holds host buffers whose device copies are cached per (namespace, dtype, device).
 """
 
 from __future__ import annotations
@@ -46,16 +47,20 @@ class _BufferCache:
 
 #: Entries of ``L`` handled per chunk by generator 2's on-device maps.
 MAP_CHUNK = 1 << 12
+#: Entries per chunk of a generator-2 Shuffle's walked permutation (the walk's rounds shrink, so
+#: larger chunks than Fastfood's keep the per-round overhead small).
+WALK_CHUNK = 1 << 16
 
 _BUDGET = {"limit": 512 << 20, "used": 0}
 
 
 def device_buffer_budget(limit: int | None = None) -> dict[str, int]:
     """Read (and with ``limit``, set) the process-wide byte budget for materialised generator-2
-    buffers.  Generator-2 Fastfood operators compute their maps on the device per call, in chunks
-    (O(1) state); while the budget allows, an operator keeps the computed index and Gaussian
-    arrays of a direction on that device instead (8 bytes per entry of ``L``), which changes the
-    speed, never the result.  ``limit=0`` turns materialisation off.  Returns ``{"limit", "used"}``."""
+    buffers.  Generator-2 Fastfood and Shuffle operators compute their maps on the device per call,
+    in chunks (O(1) state); while the budget allows, an operator keeps the computed index (and
+    Fastfood's Gaussian) arrays of a direction on that device instead (Fastfood 8 bytes per entry
+    of ``L``, Shuffle 4 per entry of ``n``), which changes the speed, never the result.
+    ``limit=0`` turns materialisation off.  Returns ``{"limit", "used"}``."""
     if limit is not None:
         _BUDGET["limit"] = check_int("limit", limit, minimum=0)
     return dict(_BUDGET)
@@ -103,17 +108,22 @@ def _check_last_axis(name: str, x: Any, length: int) -> None:
 class Shuffle(Frozen):
     r"""Random permutation ``y = z[π]`` (gather, ``y_i = z_{π(i)}``) of length ``n``.
 
-    ``π`` is :func:`tensoradapt.buffers.permutation` of ``(seed, group, "shuffle")``.  The adjoint
-    is the inverse permutation, ``Fᵀ y = y[π⁻¹]``, so ``adjoint(apply(z)) == z``.
+    ``π`` is a fixed permutation of ``(seed, group, "shuffle")`` (docs/math.md D6, §3.7): with
+    generator 2 (the default) :func:`tensoradapt.buffers.counter_walk_permutation`, computed on
+    the input's device (O(1) state: one key); with generator 1 the host array
+    :func:`tensoradapt.buffers.permutation`.  The adjoint is the inverse permutation,
+    ``Fᵀ y = y[π⁻¹]``, so ``adjoint(apply(z)) == z``.
 
     Parameters
     ----------
     n : int
-        Length of the shuffled axis (``>= 1``).
+        Length of the shuffled axis (``>= 1``; at most ``2**32`` with generator 2).
     seed : int
         Non-negative base seed.
     group : int, default 0
         Group index; each group gets an independent permutation.
+    generator : str, optional
+        One of :data:`tensoradapt.buffers.GENERATORS`; default :data:`tensoradapt.buffers.GENERATOR_ID`.
 
     Examples
     --------
@@ -123,18 +133,24 @@ class Shuffle(Frozen):
     [30.0, 10.0, 40.0, 20.0]
     """
 
-    __slots__ = ("_cache", "_inverse", "_permutation", "group", "n", "seed")
+    __slots__ = ("_cache", "_inverse", "_key", "_permutation", "generator", "group", "n", "seed")
 
-    def __init__(self, n: int, seed: int, group: int = 0) -> None:
+    def __init__(self, n: int, seed: int, group: int = 0, *, generator: str | None = None) -> None:
         n = check_int("n", n, minimum=1)
         seed = check_int("seed", seed, minimum=0)
         group = check_int("group", group, minimum=0)
+        if buffers.check_generator(generator) == buffers.GENERATOR_V2:
+            buffers.check_counter_length(n)
+            self._freeze(n=n, seed=seed, group=group, generator=buffers.GENERATOR_V2,
+                         _key=buffers.CounterKey(seed, group, "shuffle"), _permutation=None, _inverse=None,
+                         _cache=_CounterCache())
+            return
         self._init(buffers.permutation(n, seed, group, "shuffle"), seed, group)
 
     def _init(self, perm: np.ndarray, seed: int | None, group: int | None) -> None:
         perm, inverse = _read_only_permutation_pair(perm)
-        self._freeze(n=int(perm.shape[0]), seed=seed, group=group, _permutation=perm,
-                     _inverse=inverse, _cache=_BufferCache())
+        self._freeze(n=int(perm.shape[0]), seed=seed, group=group, generator=buffers.GENERATOR_V1, _key=None,
+                     _permutation=perm, _inverse=inverse, _cache=_BufferCache())
 
     @classmethod
     def from_permutation(cls, permutation: Any) -> Shuffle:
@@ -152,19 +168,67 @@ class Shuffle(Frozen):
         return f"Shuffle(n={self.n}, seed={self.seed}, group={self.group})"
 
     @staticmethod
-    def state_bytes_for(n: int) -> int:
-        """Bytes of host state of ``Shuffle(n, ...)``: ``π`` and ``π⁻¹`` as int64."""
+    def state_bytes_for(n: int, generator: str | None = None) -> int:
+        """:attr:`state_bytes` of ``Shuffle(n, ..., generator=generator)`` without building it."""
+        if buffers.check_generator(generator) == buffers.GENERATOR_V2:
+            return 8 * 4
         return 16 * n
 
     @property
+    def state_bytes(self) -> int:
+        """Bytes of fixed random state held on the host: ``π`` and ``π⁻¹`` as int64 (``16·n``) for
+        generator 1, one key of eight 32-bit words for generator 2."""
+        if self._key is None:
+            return int(self._permutation.nbytes + self._inverse.nbytes)
+        return 8 * 4
+
+    @property
     def permutation(self) -> np.ndarray:
-        """The host permutation ``π`` (read-only int64 array)."""
-        return self._permutation
+        """The host permutation ``π`` (read-only int64 array).  A generator-2 operator holds none;
+        this computes it (``8·n`` bytes), for tests and inspection."""
+        if self._key is None:
+            return self._permutation
+        index = np.arange(self.n, dtype=np.int64)
+        perm = buffers.counter_walk_permutation(compat_namespace(np), index, self._key, self.n)
+        perm.setflags(write=False)
+        return perm
+
+    def _counter_index(self, xp: Any, forward: bool, j0: int, j1: int, device: Any) -> Any:
+        """``π(j)`` (``forward``) or ``π⁻¹(j)`` for ``j ∈ [j0, j1)``, int64 on ``device``."""
+        j = xp.arange(j0, j1, dtype=xp.int64, device=device)
+        walk = buffers.counter_walk_permutation if forward else buffers.counter_walk_inverse_permutation
+        return walk(xp, j, self._key, self.n)
+
+    def _counter_gather(self, xp: Any, x: Any, forward: bool) -> Any:
+        """Generator 2: the gather with indices materialised on the device within the budget of
+        :func:`device_buffer_budget` (4 or 8 bytes per entry), else computed chunk by chunk."""
+        device, n, last, chunk = device_of(x), self.n, x.ndim - 1, WALK_CHUNK
+        key = ("index", forward, getattr(xp, "__name__", repr(xp)), str(device))
+        store = self._cache.store
+        if key not in store:
+            itemsize = 4 if n <= 1 << 31 else 8
+            store[key] = None
+            if self._cache.reserve(n * itemsize):
+                int_type = xp.int32 if itemsize == 4 else xp.int64
+                store[key] = xp.concat([xp.astype(self._counter_index(xp, forward, j0, min(j0 + chunk, n), device),
+                                                  int_type) for j0 in range(0, n, chunk)])
+        index = store[key]
+        if index is not None:
+            return xp.take(x, index, axis=last)
+        if n <= chunk:
+            return xp.take(x, self._counter_index(xp, forward, 0, n, device), axis=last)
+        out = xp.empty(x.shape, dtype=x.dtype, device=device)
+        for j0 in range(0, n, chunk):
+            j1 = min(j0 + chunk, n)
+            out[..., j0:j1] = xp.take(x, self._counter_index(xp, forward, j0, j1, device), axis=last)
+        return out
 
     def _gather(self, x: Any, name: str, which: str) -> Any:
         xp = namespace(**{name: x})
         check_floating(xp, [(name, x)])
         _check_last_axis(name, x, self.n)
+        if self._key is not None:
+            return self._counter_gather(xp, x, which == "perm")
         host = self._permutation if which == "perm" else self._inverse
         index = self._cache.get(xp, which, lambda: host, xp.int64, device_of(x))
         return xp.take(x, index, axis=x.ndim - 1)
@@ -206,6 +270,10 @@ class Fastfood(Frozen):
         Canonical Li et al. order (default) or the literal Eq. (3) order.
     allow_shrink : bool, default False
         Allow ``n_in > n_out``.
+    generator : str, optional
+        One of :data:`tensoradapt.buffers.GENERATORS`; default :data:`tensoradapt.buffers.GENERATOR_ID`
+        (generator 2: counter-based maps computed on the device, ``c = 1/sqrt(N·L)``).  Generator 1
+        draws host buffers ``b, π, g`` with ``c = 1/sqrt(N Σ g²)`` as above.
 
     Notes
     -----

@@ -28,6 +28,11 @@ from .plan import GroupPlan, Plan, SplitPlan, param_name, param_prefix
 __all__ = ["GroupPlan", "SplitPlan", "SuperLoRA"]
 
 
+def _counter_fastfood(op: Any) -> bool:
+    """Whether ``op`` is a generator-2 Fastfood (its ``compact`` / padded ``overwrite`` paths)."""
+    return isinstance(op, Fastfood) and op.generator == buffers.GENERATOR_V2
+
+
 def _format_bytes(count: int) -> str:
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if count >= size:
@@ -158,7 +163,7 @@ class SuperLoRA(Plan):
         op = self.group_projection(group.index)
         if op is None:
             return z
-        if len(self.groups) > 1 and getattr(op, "generator", None) == buffers.GENERATOR_V2:
+        if len(self.groups) > 1 and _counter_fastfood(op):
             return op.apply(z, compact=True)  # do not keep every group's length-L work array
         return op.apply(z)
 
@@ -298,7 +303,7 @@ class SuperLoRA(Plan):
         op = self.group_projection(group.index)
         if op is None:
             return math.prod(group.shape)
-        if getattr(op, "generator", None) == buffers.GENERATOR_V2 and op.length > group.size:
+        if _counter_fastfood(op) and op.length > group.size:
             return op.length
         return None
 
@@ -307,7 +312,7 @@ class SuperLoRA(Plan):
             op = self.group_projection(group.index)
             if op is None:
                 z_cot = cot
-            elif getattr(op, "generator", None) == buffers.GENERATOR_V2 and (
+            elif _counter_fastfood(op) and (
                     cot.shape[0] > group.size or len(self.grouping.members[group.index]) > 1):
                 # padded by _cotangent_pad, or gathered from several targets: a fresh array, reusable
                 z_cot = op.adjoint(cot, overwrite=True)
@@ -383,7 +388,9 @@ class SuperLoRA(Plan):
             return Fastfood.state_bytes_for(group.n, group.size, self.generator_id)
         if cfg.projection == "shuffle":
             size = self.grouping.total if self.global_shuffle else group.size
-            return Shuffle.state_bytes_for(size) if not self.global_shuffle or group.index == 0 else 0
+            if self.global_shuffle and group.index != 0:
+                return 0
+            return Shuffle.state_bytes_for(size, self.generator_id)
         return 0
 
     def __repr__(self) -> str:

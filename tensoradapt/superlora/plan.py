@@ -416,9 +416,9 @@ class Plan:
         cfg = self.config
         if g not in self._operators:
             if g is None:
-                op = Shuffle(self.grouping.total, cfg.seed, group=self.grouping.num_groups)
+                op = Shuffle(self.grouping.total, cfg.seed, group=self.grouping.num_groups, generator=self.generator_id)
             elif cfg.projection == "shuffle":
-                op = Shuffle(self.groups[g].size, cfg.seed, group=g)
+                op = Shuffle(self.groups[g].size, cfg.seed, group=g, generator=self.generator_id)
             else:
                 op = Fastfood(self.groups[g].n, self.groups[g].size, cfg.seed, group=g,
                               order=cfg.fastfood_order, generator=self.generator_id)
