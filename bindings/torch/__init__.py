@@ -21,12 +21,14 @@ except ImportError as error:  # pragma: no cover - exercised only without torch
 
 from tensoradapt import GLoRAConfig, SuperLoRAConfig, presets
 
-from . import functional, glora
+from . import functional, glora, hf
 from ._io import FORMAT_VERSION, AdapterFileError, read_metadata
 from ._shared import AdapterContainer, BaseAdapter
 from ._targets import match_targets
 from .adapter import AdaptedLayer, Adapter, SuperLoRAAdapter, SuperLoRALayer, attach_superlora, load_superlora
 from .glora import GLoRAAdapter, GLoRALayer, attach_glora, load_glora
+from .hf import use_adapter_checkpoints
+from .peft_io import PeftExport, export_peft, import_peft
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -39,16 +41,21 @@ __all__ = [
     "BaseAdapter",
     "GLoRAAdapter",
     "GLoRALayer",
+    "PeftExport",
     "SuperLoRAAdapter",
     "SuperLoRALayer",
     "attach",
     "default_config",
     "default_targets",
+    "export_peft",
     "functional",
     "glora",
+    "hf",
+    "import_peft",
     "load",
     "match_targets",
     "read_metadata",
+    "use_adapter_checkpoints",
 ]
 TORCH_VERSION = _torch.__version__
 
@@ -179,7 +186,9 @@ def attach(model: _torch.nn.Module, config: Any = None, targets: Any = None, *, 
         Set ``requires_grad=False`` on every base parameter (restored by ``detach()``).
     **options
         ``dtype`` of the trainable tensors (default float32, float64 for a float64 model);
-        SuperLoRA also ``seed`` (initialisation seed, default ``config.seed``).
+        SuperLoRA also ``seed`` (initialisation seed, default ``config.seed``) and ``generator``
+        (the fixed projections' buffer generator, one of ``tensoradapt.buffers.GENERATORS``; default
+        ``buffers.GENERATOR_ID``, generator 2), stored as ``adapter.generator_id`` and in saved files.
 
     Returns
     -------
@@ -205,8 +214,11 @@ def attach(model: _torch.nn.Module, config: Any = None, targets: Any = None, *, 
 def load(model: _torch.nn.Module, path: str | os.PathLike[str], *, name: str = "default",
          freeze_base: bool = True) -> BaseAdapter:
     """Attach the adapter saved at ``path`` (a file written by ``adapter.save(path)``, or a folder
-    written by ``adapter.save_pretrained(folder)``) to ``model`` under ``name`` (refused when the
-    model already has an adapter of that name).
+    written by ``adapter.save_pretrained(folder)`` / ``model.save_pretrained(folder)``) to ``model``
+    under ``name`` (refused when the model already has an adapter of that name).  In a folder, the
+    adapter ``name`` is read from ``folder/<name>/`` when that subfolder holds one (the layout of
+    several adapters), else from the folder itself; its ``adapter_config.json``, when present, must
+    agree with the ``.safetensors`` metadata.
 
     Reads safetensors plus JSON metadata only (never pickle) and checks everything before touching
     the model: the file exists (``FileNotFoundError``); its format, version and strict JSON types;
@@ -217,7 +229,7 @@ def load(model: _torch.nn.Module, path: str | os.PathLike[str], *, name: str = "
     """
     from ._io import check_file, check_saved_modules
 
-    file, tensors, metadata = check_file(path)
+    file, tensors, metadata = check_file(path, name=name)
     where = repr(str(file))
     from ._shared import check_adapter_name, container_of
 

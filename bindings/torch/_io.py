@@ -20,14 +20,23 @@ import torch
 
 import tensoradapt._safetensors as safetensors_header
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "AdapterFileError", "adapter_path", "check_file", "read_adapter",
-           "read_metadata", "write_adapter"]
+__all__ = ["CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "LIBRARY", "README_FILE", "AdapterFileError", "adapter_path",
+           "adapter_subfolders", "check_config_file", "check_file", "locate_adapter", "read_adapter", "read_metadata",
+           "write_adapter", "write_bytes"]
 
 FORMAT = "tensoradapt.adapter"
 FORMAT_VERSION = 1
 _METADATA_KEY = "tensoradapt"
 #: Deepest JSON nesting accepted in the metadata (a valid file nests 4 deep).
 MAX_METADATA_DEPTH = 16
+#: The JSON file ``save_pretrained`` writes beside the adapter file (the same facts, for humans and tools).
+CONFIG_FILE = "adapter_config.json"
+#: The model card ``save_pretrained`` writes.
+README_FILE = "README.md"
+#: ``adapter_config.json``'s mark: the ``"library"`` key (PEFT's configs have ``"peft_type"`` instead).
+LIBRARY = "tensoradapt"
+#: Largest ``adapter_config.json`` read (the safetensors header's own limit).
+MAX_CONFIG_BYTES = safetensors_header.MAX_HEADER_BYTES
 #: Float dtypes an adapter's tensors may have.
 PARAM_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -62,19 +71,47 @@ def write_adapter(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tens
     if not path.parent.exists():
         raise FileNotFoundError(f"folder {str(path.parent)!r} does not exist")
     host = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    header = {"format": "pt", _METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)}
+    return write_bytes(path, _canonical_header(_safetensors().save(host, metadata=header)))
+
+
+def _canonical_header(blob: bytes) -> bytes:
+    """``blob`` (a safetensors file) with its header re-serialised in a fixed order: safetensors
+    writes the ``__metadata__`` entries in a per-process hash order, so the same adapter saved by
+    two processes (two ranks, two runs) would differ in bytes.  Tensor data offsets are relative
+    to the end of the header, so only the header changes; it is space-padded to a multiple of 8
+    bytes as safetensors pads it."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    if isinstance(header.get(safetensors_header.METADATA_KEY), dict):
+        header[safetensors_header.METADATA_KEY] = dict(sorted(header[safetensors_header.METADATA_KEY].items()))
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + size:]
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (a temporary file in the same folder, fsync,
+    ``os.replace``, fsync of the folder); return the path.
+
+    A crash mid-write leaves the old file or the new one, never a torn file; a temporary file left
+    by a killed write (``.NAME.*.tmp``) is removed by the next write of the same file.  The file
+    keeps the mode of the one it replaces (else ``open()``'s: 0666 minus the umask).
+    """
+    path = Path(path)
+    if not path.parent.exists():
+        raise FileNotFoundError(f"folder {str(path.parent)!r} does not exist")
     for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):  # left by a save that was killed
         try:
             stale.unlink()
         except OSError:  # pragma: no cover - raced with another cleaner
             pass
-    header = {"format": "pt", _METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)}
-    blob = _safetensors().save(host, metadata=header)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         if hasattr(os, "fchmod"):  # mkstemp makes the file 0600; give it the usual mode
             os.fchmod(fd, _file_mode(path))
         with os.fdopen(fd, "wb") as handle:
-            handle.write(blob)
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
@@ -120,6 +157,85 @@ def adapter_path(path: str | os.PathLike[str]) -> Path:
 
     path = Path(path)
     return path / ADAPTER_FILE if path.is_dir() else path
+
+
+def locate_adapter(path: str | os.PathLike[str], name: str = "default") -> tuple[Path, Path | None]:
+    """``(adapter file, its adapter_config.json or None)`` for a file or a folder.
+
+    A folder holds the adapter ``"default"`` at its root and others in ``folder/<name>/`` (PEFT's
+    layout, what ``model.save_pretrained`` writes): ``name`` selects ``folder/<name>/`` when that
+    subfolder holds an adapter, else the root.  ``FileNotFoundError`` when there is no adapter file
+    (naming the subfolders' adapters when the root has none).
+    """
+    from ._shared import ADAPTER_FILE, check_adapter_name
+
+    path = Path(path)
+    if not path.is_dir():
+        return path, None
+    folder = path
+    if check_adapter_name(name) != "default" and (path / name / ADAPTER_FILE).is_file():
+        folder = path / name
+    file = folder / ADAPTER_FILE
+    if not file.exists() and not file.is_symlink():
+        subfolders = adapter_subfolders(path)
+        hint = (f"; the folder holds adapters {subfolders[:10]} in subfolders: load one with name=..."
+                if subfolders else "")
+        raise FileNotFoundError(f"no adapter file at {str(file)!r}{hint}")
+    config = folder / CONFIG_FILE
+    return file, config if config.exists() or config.is_symlink() else None
+
+
+def adapter_subfolders(folder: str | os.PathLike[str]) -> list[str]:
+    """Names of the subfolders of ``folder`` holding an adapter file (the named adapters
+    ``model.save_pretrained`` writes beside the ``"default"`` one), sorted."""
+    from ._shared import ADAPTER_FILE
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir()
+                  if p.is_dir() and p.name.isidentifier() and (p / ADAPTER_FILE).is_file())
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def check_config_file(config: Path, metadata: dict[str, Any], file: Path) -> None:
+    """Refuse (``AdapterFileError`` naming ``config``) an ``adapter_config.json`` that is not
+    tensoradapt's or that disagrees with the metadata of the adapter file beside it (which is
+    authoritative): parsed with the limits of :func:`parse_metadata`, at most
+    :data:`MAX_CONFIG_BYTES`, UTF-8, ``"library": "tensoradapt"`` and every other key equal (as
+    JSON) to the file's metadata, none missing."""
+    where = repr(str(config))
+    if not config.is_file():
+        raise AdapterFileError(f"{where} is not a regular file")
+    size = config.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise AdapterFileError(f"{where} is corrupted: {size:,} bytes, over the limit of {MAX_CONFIG_BYTES:,}")
+    try:
+        text = config.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise AdapterFileError(f"{where} is corrupted: not UTF-8 ({error})") from None
+    data = parse_metadata(text, where)
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{where} is corrupted: not a JSON object")
+    library = data.get("library")
+    if library != LIBRARY:
+        if "peft_type" in data:
+            raise AdapterFileError(f"{where} is a PEFT adapter config (peft_type {data['peft_type']!r:.40}), not a "
+                                   "tensoradapt one: load that folder with peft.PeftModel.from_pretrained")
+        raise AdapterFileError(f"{where} has library {library!r:.40}, expected {LIBRARY!r} (not a tensoradapt "
+                               "adapter config)")
+    facts = {k: v for k, v in data.items() if k != "library"}
+    differ = sorted(set(facts) ^ set(metadata))
+    differ += sorted(k for k in set(facts) & set(metadata) if _canonical(facts[k]) != _canonical(metadata[k]))
+    if differ:
+        raise AdapterFileError(
+            f"{where} disagrees with {str(file)!r} (whose metadata is authoritative) on {differ[:5]}: the folder was "
+            "edited or mixed from two saves; save the adapter again, or delete adapter_config.json to load the "
+            ".safetensors file alone"
+        )
 
 
 def _refuse_constant(text: str) -> Any:
@@ -168,17 +284,21 @@ def parse_metadata(text: str, where: str) -> Any:
                                f"({str(error)[:200]})") from None
 
 
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The tensoradapt metadata of an adapter file (reads the header only, never the tensors).
+def read_metadata(path: str | os.PathLike[str], *, name: str = "default") -> dict[str, Any]:
+    """The tensoradapt metadata of an adapter file or folder (reads the header only, never the tensors).
+
+    For a folder, the adapter ``name`` (see :func:`locate_adapter`), and its ``adapter_config.json``
+    when there is one, checked against the metadata (:func:`check_config_file`).
 
     Raises
     ------
     FileNotFoundError
         No file at ``path``.
     AdapterFileError
-        Not a safetensors file, no tensoradapt metadata, or an unsupported format version.
+        Not a safetensors file, no tensoradapt metadata, an unsupported format version, or an
+        ``adapter_config.json`` that is not tensoradapt's or disagrees with the file.
     """
-    path = adapter_path(path)
+    path, config = locate_adapter(path, name)
     if not path.exists():
         raise FileNotFoundError(f"no adapter file at {str(path)!r}")
     if not path.is_file():  # a FIFO, a device, a folder without the adapter file: never opened
@@ -199,14 +319,28 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{str(path)!r} has format_version {version!r:.40}; this tensoradapt reads version {FORMAT_VERSION}"
             + (" (the file was written by a newer tensoradapt: upgrade)" if newer else "")
         )
+    _check_base_model(data.get("base_model"), repr(str(path)))
+    if config is not None:
+        check_config_file(config, data, path)
     return data
 
 
-def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(tensors, metadata)`` of an adapter file, checked (:func:`check_file`), the metadata's
-    ``config`` left as its JSON object."""
-    path = adapter_path(path)
-    metadata = read_metadata(path)
+def _check_base_model(record: Any, where: str) -> None:
+    """``base_model`` (optional): an object with ``name_or_path`` and/or ``commit``, non-empty strings."""
+    if record is None:
+        return
+    if not isinstance(record, dict) or not record or not set(record) <= {"name_or_path", "commit"} \
+            or not all(isinstance(v, str) and v for v in record.values()):
+        raise AdapterFileError(f"{where} is corrupted: base_model is {record!r:.80}, not an object of "
+                               "name_or_path / commit strings")
+
+
+def read_adapter(path: str | os.PathLike[str], *, name: str = "default") -> tuple[dict[str, torch.Tensor],
+                                                                                  dict[str, Any]]:
+    """``(tensors, metadata)`` of an adapter file or folder, checked (:func:`check_file`), the
+    metadata's ``config`` left as its JSON object."""
+    metadata = read_metadata(path, name=name)
+    path, _ = locate_adapter(path, name)
     tensors = _load_tensors(path)
     _check_tensors(tensors, metadata, repr(str(path)))
     return tensors, metadata
@@ -282,17 +416,20 @@ def _check_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, Any], w
 _TARGET_KEYS = {"superlora": {"name", "kind", "shape", "weight_shape"}, "glora": {"name", "kind", "shape", "has_bias"}}
 
 
-def check_file(path: str | os.PathLike[str]) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
-    """``(path, tensors, metadata)`` of an adapter file, everything checked that the file alone can
-    tell: format and version, strict JSON types of every field, the config (built: ``metadata
-    ["config"]`` is the config object), the targets, the tensors against the metadata and the seed.
-    Raises ``FileNotFoundError`` or :class:`AdapterFileError` (naming the file)."""
+def check_file(path: str | os.PathLike[str], *, name: str = "default") -> tuple[Path, dict[str, torch.Tensor],
+                                                                             dict[str, Any]]:
+    """``(path, tensors, metadata)`` of an adapter file (or of the adapter ``name`` of a folder,
+    :func:`locate_adapter`), everything checked that the file alone can tell: format and version,
+    strict JSON types of every field, the folder's ``adapter_config.json`` against the metadata,
+    the config (built: ``metadata["config"]`` is the config object), the targets, the tensors
+    against the metadata and the seed.  Raises ``FileNotFoundError`` or :class:`AdapterFileError`
+    (naming the file)."""
     from tensoradapt import GLoRAConfig, SuperLoRAConfig, buffers
     from tensoradapt._targets import KINDS
 
-    path = adapter_path(path)
+    metadata = read_metadata(path, name=name)
+    path, _ = locate_adapter(path, name)
     where = repr(str(path))
-    metadata = read_metadata(path)
     method = metadata.get("method")
     if not isinstance(method, str) or method not in _TARGET_KEYS:
         raise AdapterFileError(f"{where}: unknown adapter method {method!r:.40}")
@@ -321,10 +458,11 @@ def check_file(path: str | os.PathLike[str]) -> tuple[Path, dict[str, torch.Tens
     seed = metadata.get("seed")
     if not _strict_int(seed) or not 0 <= seed < 2**64:
         raise AdapterFileError(f"{where} is corrupted: seed is {seed!r:.40}, not a non-negative 64-bit integer")
-    if metadata.get("generator_id") != buffers.GENERATOR_ID:
+    generator = metadata.get("generator_id")
+    if not isinstance(generator, str) or generator not in buffers.GENERATORS:
         raise AdapterFileError(
-            f"{where} was made with buffer generator {metadata.get('generator_id')!r:.80}; this tensoradapt has "
-            f"{buffers.GENERATOR_ID!r}, so its fixed projections would differ"
+            f"{where} was made with buffer generator {generator!r:.80}, which this tensoradapt cannot reproduce "
+            f"(it knows {list(buffers.GENERATORS)}), so its fixed projections would differ"
         )
     config_type = SuperLoRAConfig if method == "superlora" else GLoRAConfig
     raw = metadata.get("config")

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -439,6 +441,7 @@ class BaseAdapter(nn.Module):
         if container_of(model) is None:
             model.add_module(ADAPTER_ATTRIBUTE, container)
             container.train(model.training)
+            install_model_hooks(model)
         self.train(model.training)
         self._attached = True
 
@@ -463,6 +466,7 @@ class BaseAdapter(nn.Module):
             container.remove(self.adapter_name)
             if not container.names:  # the last adapter: the model as before
                 delattr(model, ADAPTER_ATTRIBUTE)
+                remove_model_hooks(model)
                 for name, p in model.named_parameters():
                     if name in container._requires_grad:
                         p.requires_grad_(container._requires_grad[name])
@@ -481,6 +485,11 @@ class BaseAdapter(nn.Module):
         """Whether the adapted layers add their update (attached, not merged, not disabled, selected
         by ``model.tensoradapt.set_active``)."""
         return self._attached and not self._merged and self._disabled == 0 and self._selected
+
+    @property
+    def model(self) -> nn.Module:
+        """The model this adapter was attached to (after ``detach()``, the model it was detached from)."""
+        return self._model
 
     @property
     def merged(self) -> bool:
@@ -544,6 +553,7 @@ class BaseAdapter(nn.Module):
         self._check_attached()
         if self._merged:
             raise RuntimeError("the adapter is already merged; call unmerge() first")
+        refuse_if_sharded(self._model, "merge()")
         self._apply_merge()
         self._merged = True
         container = container_of(self._model)
@@ -555,6 +565,7 @@ class BaseAdapter(nn.Module):
         self._check_attached()
         if not self._merged:
             raise RuntimeError("the adapter is not merged")
+        refuse_if_sharded(self._model, "unmerge()")
         container = container_of(self._model)
         order = container._merge_order if container is not None else []
         later = order[order.index(self) + 1:] if self in order else []
@@ -572,6 +583,7 @@ class BaseAdapter(nn.Module):
         in place with their original weights, ``requires_grad`` flags restored; returns the model.
         ``state_dict()`` then equals the one before attach bit for bit."""
         self._check_attached()
+        refuse_if_sharded(self._model, "detach()")
         if self._merged:
             self.unmerge()
         return self._uninstall(self._originals)
@@ -580,6 +592,7 @@ class BaseAdapter(nn.Module):
         """Merge and remove the adapter: a plain model with updated weights (the trained
         ``modules_to_save`` copies stay in it)."""
         self._check_attached()
+        refuse_if_sharded(self._model, "merge_and_detach()")
         if not self._merged:
             self.merge()
         modules = self._plain_modules()
@@ -606,17 +619,224 @@ class BaseAdapter(nn.Module):
         return out
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the adapter to ``path`` (``.safetensors``; tensors plus JSON metadata), atomically."""
-        from ._io import write_adapter
+        """Write the adapter to ``path`` (``.safetensors``; tensors plus JSON metadata), atomically.
 
-        return write_adapter(path, self._file_tensors(), self.metadata())
+        On a model sharded by FSDP2 (``fully_shard``) this is a collective: call it on every rank;
+        the full tensors are gathered and the rank at mesh coordinate 0 writes the file (the same
+        bytes as an unsharded model with the same values)."""
+        return write_gathered(path, self._file_tensors(), self.file_metadata())
 
-    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
-        """Write the adapter to ``folder/adapter_model.safetensors`` (the folder is created);
-        ``tensoradapt.torch.load(model, folder)`` reads it back."""
+    def file_metadata(self) -> dict[str, Any]:
+        """The metadata written to files: :meth:`metadata` plus ``base_model`` (``name_or_path``
+        and ``commit`` of a transformers model's config) when the model records them."""
+        metadata = self.metadata()
+        base = base_model_record(self._model)
+        if base:
+            metadata["base_model"] = base
+        return metadata
+
+    def state_dict_keys(self) -> dict[str, str]:
+        """``{name in the adapter file: key in model.state_dict()}`` for every tensor the file holds
+        (``tensoradapt.<adapter name>.…``)."""
+        prefix = f"{ADAPTER_ATTRIBUTE}.{self.adapter_name}."
+        keys = {}
+        by_id: dict[int, str] = {}
+        for key, value in self.state_dict(keep_vars=True).items():
+            by_id.setdefault(id(value), key)
+        for name, p in self._adapter_parameters():
+            keys[name] = prefix + by_id[id(p)]
+        for key, module in self.saved_modules.items():
+            for entry in module.state_dict():
+                file_name = f"{MODULES_TO_SAVE_PREFIX}{key.replace('__', '.')}.{entry}"
+                keys[file_name] = f"{prefix}saved_modules.{key}.{entry}"
+        return keys
+
+    def _tensors_from_state_dict(self, state_dict: Any) -> dict[str, torch.Tensor]:
+        """The file's tensors taken from a full ``model.state_dict()`` (e.g. one gathered by a
+        distributed trainer), checked against the live adapter's shapes; floats in the adapter's dtype."""
+        if not isinstance(state_dict, dict) and not hasattr(state_dict, "items"):
+            raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+        live = self._file_tensors()
+        out = {}
+        missing = []
+        for name, key in self.state_dict_keys().items():
+            value = state_dict.get(key)
+            if not isinstance(value, torch.Tensor):
+                missing.append(key)
+                continue
+            mine = live[name]
+            if tuple(value.shape) != tuple(mine.shape):
+                raise ValueError(f"state_dict[{key!r}] has shape {tuple(value.shape)}, but adapter "
+                                 f"{self.adapter_name!r} has {tuple(mine.shape)} there")
+            out[name] = value.detach().to(mine.dtype) if mine.dtype.is_floating_point else value.detach()
+        if missing:
+            raise ValueError(f"state_dict lacks the tensors of adapter {self.adapter_name!r}: {missing[:5]}"
+                             f"{' …' if len(missing) > 5 else ''} (pass the model's full state_dict(), or none)")
+        return out
+
+    @torch.no_grad()
+    def copy_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy an adapter file's tensors (checked against this adapter: same names and shapes) into
+        the adapter's parameters and its ``modules_to_save`` copies, in place (the parameter objects
+        stay, so an optimiser over them keeps working)."""
+        for name, p in self._adapter_parameters():
+            p.copy_(tensors[name])
+        for key, module in self.saved_modules.items():
+            prefix = f"{MODULES_TO_SAVE_PREFIX}{key.replace('__', '.')}."
+            module.load_state_dict({entry: tensors[prefix + entry] for entry in module.state_dict()}, strict=True)
+
+    def save_pretrained(self, folder: str | os.PathLike[str], *, state_dict: Any = None) -> Path:
+        """Write the adapter folder: ``adapter_model.safetensors`` (tensors and metadata, the
+        authority), ``adapter_config.json`` (the same metadata plus ``"library": "tensoradapt"``,
+        for humans and tools) and a ``README.md`` model card (written unless the folder has a
+        README.md of its own).  Every file is written atomically; the folder is created.
+        ``tensoradapt.torch.load(model, folder)`` reads it back.  Returns the ``.safetensors`` path.
+
+        Parameters
+        ----------
+        folder : path
+        state_dict : mapping, optional
+            A full ``model.state_dict()`` to take the adapter's tensors from (keys
+            ``tensoradapt.<name>.…``, :meth:`state_dict_keys`) instead of the live parameters, as
+            ``transformers.Trainer`` passes one under DeepSpeed / FSDP.
+        """
+        from ._io import CONFIG_FILE, LIBRARY, README_FILE, write_bytes
+
         folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"save_pretrained writes a folder, and {str(folder)!r} is a file")
         folder.mkdir(parents=True, exist_ok=True)
-        return self.save(folder / ADAPTER_FILE)
+        tensors = self._file_tensors() if state_dict is None else self._tensors_from_state_dict(state_dict)
+        metadata = self.file_metadata()
+        writer = _writes_files(tensors)
+        config = folder / CONFIG_FILE
+        if writer and (config.exists() or config.is_symlink()):
+            config.unlink()  # a crash below leaves a loadable folder: never an old config beside a new file
+        path = write_gathered(folder / ADAPTER_FILE, tensors, metadata)
+        if writer:
+            text = json.dumps({"library": LIBRARY, **metadata}, indent=2, sort_keys=True) + "\n"
+            write_bytes(config, text.encode("utf-8"))
+            readme = folder / README_FILE
+            if not readme.exists() or _is_our_card(readme):
+                write_bytes(readme, model_card(metadata).encode("utf-8"))
+        return path
+
+
+# ---------------------------------------------------------------------------------- folders and state dicts
+_CARD_MARK = "library_name: tensoradapt"  # the front-matter line that marks a README.md as ours
+
+
+def base_model_record(model: nn.Module) -> dict[str, str]:
+    """``{"name_or_path": …, "commit": …}`` of a transformers model's config (the keys it records,
+    non-empty strings only; ``{}`` for a model built from a config or a plain module)."""
+    config = getattr(model, "config", None)
+    record = {}
+    name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    if isinstance(name, str) and name:
+        record["name_or_path"] = name
+    commit = getattr(config, "_commit_hash", None)
+    if isinstance(commit, str) and commit:
+        record["commit"] = commit
+    return record
+
+
+def _writes_files(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether this process writes a folder's files: always, except on a model sharded by FSDP2
+    (DTensors), where the rank at mesh coordinate 0 does (as in :func:`write_gathered`)."""
+    dtensor = _dtensor_type()
+    sharded = [t for t in tensors.values() if dtensor is not None and isinstance(t, dtensor)]
+    if not sharded:
+        return True
+    coordinate = sharded[0].device_mesh.get_coordinate()
+    return coordinate is not None and all(c == 0 for c in coordinate)
+
+
+def _is_our_card(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return False
+    return head.startswith("---\n") and _CARD_MARK in head.split("\n---", 1)[0]
+
+
+def model_card(metadata: dict[str, Any]) -> str:
+    """The ``README.md`` of an adapter folder: Hugging Face front matter (``library_name``, tags,
+    ``base_model`` when known), the method, the trainable parameters, the targets and how to load."""
+    def count(shape: list[int]) -> int:
+        total = 1
+        for d in shape:
+            total *= d
+        return total
+
+    method = metadata["method"]
+    base = (metadata.get("base_model") or {}).get("name_or_path")
+    trainable = sum(count(s) for s in metadata["parameters"].values())
+    saved = metadata.get("modules_to_save") or []
+    saved_count = sum(count(s) for r in saved for s in r["parameters"].values())
+    targets = metadata["targets"]
+    lines = ["---", _CARD_MARK, "tags:", "- tensoradapt", f"- {method}"]
+    if base:
+        lines.append(f"base_model: {json.dumps(base)}")
+    lines += ["---", "", f"# {method} adapter (tensoradapt {metadata['library_version']})", ""]
+    lines.append(f"- method: `{method}`, config: `{json.dumps(metadata['config'], sort_keys=True)}`")
+    lines.append(f"- trainable parameters: {trainable:,} in {len(metadata['parameters'])} tensors"
+                 + (f", plus {saved_count:,} in modules_to_save {[r['name'] for r in saved]}" if saved else ""))
+    if base:
+        lines.append(f"- base model: `{base}`" + (f" (commit `{metadata['base_model']['commit']}`)"
+                                                   if "commit" in metadata["base_model"] else ""))
+    lines.append(f"- targets ({len(targets)}, the adapted (o, n) matrices):")
+    for record in targets[:20]:
+        lines.append(f"  - `{record['name']}`: {record['kind']} {record['shape'][0]}×{record['shape'][1]}")
+    if len(targets) > 20:
+        lines.append(f"  - … and {len(targets) - 20} more (adapter_config.json lists them all)")
+    lines += [
+        "",
+        "Files: `adapter_model.safetensors` (the tensors; its header's metadata is authoritative) and",
+        "`adapter_config.json` (the same metadata, readable). No pickle.",
+        "",
+        "## Load",
+        "",
+        "```text",
+        "import tensoradapt.torch as tat",
+        "adapter = tat.load(base_model, \"path/to/this/folder\")   # the same architecture and base weights",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def report_base_keys(module: nn.Module, state: dict[str, Any], prefix: str, local: Any) -> None:
+    """``state_dict`` post-hook of the wrappers: the base layer's entries under the wrapper's own
+    name (``…c_attn.weight``, not ``…c_attn.base_layer.weight``), so a full state dict of an adapted
+    model has the plain model's keys (plus ``tensoradapt.…``) and loads into a plain model."""
+    inner = f"{prefix}base_layer."
+    for key in [k for k in state if k.startswith(inner)]:  # the wrapper's entries came last: order kept
+        state[prefix + key[len(inner):]] = state.pop(key)
+
+
+def accept_base_keys(module: nn.Module, state: dict[str, Any], prefix: str, local: Any, strict: bool,
+                     missing: list[str], unexpected: list[str], errors: list[str]) -> None:
+    """``load_state_dict`` pre-hook of the wrappers: entries under the wrapper's name go to its
+    base layer, so both a plain model's state dict and one of the older ``base_layer`` form load."""
+    inner = f"{prefix}base_layer."
+    for key in [k for k in state if k.startswith(prefix) and not k.startswith(inner)]:
+        if inner + key[len(prefix):] not in state:
+            state[inner + key[len(prefix):]] = state.pop(key)
+
+
+def install_model_hooks(model: nn.Module) -> None:
+    """Hooks the first attached adapter installs on its model (transformers' ``save_pretrained``)."""
+    from .hf import install_save_hook
+
+    install_save_hook(model)
+
+
+def remove_model_hooks(model: nn.Module) -> None:
+    """Undo :func:`install_model_hooks` (when the last adapter leaves)."""
+    from .hf import remove_save_hook
+
+    remove_save_hook(model)
 
 
 class ReadsThrough:
@@ -667,3 +887,99 @@ def graph_task_id() -> int:
     ``torch.utils.checkpoint`` itself uses; -1 where a torch build lacks it)."""
     probe = getattr(torch._C, "_current_graph_task_id", None)
     return -1 if probe is None else int(probe())
+
+
+# ---------------------------------------------------------------------------------- FSDP2 (fully_shard)
+def _dtensor_type() -> type | None:
+    """``DTensor`` when ``torch.distributed.tensor`` was imported (no DTensor can exist before), else None."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def fsdp_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` or one of its submodules was sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``)."""
+    fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)  # None: never imported
+    return fsdp_module is not None and any(isinstance(m, fsdp_module) for m in model.modules())
+
+
+def refuse_if_sharded(model: nn.Module, what: str) -> None:
+    """``RuntimeError`` when ``model`` is sharded by FSDP2: ``what`` (``merge()``, ``detach()``…)
+    would write into sharded parameters (or take modules out of FSDP's parameter groups)."""
+    if fsdp_sharded(model):
+        raise RuntimeError(
+            f"{what} is not supported on a model sharded by FSDP2 (fully_shard): its weights are sharded "
+            "DTensors and FSDP keeps managing the adapter's tensors. Save the adapter (adapter.save(...) on "
+            "every rank) and load it onto an unsharded model, then merge or detach there. The model was not changed"
+        )
+
+
+def gather_full(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every DTensor replaced by its full (unsharded) value, detached.
+
+    A collective when there is a DTensor (FSDP2 parameters outside a forward): every rank of its
+    mesh must call it with the same names in the same order.  Without DTensors the very same
+    tensors come back (no copy).
+    """
+    dtensor = _dtensor_type()
+    if dtensor is None or not any(isinstance(t, dtensor) for t in tensors.values()):
+        return tensors
+    return {name: t.detach().full_tensor() if isinstance(t, dtensor) else t for name, t in tensors.items()}
+
+
+def write_gathered(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
+                   metadata: dict[str, Any]) -> Path:
+    """Write an adapter file from ``tensors`` that may be DTensors (FSDP2).
+
+    Without DTensors this is :func:`._io.write_adapter`.  With DTensors it is a collective over
+    their device mesh: every rank gathers the full tensors (the shards live on different ranks),
+    the rank at mesh coordinate 0 alone writes the file (concurrent writers of one path would
+    race), and all ranks then learn whether the write succeeded (the file exists when any rank
+    returns; a failure raises on every rank).
+    """
+    from ._io import write_adapter
+
+    dtensor = _dtensor_type()
+    sharded = [t for t in tensors.values() if dtensor is not None and isinstance(t, dtensor)]
+    if not sharded:
+        return write_adapter(path, tensors, metadata)
+    import torch.distributed as dist
+
+    mesh = sharded[0].device_mesh
+    full = gather_full(tensors)
+    coordinate = mesh.get_coordinate()
+    writer = coordinate is not None and all(c == 0 for c in coordinate)
+    failure: BaseException | None = None
+    if writer:
+        try:
+            written = write_adapter(path, full, metadata)
+        except BaseException as error:  # reported to the other ranks below, then raised here
+            failure = error
+    flag = torch.tensor([0 if failure is None else 1], dtype=torch.int32, device=mesh.device_type)
+    for dim in range(mesh.ndim):  # dimension by dimension: the writer's flag reaches every rank of the mesh
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+    if failure is not None:
+        raise failure
+    if int(flag.item()):
+        raise RuntimeError(f"the rank writing the adapter file {str(path)!r} (mesh coordinate 0) failed; "
+                           "see its error")
+    return written if writer else Path(path)
+
+
+def refuse_sharded_values(values: Any) -> None:
+    """``RuntimeError`` when one of ``values`` (the adapter tensors a layer is about to use) is a DTensor.
+
+    Under FSDP2 the adapter's tensors are plain (all-gathered) tensors inside the root module's
+    forward; they are still sharded when a wrapped layer runs outside it, or when
+    ``model.tensoradapt`` (or the adapter) was given its own ``fully_shard`` group, whose forward
+    never runs because the wrapped layers use its tensors directly.
+    """
+    if torch.compiler.is_compiling():  # nothing to check in a traced graph (and no graph break for it)
+        return
+    dtensor = _dtensor_type()
+    if dtensor is not None and any(isinstance(v, dtensor) for v in values):
+        raise RuntimeError(
+            "the adapter's tensors are sharded DTensors here: under FSDP2 they are gathered by the forward "
+            "of the FSDP group that holds them. Call fully_shard(model) on the root after the blocks and give "
+            "model.tensoradapt no fully_shard of its own (the wrapped layers use its tensors directly), and run "
+            "adapted layers inside the model's forward"
+        )

@@ -28,13 +28,17 @@ from ._shared import (
     BaseAdapter,
     ReadsThrough,
     ThreadState,
+    accept_base_keys,
     base_forward,
     check_targets,
     forward_kind,
+    gather_full,
     graph_task_id,
+    refuse_sharded_values,
+    report_base_keys,
 )
 from ._targets import TargetSpec, WeightView, match_targets, weight_view
-from .functional import superlora_component_delta
+from .functional import component_key, superlora_component_delta
 
 __all__ = ["ADAPTER_ATTRIBUTE", "AdaptedLayer", "Adapter", "SuperLoRAAdapter", "SuperLoRALayer",
            "attach_superlora", "check_targets", "load_superlora"]
@@ -76,6 +80,8 @@ class SuperLoRALayer(ReadsThrough, nn.Module):
         # every adapter adding its update here: [(adapter, its target index)], the first one is _owner
         object.__setattr__(self, "_contributions", [(owner, index)])
         self.register_state_dict_post_hook(_report_original_weight)
+        self.register_state_dict_post_hook(report_base_keys)  # after the one above: plain model keys
+        self.register_load_state_dict_pre_hook(accept_base_keys)
 
     @property
     def contributions(self) -> list[tuple[SuperLoRAAdapter, int]]:
@@ -191,12 +197,14 @@ class SuperLoRAAdapter(BaseAdapter):
 
     def __init__(self, model: nn.Module, config: SuperLoRAConfig, found: list[tuple[str, nn.Module]], *,
                  freeze_base: bool, seed: int | None, dtype: torch.dtype | None,
-                 values: dict[str, torch.Tensor] | None = None) -> None:
+                 values: dict[str, torch.Tensor] | None = None, generator: str | None = None) -> None:
         super().__init__()
         kinds = [forward_kind(name, module) for name, module in found]
         views = [weight_view(name, module) for name, module in found]
         names = [name for name, _ in found]
-        self.plan = SuperLoRA(config, [v.shape for v in views], names)
+        self.plan = SuperLoRA(config, [v.shape for v in views], names, generator=generator)
+        #: the fixed-buffer generator of the projections (``buffers.GENERATORS``), stored in files
+        self.generator_id = self.plan.generator_id
         self.config = config
         self.views = tuple(views)
         self.kinds = tuple(kinds)
@@ -216,6 +224,8 @@ class SuperLoRAAdapter(BaseAdapter):
         self._group_names = [
             tuple(sorted(self.plan.parameter_shapes(groups))) for _, groups in self._components
         ]
+        for (targets, _), names in zip(self._components, self._group_names, strict=True):
+            component_key(self.plan, tuple(targets), names)  # torch.compile: one operator per component
         self._setup_lifecycle(model, found, freeze_base)
         self.factored_targets = {
             i: f for i, f in ((i, self._factored_form(i, m)) for i, (_, m) in enumerate(found)) if f
@@ -268,6 +278,7 @@ class SuperLoRAAdapter(BaseAdapter):
         """``s (x V) Uᵀ``, the adapter's part of the output of a target in :attr:`factored_targets`."""
         u_name, v_name, scale = self.factored_targets[index]
         U, V = self.params[_safe_key(u_name)], self.params[_safe_key(v_name)]
+        refuse_sharded_values((U, V))  # FSDP2: a clear error instead of DTensor's
         dtype = x.dtype if x.is_floating_point() else U.dtype
         hidden = F.linear(x.to(dtype), V.t().to(dtype))
         return F.linear(hidden, (U * scale if scale != 1.0 else U).to(dtype))
@@ -300,7 +311,9 @@ class SuperLoRAAdapter(BaseAdapter):
 
     # ------------------------------------------------------------------ ΔW
     def _component_params(self, c: int) -> dict[str, torch.Tensor]:
-        return {name: self.params[_safe_key(name)] for name in self._group_names[c]}
+        params = {name: self.params[_safe_key(name)] for name in self._group_names[c]}
+        refuse_sharded_values(params.values())  # FSDP2: a clear error instead of DTensor's
+        return params
 
     def _generate(self, c: int) -> tuple[torch.Tensor, ...]:
         targets = self._components[c][0]
@@ -333,7 +346,9 @@ class SuperLoRAAdapter(BaseAdapter):
                 return self._generate(c)[position]
             cache = self._backward_pass_cache(task)
         key = (c, torch.is_grad_enabled())  # never hand a graph-less ΔW to a layer that needs grads
-        versions = self._versions(c)
+        # Under torch.compile the version counters are data the graph cannot guard on (a graph break
+        # per target); nothing in a traced forward modifies the parameters in place, so none is read.
+        versions = () if torch.compiler.is_compiling() else self._versions(c)
         hit = cache.get(key)
         if hit is None or hit[0] != versions:  # parameters changed in place since: regenerate
             hit = cache[key] = (versions, self._generate(c))
@@ -351,10 +366,15 @@ class SuperLoRAAdapter(BaseAdapter):
 
     @torch.no_grad()
     def deltas(self) -> dict[str, torch.Tensor]:
-        """``{target name: ΔW}`` with each ``ΔW`` shaped ``(o, n)`` (Conv1D: ``(out, in)``), detached."""
+        """``{target name: ΔW}`` with each ``ΔW`` shaped ``(o, n)`` (Conv1D: ``(out, in)``), detached.
+
+        On a model sharded by FSDP2 this is a collective (call it on every rank): the full tensors
+        are gathered first and every rank gets the full ``ΔW``."""
+        values = gather_full(dict(self.params.items()))  # the parameters themselves unless sharded
         out: dict[str, torch.Tensor] = {}
         for c, (targets, _) in enumerate(self._components):
-            for t, delta in zip(targets, self._generate(c), strict=True):
+            params = {name: values[_safe_key(name)] for name in self._group_names[c]}
+            for t, delta in zip(targets, superlora_component_delta(self.plan, targets, params), strict=True):
                 out[self.target_names[t]] = delta
         return out
 
@@ -376,7 +396,8 @@ class SuperLoRAAdapter(BaseAdapter):
         lines = [
             self._trainable_line(),
             f"adapter params: {self.num_params:,} in {len(self.params)} tensors, {len(self.target_names)} targets, "
-            f"state={state}" + (f", modules_to_save={list(self.modules_to_save)}" if self.modules_to_save else ""),
+            f"state={state}, generator={self.generator_id.split(' ')[0]}"
+            + (f", modules_to_save={list(self.modules_to_save)}" if self.modules_to_save else ""),
             f"{'#':>4} {'target':<40} {'kind':<7} {'delta (o, n)':<14}",
         ]
         for i, (name, view) in enumerate(zip(self.target_names, self.views, strict=True)):
@@ -465,7 +486,7 @@ class SuperLoRAAdapter(BaseAdapter):
             "parameters": {name: list(p.shape) for name, p in self._adapter_parameters()},
             "param_dtype": str(dtype).removeprefix("torch."),
             "seed": self.seed,
-            "generator_id": buffers.GENERATOR_ID,
+            "generator_id": self.generator_id,
             "modules_to_save": self._saved_metadata(),
         }
 
@@ -476,13 +497,17 @@ AdaptedLayer = SuperLoRALayer  # the 0.x name
 
 def attach_superlora(model: nn.Module, config: SuperLoRAConfig, targets: TargetSpec, *, freeze_base: bool = True,
                      seed: int | None = None, dtype: torch.dtype | None = None,
-                     modules_to_save: Any = (), name: str = "default") -> SuperLoRAAdapter:
-    """Attach SuperLoRA to ``model`` (see :func:`tensoradapt.torch.attach`)."""
+                     modules_to_save: Any = (), name: str = "default",
+                     generator: str | None = None) -> SuperLoRAAdapter:
+    """Attach SuperLoRA to ``model`` (see :func:`tensoradapt.torch.attach`); ``generator`` is one of
+    ``tensoradapt.buffers.GENERATORS`` (default ``buffers.GENERATOR_ID``), checked before anything else."""
+    generator = buffers.check_generator(generator)
     if not isinstance(config, SuperLoRAConfig):
         raise TypeError(f"config must be a SuperLoRAConfig, got {type(config).__name__}")
     found = check_targets(model, match_targets(model, targets) if not isinstance(targets, list)
                           or not targets or not isinstance(targets[0], tuple) else targets)
-    adapter = SuperLoRAAdapter(model, config, found, freeze_base=freeze_base, seed=seed, dtype=dtype)
+    adapter = SuperLoRAAdapter(model, config, found, freeze_base=freeze_base, seed=seed, dtype=dtype,
+                               generator=generator)
     adapter.install(modules_to_save, name=name)
     return adapter
 
@@ -512,7 +537,8 @@ def load_superlora(model: nn.Module, tensors: dict[str, torch.Tensor], metadata:
     if mismatched:
         raise AdapterFileError(f"{path} does not fit this model, target shapes differ: " + "; ".join(mismatched[:5]))
     try:
-        plan = SuperLoRA(config, [tuple(r["shape"]) for r in metadata["targets"]], names)
+        plan = SuperLoRA(config, [tuple(r["shape"]) for r in metadata["targets"]], names,
+                         generator=metadata["generator_id"])
         expected = plan.parameter_shapes()
     except (ValueError, TypeError, OverflowError) as error:
         raise AdapterFileError(f"{path}: its config does not fit the targets ({error})") from None
@@ -522,4 +548,4 @@ def load_superlora(model: nn.Module, tensors: dict[str, torch.Tensor], metadata:
         raise AdapterFileError(f"{path}: the stored parameters do not match the plan their config makes")
     dtype = getattr(torch, metadata["param_dtype"])
     return SuperLoRAAdapter(model, config, found, freeze_base=freeze_base, seed=metadata["seed"], dtype=dtype,
-                            values=adapter_tensors)  # installed by the caller
+                            values=adapter_tensors, generator=metadata["generator_id"])  # installed by the caller

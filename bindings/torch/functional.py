@@ -9,6 +9,8 @@ generator as one Function.
 from __future__ import annotations
 
 import functools
+import itertools
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -213,6 +215,99 @@ class _ComponentDelta(torch.autograd.Function):
         return (None, None, None, *(param_grads[name] for name in ctx.names))
 
 
+# ------------------------------------------------------------------ torch.compile: one opaque op per component
+# Under torch.compile the component's ΔW is the custom operator ``tensoradapt::component_delta`` (and its VJP
+# ``tensoradapt::component_delta_vjp``): Dynamo records one node instead of tracing the core's Python, which
+# would break the graph at every array-API dispatch.  Operators take tensors, ints and strings only, so a
+# component is passed as an integer key into this registry (plan held weakly; the keys die with the plan).
+_COMPONENT_KEYS = itertools.count(1)
+_COMPONENTS: dict[int, tuple[weakref.ref[SuperLoRA], tuple[int, ...], tuple[str, ...]]] = {}
+
+
+def _forget(keys: dict[Any, int]) -> None:
+    for key in keys.values():
+        _COMPONENTS.pop(key, None)
+
+
+def component_key(plan: SuperLoRA, targets: tuple[int, ...], names: tuple[str, ...]) -> int:
+    """The registry key of component ``(plan, targets, names)`` (made on first use)."""
+    keys = plan.__dict__.get("_torch_component_keys")
+    if keys is None:
+        keys = plan.__dict__["_torch_component_keys"] = {}
+        weakref.finalize(plan, _forget, keys)
+    key = keys.get((targets, names))
+    if key is None:
+        key = keys[(targets, names)] = next(_COMPONENT_KEYS)
+        _COMPONENTS[key] = (weakref.ref(plan), targets, names)
+    return key
+
+
+def _component(key: int) -> tuple[SuperLoRA, tuple[int, ...], tuple[str, ...]]:
+    ref, targets, names = _COMPONENTS[key]
+    plan = ref()
+    if plan is None:  # pragma: no cover - a compiled graph outliving its plan
+        raise RuntimeError("the SuperLoRA plan of this compiled component no longer exists")
+    return plan, targets, names
+
+
+def _fresh(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``outputs`` with every tensor that shares storage with an input or an earlier output copied
+    (a custom operator's outputs may alias nothing)."""
+    seen = {x.untyped_storage().data_ptr() for x in inputs}
+    fresh = []
+    for d in outputs:
+        if d.untyped_storage().data_ptr() in seen:
+            d = d.clone()
+        seen.add(d.untyped_storage().data_ptr())
+        fresh.append(d)
+    return fresh
+
+
+@torch.library.custom_op("tensoradapt::component_delta", mutates_args=())
+def _component_delta_op(key: int, values: list[torch.Tensor]) -> list[torch.Tensor]:
+    plan, targets, names = _component(key)
+    with torch.autocast(device_type=values[0].device.type, enabled=False):
+        return _fresh(plan.delta_for(dict(zip(names, values, strict=True)), targets), values)
+
+
+@_component_delta_op.register_fake
+def _component_delta_fake(key: int, values: list[torch.Tensor]) -> list[torch.Tensor]:
+    plan, targets, _ = _component(key)
+    return [values[0].new_empty(plan.shapes[t]) for t in targets]
+
+
+@torch.library.custom_op("tensoradapt::component_delta_vjp", mutates_args=())
+def _component_vjp_op(key: int, values: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    plan, targets, names = _component(key)
+    with torch.autocast(device_type=values[0].device.type, enabled=False):
+        cotangents = [g.to(values[0].dtype).contiguous() for g in grads]
+        out = plan.vjp_for(dict(zip(names, values, strict=True)), targets, cotangents)
+        return _fresh([out[n] for n in names], [*values, *grads])
+
+
+@_component_vjp_op.register_fake
+def _component_vjp_fake(key: int, values: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [v.new_empty(v.shape) for v in values]
+
+
+def _component_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    key, values = inputs
+    ctx.key = key
+    ctx.save_for_backward(*values)
+
+
+def _component_backward(ctx: Any, grads: list[torch.Tensor | None]) -> tuple[None, list[torch.Tensor]]:
+    values = ctx.saved_tensors
+    plan, targets, _ = _component(ctx.key)
+    ref = values[0]
+    filled = [torch.zeros(plan.shapes[t], dtype=ref.dtype, device=ref.device) if g is None else g
+              for g, t in zip(grads, targets, strict=True)]
+    return None, _component_vjp_op(ctx.key, list(values), filled)
+
+
+_component_delta_op.register_autograd(_component_backward, setup_context=_component_setup)
+
+
 def superlora_component_delta(plan: SuperLoRA, targets: Sequence[int],
                               params: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """``ΔW_i`` for the targets of one component (see :meth:`tensoradapt.SuperLoRA.components`)
@@ -220,12 +315,28 @@ def superlora_component_delta(plan: SuperLoRA, targets: Sequence[int],
 
     ``params`` holds exactly the arrays of that component's groups; the backward calls
     :meth:`tensoradapt.SuperLoRA.vjp_for`, so only those groups are differentiated.  Autocast is
-    switched off inside, so the reconstruction runs in the parameters' dtype.
+    switched off inside, so the reconstruction runs in the parameters' dtype.  Under
+    ``torch.compile`` the component is one custom operator (``tensoradapt::component_delta``, its
+    VJP ``tensoradapt::component_delta_vjp``), so it adds no graph break; eager calls run the
+    autograd Function directly (same values; outputs that share storage are copied only under
+    compile).
     """
     if not isinstance(plan, SuperLoRA):
         raise TypeError(f"plan must be a tensoradapt.SuperLoRA, got {type(plan).__name__}")
     names = tuple(sorted(params))
-    return list(_ComponentDelta.apply(plan, tuple(int(t) for t in targets), names, *(params[n] for n in names)))
+    targets = tuple(int(t) for t in targets)
+    values = [params[n] for n in names]
+    if not torch.compiler.is_compiling():
+        component_key(plan, targets, names)  # registered here, outside any trace (see below)
+        return list(_ComponentDelta.apply(plan, targets, names, *values))
+    # Under compile the registry is only read: Dynamo defers a traced function's side effects until
+    # after its graph has run, so a key made inside the trace would not exist yet when the operator
+    # runs.  A component first met inside a trace falls back to the autograd Function (graph breaks);
+    # an adapter registers all its components when it is attached.
+    key = plan.__dict__.get("_torch_component_keys", {}).get((targets, names))
+    if key is None:
+        return list(_ComponentDelta.apply(plan, targets, names, *values))
+    return list(_component_delta_op(key, values))
 
 
 def tucker_to_tensor(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -43,7 +43,15 @@ from tensoradapt.glora.config import TENSORS, GLoRAConfig, LayerChoice, check_bi
 from tensoradapt.glora.search import SearchRecord, SearchResult, evolve
 
 from ._io import FORMAT, FORMAT_VERSION, AdapterFileError, check_model_targets
-from ._shared import BaseAdapter, ReadsThrough, check_targets, forward_kind, graph_task_id
+from ._shared import (
+    BaseAdapter,
+    ReadsThrough,
+    accept_base_keys,
+    check_targets,
+    forward_kind,
+    graph_task_id,
+    report_base_keys,
+)
 from ._targets import TargetSpec, WeightView, match_targets, weight_view
 
 __all__ = [
@@ -136,6 +144,8 @@ class GLoRALayer(ReadsThrough, nn.Module):
         self.register_buffer("merged_weight", None, persistent=False)
         self.register_buffer("merged_bias", None, persistent=False)
         object.__setattr__(self, "_owner", owner)  # not a submodule: the adapter is registered on the model
+        self.register_state_dict_post_hook(report_base_keys)  # the plain model's keys
+        self.register_load_state_dict_pre_hook(accept_base_keys)
 
     @property
     def merged_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -458,7 +468,9 @@ class GLoRAAdapter(BaseAdapter):
             "parameters": {name: list(t.shape) for name, t in self.state_tensors().items()},
             "param_dtype": str(dtype).removeprefix("torch."),
             "seed": self.config.seed,
-            "generator_id": buffers.GENERATOR_ID,
+            # GLoRA has no fixed projection; its only seeded values (the *_u init) are generator 1's
+            # PCG64 streams (glora.algebra through buffers.raw_bits), whatever the default generator
+            "generator_id": buffers.GENERATOR_V1,
             "modules_to_save": self._saved_metadata(),
         }
 

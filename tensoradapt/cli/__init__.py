@@ -8,6 +8,7 @@ Examples
     tensoradapt count 24x768x768 --preset lora --preset lorta:order=3,groups=1 --rank 1,4,8
     tensoradapt count model.safetensors --budget 40k      # budget sweep (header read only)
     tensoradapt compare lora.safetensors dense.safetensors --plot geometry.png
+    tensoradapt export-peft gpt2-lorta/ served/ --rank 16  # any adapter as a PEFT LoRA (needs torch)
     tensoradapt demo --help
 
 Every subcommand has ``--help``.  Bad input (a missing file, an unknown preset, malformed shapes)
@@ -30,8 +31,8 @@ from typing import Any
 from . import compare, count
 from ._args import OneLineParser, UsageError, non_negative_int, one_line, positive_int
 
-__all__ = ["COMMAND_GROUP", "OneLineParser", "UsageError", "main", "non_negative_int", "plugin_commands",
-           "positive_int"]
+__all__ = ["COMMAND_GROUP", "OneLineParser", "UsageError", "main", "non_negative_int", "one_line",
+           "plugin_commands", "positive_int"]
 
 _PROG = "tensoradapt"
 _COMMANDS = {"count": count, "compare": compare}
@@ -44,6 +45,8 @@ _COMMANDS = {"count": count, "compare": compare}
 #: ``function(argv: list[str]) -> int``.  ``tensoradapt demo`` and ``tensoradapt study`` are such
 #: commands (they train torch models, so the core cannot import them).
 COMMAND_GROUP = "tensoradapt.commands"
+#: The optional extra that installs what a bundled plugin command needs (default ``demo``).
+_EXTRAS = {"export-peft": "torch"}
 
 
 def plugin_commands() -> dict[str, Any]:
@@ -61,7 +64,8 @@ def _run_plugin(name: str, entry: Any, argv: list[str]) -> int:
         if missing.split(".")[0] == "tensoradapt":
             raise UsageError(f"the {name} command is not available in this installation (no module {missing})") \
                 from None
-        raise UsageError(f"the {name} command needs the package {missing!r}: pip install 'tensoradapt[demo]'") \
+        extra = _EXTRAS.get(name, "demo")
+        raise UsageError(f"the {name} command needs the package {missing!r}: pip install 'tensoradapt[{extra}]'") \
             from None
     result = command(list(argv))
     return int(result) if result is not None else 0

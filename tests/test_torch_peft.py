@@ -1,0 +1,550 @@
+"""PEFT folders both ways (tensoradapt.torch.export_peft / import_peft), compared with real peft.
+
+Every round trip loads the folder with ``peft.PeftModel.from_pretrained`` and compares outputs in
+float32; the rank-r exports are checked against an independent float64 SVD of ``ΔW``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from torch import nn  # noqa: E402
+
+import tensoradapt.torch as tat  # noqa: E402
+from tensoradapt import GLoRAConfig, LayerChoice, SuperLoRAConfig, presets  # noqa: E402
+from tensoradapt.torch import AdapterFileError  # noqa: E402
+from tensoradapt.torch.peft_io import peft_factorization  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+# ---------------------------------------------------------------------------------- models
+class Net(nn.Module):
+    """Linear layers of unequal shapes (one without bias), for LoRA, LoKr, LoHa and GLoRA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.a = nn.Linear(16, 24)
+        self.b = nn.Linear(24, 12, bias=False)
+        self.c = nn.Linear(12, 6)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class Square(nn.Module):
+    """Equal-shape Linear layers (LoTR needs them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.p = nn.Linear(16, 16)
+        self.q = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.q(torch.tanh(self.p(x)))))
+
+
+class ConvEmb(nn.Module):
+    """An embedding (with a padding row) and convolutions, for LoRA's other layer kinds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.emb = nn.Embedding(20, 8, padding_idx=0)
+        self.conv = nn.Conv2d(8, 6, 3, padding=1)
+        self.conv1 = nn.Conv1d(6, 4, 1)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, ids):
+        h = self.emb(ids)  # (B, L, 8)
+        img = h.transpose(1, 2).unsqueeze(-1).expand(-1, -1, -1, 3)  # (B, 8, L, 3)
+        h = torch.tanh(self.conv(img)).mean(-1)  # (B, 6, L)
+        return self.out(torch.tanh(self.conv1(h)).mean(-1))
+
+
+def gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+X = torch.randn(5, 16, generator=torch.Generator().manual_seed(9))
+IDS = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(9))
+TOKENS = torch.randint(0, 20, (3, 7), generator=torch.Generator().manual_seed(9))
+TOKENS[0, :2] = 0  # the padding row is used
+
+
+def run(model):
+    base = model.get_base_model() if isinstance(model, peft.PeftModel) else model
+    with torch.no_grad():
+        if isinstance(base, transformers.GPT2LMHeadModel):
+            return model(IDS).logits
+        return model(TOKENS if isinstance(base, ConvEmb) else X)
+
+
+def perturb(adapter, scale=0.3, seed=0):
+    """Every trainable tensor moved off its init (zero blocks included), reproducibly."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale)
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def peft_load(make, folder):
+    return peft.PeftModel.from_pretrained(make(), str(folder)).eval()
+
+
+def peft_own_layout(make, folder):
+    """Key -> shape of the file PEFT itself saves for the config we wrote (a fresh get_peft_model)."""
+    config = peft.PeftConfig.from_pretrained(str(folder))
+    state = peft.get_peft_model_state_dict(peft.get_peft_model(make(), config))
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def our_layout(folder):
+    tensors = safetensors_torch.load_file(str(folder / "adapter_model.safetensors"))
+    return {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+def round_trip(make, config, targets, tmp_path, *, rank=None, tolerance=1e-5):
+    """attach + perturb → export → PeftModel (outputs) → import_peft (outputs); returns the pieces."""
+    model = make().eval()
+    adapter = tat.attach(model, config, targets)
+    perturb(adapter)
+    want = run(model)
+    folder = tmp_path / "peft"
+    result = tat.export_peft(adapter, folder, rank=rank)
+    loaded = peft_load(make, folder)
+    got = run(loaded)
+    assert rel(got, want) <= tolerance, (result, rel(got, want))
+    assert our_layout(folder) == peft_own_layout(make, folder)  # PEFT's own key names and shapes
+    return model, adapter, want, folder, result, got
+
+
+# ---------------------------------------------------------------------------------- exact exports
+@pytest.mark.parametrize("config", [presets.lora(3, alpha=6.0), presets.lora(2)], ids=["alpha", "scale1"])
+@pytest.mark.parametrize("make,targets", [(Net, ["a", "b", "c"]), (gpt2, ["c_attn", "c_proj", "c_fc"])],
+                         ids=["linear", "gpt2-conv1d"])
+def test_lora_both_ways(make, targets, config, tmp_path):
+    _model, _adapter, _want, folder, result, got = round_trip(make, config, targets, tmp_path)
+    assert result.peft_type == "LORA" and set(result.errors.values()) == {0.0}
+    written = json.loads((folder / "adapter_config.json").read_text())
+    assert written["fan_in_fan_out"] is (make is gpt2) and written["r"] == config.rank
+    fresh = make().eval()
+    imported = tat.import_peft(fresh, folder)
+    assert imported.config.rank == config.rank
+    assert rel(run(fresh), got) <= 1e-5
+    assert set(imported.factored_targets) == set(range(len(imported.target_names)))  # LoRA's factored path
+
+
+@pytest.mark.parametrize("config", [
+    presets.lokr(2), presets.lokr(2, alpha=4.0), presets.lokr(2, factor=4, alpha=3.0),
+    presets.lokr(1, decompose_both=True, alpha=2.0), presets.lokr(8, alpha=5.0), presets.krona(scale=0.5),
+    presets.loha(2, alpha=3.0), presets.loha(3),
+], ids=["lokr", "lokr-alpha", "lokr-factor4", "lokr-both", "lokr-full-blocks", "krona", "loha-alpha", "loha"])
+def test_lokr_loha_both_ways(config, tmp_path):
+    _model, _adapter, _want, folder, result, got = round_trip(Net, config, ["a", "b", "c"], tmp_path)
+    assert result.peft_type == ("LOHA" if config.unit == "hadamard" else "LOKR")
+    fresh = Net().eval()
+    tat.import_peft(fresh, folder)
+    assert rel(run(fresh), got) <= 1e-5
+
+
+def test_lokr_keeps_alpha_over_r_with_full_blocks(tmp_path):
+    """LyCORIS (and tensoradapt) scale a full second block by 1; PEFT keeps alpha/r: the export
+    writes alpha = r so that PEFT's alpha/r is our 1, and the import turns PEFT's alpha/r into a scale."""
+    config = presets.lokr(8, alpha=5.0)  # rank 8 >= max(c, e)/2 for every target: full blocks, scale 1
+    model, adapter, want, folder, _result, _got = round_trip(Net, config, ["a", "b", "c"], tmp_path)
+    assert all(g.scale == 1.0 for g in adapter.plan.groups)
+    written = json.loads((folder / "adapter_config.json").read_text())
+    assert written["alpha"] == written["r"] and written["alpha_pattern"] == {}
+    # a PEFT LoKr with full blocks and alpha/r != 1: the imported adapter scales by alpha/r too
+    base = Net()
+    model = peft.get_peft_model(base, peft.LoKrConfig(r=8, alpha=2.0, target_modules=["a", "b"], init_weights=False))
+    model.eval()
+    want = run(model)
+    model.save_pretrained(str(tmp_path / "full"))
+    fresh = Net().eval()
+    imported = tat.import_peft(fresh, tmp_path / "full")
+    assert {g.scale for g in imported.plan.groups} == {2.0 / 8}
+    assert rel(run(fresh), want) <= 1e-5
+
+
+def test_peft_factorization_is_unsorted_when_the_factor_divides():
+    from peft.tuners.lokr.layer import factorization as theirs
+
+    from tensoradapt.superlora.factorize import factorization as ours
+
+    for dim in range(1, 80):
+        for factor in (-1, 1, 2, 3, 4, 6, 8, 16):
+            assert peft_factorization(dim, factor) == theirs(dim, factor)
+    assert peft_factorization(12, 4) == (4, 3) and ours(12, 4) == (3, 4)
+
+
+def test_import_refuses_peft_unsorted_lokr_blocks(tmp_path):
+    """decompose_factor=4 on 12 outputs gives PEFT's w1 (4, ·) larger than w2 (3, ·): tensoradapt
+    keeps the smaller factor first, so it refuses rather than loading something else."""
+    base = Net()
+    model = peft.get_peft_model(base, peft.LoKrConfig(r=1, decompose_factor=4, target_modules=["b"],
+                                                      init_weights=False))
+    model.save_pretrained(str(tmp_path / "f4"))
+    fresh = Net()
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(AdapterFileError, match="smaller factor first"):
+        tat.import_peft(fresh, tmp_path / "f4")
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items()) and set(before) == set(
+        fresh.state_dict())
+
+
+def test_peft_lokr_and_loha_import_match_peft(tmp_path):
+    """Folders written by peft itself (random init) import to the same outputs."""
+    for i, config in enumerate([peft.LoKrConfig(r=2, alpha=3.0, target_modules=["a", "b", "c"], init_weights=False),
+                                peft.LoKrConfig(r=1, decompose_both=True, target_modules=["a", "c"],
+                                                init_weights=False),
+                                peft.LoHaConfig(r=2, alpha=5.0, target_modules=["a", "b", "c"], init_weights=False),
+                                peft.LoraConfig(r=2, lora_alpha=3.0, use_rslora=True, target_modules=["a", "c"],
+                                                init_lora_weights=False)]):
+        model = peft.get_peft_model(Net(), config).eval()
+        want = run(model)
+        model.save_pretrained(str(tmp_path / str(i)))
+        fresh = Net().eval()
+        tat.import_peft(fresh, tmp_path / str(i))
+        assert rel(run(fresh), want) <= 1e-5, config.peft_type
+
+
+def test_refuses_what_peft_lokr_loha_cannot_express(tmp_path):
+    model = gpt2()
+    adapter = tat.attach(model, presets.lokr(2), ["c_attn"])
+    with pytest.raises(ValueError, match=r"transformers Conv1D.*rank="):
+        tat.export_peft(adapter, tmp_path / "x")
+    adapter.detach()
+    net = ConvEmb()
+    adapter = tat.attach(net, presets.lokr(2), ["conv"])  # PEFT factorises channels apart from the kernel
+    with pytest.raises(ValueError, match="no PEFT LoKr"):
+        tat.export_peft(adapter, tmp_path / "y")
+    assert not (tmp_path / "y").exists()
+
+
+def test_conv_and_embedding_lora_and_conv_loha(tmp_path):
+    _model, adapter, _want, folder, _result, got = round_trip(ConvEmb, presets.lora(2, alpha=3.0),
+                                                           ["emb", "conv", "conv1"], tmp_path)
+    assert float(adapter.deltas()["emb"][0].abs().max()) > 0  # the raw ΔW has a padding row ...
+    fresh = ConvEmb().eval()
+    tat.import_peft(fresh, folder)  # ... which the export zeroed, as tensoradapt's forward does
+    assert rel(run(fresh), got) <= 1e-5
+    _, _, _, folder, _result, got = round_trip(ConvEmb, presets.loha(2, alpha=2.0), ["conv", "conv1"],
+                                              tmp_path / "loha")
+    fresh = ConvEmb().eval()
+    tat.import_peft(fresh, folder)
+    assert rel(run(fresh), got) <= 1e-5
+    # LoKr on a Conv1d whose (o, i·k) factorisation is PEFT's channel factorisation (kernel 1)
+    _, _, _, folder, result, got = round_trip(ConvEmb, presets.lokr(1, alpha=2.0), ["conv1"], tmp_path / "lokr")
+    assert result.peft_type == "LOKR"
+    fresh = ConvEmb().eval()
+    tat.import_peft(fresh, folder)
+    assert rel(run(fresh), got) <= 1e-5
+
+
+@pytest.mark.skipif(not isinstance(getattr(tat.BaseAdapter, "model", None), property),
+                    reason="needs the public BaseAdapter.model property (the export sees the other modules through it)")
+def test_target_modules_regex_when_a_name_is_a_suffix_of_another_module(tmp_path):
+    outer = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4)))  # "0" and "1.0"
+    adapter = tat.attach(outer, presets.lora(2), r"0")  # a regular expression: "0" only
+    assert adapter.target_names == ("0",)
+    tat.export_peft(adapter, tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["target_modules"] == "^(?:0)$"
+    loaded = peft.PeftModel.from_pretrained(nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4))),
+                                            str(tmp_path))
+    assert [n for n, m in loaded.named_modules() if hasattr(m, "lora_A")] == ["base_model.model.0"]
+
+
+# ---------------------------------------------------------------------------------- GLoRA
+GLORA_CASES = {
+    "uniform-lora": [LayerChoice(A="lora", B="lora", C="lora", D="scalar", E="scalar", rank=4),
+                     LayerChoice(A="lora", B="lora", rank=4),
+                     LayerChoice(A="lora", B="lora", C="lora", D="scalar", E="scalar", rank=4)],
+    "mixed": [LayerChoice(A="vector", B="lora", C="vector", D="scalar", E="vector", rank=2),
+              LayerChoice(A="scalar", B="none"),
+              LayerChoice(A="none", B="vector", C="lora", D="none", E="scalar", rank=3)],
+    "vector": [LayerChoice(A="vector", B="vector", C="vector", D="vector", E="vector"),
+               LayerChoice(A="vector", B="vector"),
+               LayerChoice(A="vector", B="vector", C="vector", D="vector", E="vector")],
+}
+
+
+@pytest.mark.parametrize("case", list(GLORA_CASES))
+def test_glora_both_ways(case, tmp_path):
+    model = Net().eval()
+    adapter = tat.attach(model, GLoRAConfig(rank=4), ["a", "b", "c"])
+    perturb(adapter)
+    adapter.set_configs(GLORA_CASES[case])
+    want = run(model)
+    result = tat.export_peft(adapter, tmp_path / "g")
+    assert result.peft_type == "GLORA"
+    loaded = peft_load(Net, tmp_path / "g")
+    assert rel(run(loaded), want) <= 1e-5
+    assert our_layout(tmp_path / "g") == peft_own_layout(Net, tmp_path / "g")
+    fresh = Net().eval()
+    tat.import_peft(fresh, tmp_path / "g")
+    assert rel(run(fresh), want) <= 1e-5
+    # the file route: the same PEFT folder from our saved adapter alone
+    adapter.save(tmp_path / "g.safetensors")
+    tat.export_peft(tmp_path / "g.safetensors", tmp_path / "g2", device="cpu")
+    assert rel(run(peft_load(Net, tmp_path / "g2")), want) <= 1e-5
+
+
+def test_glora_refusals(tmp_path):
+    model = Net()
+    adapter = tat.attach(model, GLoRAConfig(rank=2), ["a", "b", "c"])
+    with pytest.raises(ValueError, match="bias-free"):  # the supernet's largest choice gives layer b a bias
+        tat.export_peft(adapter, tmp_path / "x")
+    adapter.set_configs([LayerChoice(A="lora", B="lora")] * 3)
+    with pytest.raises(ValueError, match="rank=None"):
+        tat.export_peft(adapter, tmp_path / "x", rank=2)
+    adapter.detach()
+    adapter = tat.attach(gpt2(), GLoRAConfig(rank=2), ["c_attn"])
+    adapter.set_configs(LayerChoice(A="lora", B="lora"))
+    with pytest.raises(ValueError, match=r"plain nn\.Linear"):
+        tat.export_peft(adapter, tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------------- rank-r exports
+def _svd_reference(delta, r):
+    """Independent rank-r truncation of ΔW in float64: (ΔW_r, relative error, tail norm / norm)."""
+    work = delta.double()
+    U, S, Vh = torch.linalg.svd(work, full_matrices=False)
+    approx = (U[:, :r] * S[:r]) @ Vh[:r]
+    norm = float(torch.linalg.matrix_norm(work))
+    return approx, float(torch.linalg.matrix_norm(work - approx)) / norm, float(S[r:].norm()) / norm
+
+
+RANK_CASES = {
+    "lorta": (gpt2, presets.lorta(3, 4), ["c_attn", "c_proj"]),
+    "lonkr": (gpt2, presets.lonkr(2, 4), ["c_attn", "c_fc"]),
+    "lotr": (Square, presets.lotr(3), ["p", "q"]),
+    "fastfood": (gpt2, presets.with_projection(SuperLoRAConfig(order=2, rank=4, grouping=1), "fastfood", 0.1),
+                 ["c_attn"]),
+    "grouped": (Net, SuperLoRAConfig(order=2, rank=3, core="identity", grouping=2), ["a", "b", "c"]),
+}
+
+
+@pytest.mark.parametrize("case", list(RANK_CASES))
+def test_rank_r_export_is_the_truncated_svd(case, tmp_path):
+    make, config, targets = RANK_CASES[case]
+    model = make().eval()
+    adapter = tat.attach(model, config, targets)
+    perturb(adapter, scale=0.05)
+    deltas = adapter.deltas()
+    r = 2
+    result = tat.export_peft(adapter, tmp_path / "r", rank=r)
+    assert result.peft_type == "LORA" and set(result.ranks.values()) == {r}
+    expected = make().eval()
+    with torch.no_grad():  # W + ΔW_r by hand, in float64 then rounded once
+        modules = dict(expected.named_modules())
+        for name, delta in deltas.items():
+            approx, error, tail = _svd_reference(delta, r)
+            assert result.errors[name] == pytest.approx(error, rel=1e-5, abs=1e-7)
+            assert error == pytest.approx(tail, rel=1e-6, abs=1e-9)  # Eckart–Young
+            weight = modules[name].weight
+            update = approx.t() if type(modules[name]).__name__ == "Conv1D" else approx
+            weight.copy_((weight.double() + update).to(weight.dtype))
+    got = run(peft_load(make, tmp_path / "r"))
+    assert rel(got, run(expected)) <= 1e-5
+    exact = tat.export_peft(adapter, tmp_path / "e", rank="exact")
+    assert max(exact.errors.values()) <= 1e-6
+    assert rel(run(peft_load(make, tmp_path / "e")), run(model)) <= 1e-5
+    for name, delta in deltas.items():  # the smallest such rank
+        q = exact.ranks[name]
+        assert q == 1 or _svd_reference(delta, q - 1)[1] > 1e-6
+    assert "rel. error" in str(exact) and all(name in str(exact) for name in deltas)
+
+
+def test_rank_r_on_an_exact_config_and_file_route(tmp_path):
+    model = Net().eval()
+    adapter = tat.attach(model, presets.lora(4, alpha=8.0), ["a", "b", "c"])
+    perturb(adapter)
+    result = tat.export_peft(adapter, tmp_path / "svd", rank="exact")
+    assert result.peft_type == "LORA" and all(q <= 4 for q in result.ranks.values())
+    assert rel(run(peft_load(Net, tmp_path / "svd")), run(model)) <= 1e-5
+    adapter.save_pretrained(tmp_path / "ours")
+    from_file = tat.export_peft(tmp_path / "ours", tmp_path / "svd2", rank="exact", device="cpu",
+                                base_model_name_or_path="tiny/net")
+    assert from_file.ranks == result.ranks
+    assert json.loads((tmp_path / "svd2" / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny/net"
+    ours, theirs = our_layout(tmp_path / "svd"), our_layout(tmp_path / "svd2")
+    assert ours == theirs
+    tat.export_peft(tmp_path / "ours", tmp_path / "exact", device="cpu")  # the exact LoRA from the file
+    assert rel(run(peft_load(Net, tmp_path / "exact")), run(model)) <= 1e-5
+
+
+def test_rank_validation_and_refusals(tmp_path):
+    model = gpt2()
+    adapter = tat.attach(model, presets.lorta(3, 4), ["c_attn"])
+    with pytest.raises(ValueError, match="rank=r"):
+        tat.export_peft(adapter, tmp_path / "x")
+    for bad, error in [(0, ValueError), (-3, ValueError), (True, TypeError), (1.5, TypeError), ("full", TypeError),
+                       (33, ValueError)]:
+        with pytest.raises(error):
+            tat.export_peft(adapter, tmp_path / "x", rank=bad)
+    with pytest.raises(TypeError):
+        tat.export_peft(object(), tmp_path / "x", rank=2)
+    with pytest.raises(FileNotFoundError):
+        tat.export_peft(tmp_path / "missing.safetensors", tmp_path / "x", rank=2)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(AdapterFileError):
+        tat.export_peft(tmp_path / "junk.safetensors", tmp_path / "x", rank=2)
+    adapter.save_pretrained(tmp_path / "ours")
+    with pytest.raises(ValueError, match="overwrite"):
+        tat.export_peft(adapter, tmp_path / "ours", rank=2)
+    net = Net()
+    saved = tat.attach(net, presets.lora(2), ["a"], modules_to_save=["c"])
+    with pytest.raises(ValueError, match="modules_to_save"):
+        tat.export_peft(saved, tmp_path / "y")
+
+
+# ---------------------------------------------------------------------------------- import: train, save, load
+def test_import_train_save_load(tmp_path):
+    base = Net()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["a", "c"],
+                                                      init_lora_weights=False))
+    model.save_pretrained(str(tmp_path / "peft"))
+    fresh = Net()
+    adapter = tat.import_peft(fresh, tmp_path / "peft", name="imported")
+    assert fresh.tensoradapt.names == ("imported",)
+    opt = torch.optim.SGD(adapter.trainable_parameters(), lr=0.1)
+    loss = fresh(X).pow(2).mean()
+    loss.backward()
+    opt.step()
+    after = fresh(X).detach()
+    assert not torch.allclose(after, model(X).detach())
+    adapter.save(tmp_path / "trained.safetensors")
+    again = Net()
+    tat.load(again, tmp_path / "trained.safetensors")
+    assert torch.equal(again(X), after)
+
+
+# ---------------------------------------------------------------------------------- import refusals
+def _peft_folder(tmp_path, config, make=Net):
+    model = peft.get_peft_model(make(), config)
+    folder = tmp_path / config.peft_type.value
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def _edit_config(folder, **changes):
+    data = json.loads((folder / "adapter_config.json").read_text())
+    data.update(changes)
+    (folder / "adapter_config.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"use_dora": True}, "use_dora"),
+    ({"bias": "all"}, "bias='all'"),
+    ({"rank_pattern": {"a": 4}}, "rank_pattern"),
+    ({"alpha_pattern": {"c": 1.5}}, "alpha_pattern"),
+    ({"some_future_option": 3}, "some_future_option"),
+    ({"peft_type": "IA3"}, "IA3"),
+    ({"r": "2"}, "positive integer"),
+    ({"lora_alpha": "x"}, "finite number"),
+])
+def test_import_refuses_config_options(change, match, tmp_path):
+    folder = _peft_folder(tmp_path, peft.LoraConfig(r=2, target_modules=["a", "c"]))
+    _edit_config(folder, **change)
+    fresh = Net()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(AdapterFileError, match=match):
+        tat.import_peft(fresh, folder)
+    assert not hasattr(fresh, "tensoradapt")
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_import_refuses_bad_files(tmp_path):
+    folder = _peft_folder(tmp_path, peft.LoraConfig(r=2, target_modules=["a", "c"], use_dora=True))
+    with pytest.raises(AdapterFileError):
+        tat.import_peft(Net(), folder)  # use_dora in the config (and magnitude tensors in the file)
+    folder = _peft_folder(tmp_path, peft.LoraConfig(r=2, target_modules=["a", "c"]))
+    config = folder / "adapter_config.json"
+    text = config.read_text()
+    for bad, match in [("{" * 40 + "}" * 40, "deeper"), ('{"peft_type": "LORA", "r": NaN}', "not valid JSON"),
+                       ('{"peft_type": "LORA", "peft_type": "LORA"}', "not valid JSON"), ("[1, 2]", "not an object"),
+                       ('{"library": "tensoradapt"}', "not a PEFT adapter config")]:
+        config.write_text(bad)
+        with pytest.raises(AdapterFileError, match=match):
+            tat.import_peft(Net(), folder)
+    config.write_text(text)
+    with pytest.raises(AdapterFileError, match="does not have"):
+        tat.import_peft(Square(), folder)
+    weights = folder / "adapter_model.safetensors"
+    weights.rename(folder / "adapter_model.bin")
+    with pytest.raises(AdapterFileError, match="pickle"):
+        tat.import_peft(Net(), folder)
+    with pytest.raises(FileNotFoundError):
+        tat.import_peft(Net(), tmp_path / "nowhere")
+    state = peft.get_peft_model_state_dict(peft.get_peft_model(Net(), peft.LoraConfig(r=2, target_modules=["a"])))
+    state["base_model.model.a.lora_magnitude_vector"] = torch.ones(24)
+    safetensors_torch.save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+    with pytest.raises(AdapterFileError, match="magnitude_vector"):
+        tat.import_peft(Net(), folder)
+
+
+def test_import_refuses_peft_conv_lora_with_dilation(tmp_path):
+    class Dilated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(3, 4, 3, dilation=2)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    folder = _peft_folder(tmp_path, peft.LoraConfig(r=2, target_modules=["conv"]), make=Dilated)
+    with pytest.raises(AdapterFileError, match="dilation"):
+        tat.import_peft(Dilated(), folder)
+
+
+def test_glora_import_of_peft_folder(tmp_path):
+    for i, (ab, c, de) in enumerate([("lora", "lora", "constant"), ("vector", "vector", "vector"),
+                                     ("constant", "none", "none"), ("none", "lora", "vector")]):
+        model = peft.get_peft_model(Net(), peft.GloraConfig(r=3, target_modules=["a", "b", "c"], config_A_B=ab,
+                                                            config_C=c, config_D_E=de, init_weights=False)).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "glora_" in name:
+                    p.add_(0.1 * torch.randn_like(p))
+        want = run(model)
+        model.save_pretrained(str(tmp_path / str(i)))
+        fresh = Net().eval()
+        adapter = tat.import_peft(fresh, tmp_path / str(i))
+        assert rel(run(fresh), want) <= 1e-5, (ab, c, de)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            tat.export_peft(adapter, tmp_path / f"back{i}")  # fixed configs: no supernet warning
+        assert rel(run(peft_load(Net, tmp_path / f"back{i}")), want) <= 1e-5
+    assert math.isfinite(float(want.sum()))
+
+
+def test_untrained_adapter_exports_zero_updates(tmp_path):
+    model = Net().eval()
+    adapter = tat.attach(model, presets.lorta(2, 3), ["a", "c"])  # ΔW = 0 at init
+    result = tat.export_peft(adapter, tmp_path, rank="exact")
+    assert set(result.ranks.values()) == {1} and set(result.errors.values()) == {0.0}
+    assert torch.equal(run(peft_load(Net, tmp_path)), run(Net().eval()))
