@@ -190,6 +190,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,
+        "buffer_generator": ta.buffers.GENERATOR_ID,  # the Fastfood / Shuffle maps (docs/math.md D6)
     }
 
 

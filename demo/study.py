@@ -297,13 +297,16 @@ def _run_task(task: _Task, selected: list[Point], store: _Store, threads: int, p
     """LR selection, then every point × repeat; returns the task's section of ``results.json``."""
     import torch
 
+    from tensoradapt import buffers
+
     settings = task.settings
     by_name = {p.name: p for p in points(task.name, settings.quick)}
     groups = sorted({p.lr_group for p in selected if p.config is not None})
     trials = [(g, lr) for g in groups for lr in settings.lr_grid]
     total = (len(trials) if len(settings.lr_grid) > 1 else 0) + len(selected) * settings.repeats
     bar = progress_bar(total, task.name, progress, unit="run", leave=True)
-    base = {**task.run_payload(), "threads": threads, "torch": torch.__version__}
+    base = {**task.run_payload(), "threads": threads, "torch": torch.__version__,
+            "buffer_generator": buffers.GENERATOR_ID}  # the projections' maps: another generator, another run
 
     def step(label: str) -> None:
         if bar is not None:
@@ -371,11 +374,11 @@ def _versions() -> dict[str, Any]:
 
     import torch
 
-    from tensoradapt import __version__
+    from tensoradapt import __version__, buffers
 
     return {"tensoradapt": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "buffer_generator": buffers.GENERATOR_ID}
 
 
 def run_study(out: str | os.PathLike[str], *, tasks: Sequence[str] = tuple(TASKS),

@@ -21,7 +21,6 @@ caller adds the file and its own error type (``ShapeSourceError`` in :mod:`tenso
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import stat
@@ -30,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ._json import StrictJSONError, loads_strict
 from ._validate import is_int
 
 __all__ = [
@@ -49,8 +49,8 @@ MAX_HEADER_BYTES = 100_000_000
 #: Deepest JSON nesting accepted (a valid header nests 3 deep: header → entry → shape list).
 MAX_JSON_DEPTH = 8
 #: Largest shape dimension or data offset (an unsigned 64-bit integer, as in the reference).
-#: Longer integers elsewhere in the header are refused by the interpreter's own limit on the digits
-#: of an integer parsed from text (``sys.get_int_max_str_digits()``, 4300 by default).
+#: Longer integers elsewhere in the header are refused by the strict reader's limit on the digits of
+#: an integer (:data:`tensoradapt._json.MAX_INT_DIGITS`, 4300, the interpreter's default limit).
 MAX_INTEGER = 2**64 - 1
 #: The header key of the free-form string → string metadata.
 METADATA_KEY = "__metadata__"
@@ -110,41 +110,15 @@ class SafetensorsHeader:
             return fh.read(end - begin)
 
 
-def _no_float(text: str) -> Any:
-    raise SafetensorsHeaderError(f"the header holds the number {text[:24]!r}; shapes and offsets are integers")
-
-
-def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        key = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise SafetensorsHeaderError(f"the header repeats the key {key[:80]!r}")
-    return out
-
-
-def _check_depth(value: Any) -> None:
-    """Refuse JSON nested deeper than :data:`MAX_JSON_DEPTH` (iteratively: no recursion)."""
-    level = [value]
-    for _ in range(MAX_JSON_DEPTH):
-        level = [child for item in level if isinstance(item, (dict, list))
-                 for child in (item.values() if isinstance(item, dict) else item)]
-        if not level:
-            return
-    if any(isinstance(item, (dict, list)) for item in level):
-        raise SafetensorsHeaderError(f"the header nests deeper than {MAX_JSON_DEPTH} levels (MAX_JSON_DEPTH)")
-
-
 def _parse(raw: bytes) -> Any:
+    """The header JSON, by the one strict reader (:func:`tensoradapt._json.loads_strict`): at most
+    :data:`MAX_JSON_DEPTH` deep (checked before parsing), integers only, no repeated key."""
     try:
-        value = json.loads(raw.decode("utf-8"), parse_float=_no_float,
-                           parse_constant=_no_float, object_pairs_hook=_object)
-    except SafetensorsHeaderError:
-        raise
-    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON; nesting past the interpreter's limit
-        raise SafetensorsHeaderError(f"the header is not valid UTF-8 JSON ({type(exc).__name__})") from None
-    _check_depth(value)
-    return value
+        return loads_strict(raw, max_depth=MAX_JSON_DEPTH, allow_floats=False)
+    except StrictJSONError as error:
+        limit = " (MAX_JSON_DEPTH)" if error.kind == "depth" else ""
+        tail = "; shapes and offsets are integers" if error.kind == "float" else ""
+        raise SafetensorsHeaderError(f"the header {error}{limit}{tail}") from None
 
 
 def check_header(header: Any, data_size: int) -> dict[str, Any]:

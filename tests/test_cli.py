@@ -226,7 +226,7 @@ BAD = {
     "bad k": (["compare", "{adapter}", "{dense}", "-k", "0"], "positive integer"),
     "NaN entries": (["compare", "{nan}", "{dense}", "--no-plot"], "has NaN or infinite entries"),
     "overlapping offsets": (["compare", "{overlap}", "{overlap}"], "overlapping or non-contiguous"),
-    "deeply nested json": (["count", "{deep}"], "not valid JSON"),
+    "deeply nested json": (["count", "{deep}"], "nests deeper than 16 levels"),
     "json folder": (["compare", "{adapter}", "{dense}", "--no-plot", "--json", "/nonexistent/x.json"],
                     "does not exist"),
     "unknown command": (["train"], "invalid choice"),

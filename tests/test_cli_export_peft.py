@@ -81,6 +81,8 @@ def test_rank_export_of_lorta_reports_errors(tmp_path: Path, capsys: pytest.Capt
     (["{lorta}", "{out}"], "rank"),  # not exactly expressible: asks for --rank
     (["{lorta}", "{out}", "--rank", "0"], "is not a rank"),
     (["{lorta}", "{out}", "--rank", "x" * 5000], "is not a rank"),
+    (["{lorta}", "{out}", "--rank", "\u0663"], "is not a rank"),  # an Arabic-Indic 3: not an ASCII number
+    (["{lorta}", "{out}", "--rank", "2", "--base-model", " "], "--base-model is empty"),
     (["{lorta}", "{out}", "--rank", "17"], "17"),  # more than min(o, n) = 16
     (["{lorta}", "{file_out}"], "not a folder"),
     (["{lorta}"], "required"),

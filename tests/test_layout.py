@@ -10,6 +10,8 @@
   few uses of PyTorch's own private module API listed in ``_TORCH_PRIVATE``.
 * One parameter-name scheme: the ``g{g}.split{k}.{block}`` names are built in one module only.
 * One integer check: no library module defines its own ``_is_int``.
+* One strict JSON reader: no module of the core or the bindings calls ``json.load``/``json.loads``
+  except ``tensoradapt/_json.py`` and the trusted reads listed in ``_TRUSTED_JSON``.
 """
 
 from __future__ import annotations
@@ -160,6 +162,47 @@ def test_one_integer_check() -> None:
         if isinstance(node, ast.FunctionDef) and node.name in ("_is_int", "_check_count", "_check_int")
     ]
     assert not offenders, f"integer checks outside tensoradapt._validate: {offenders}"
+
+
+#: The ``json.load``/``json.loads`` calls allowed outside the strict reader, by file: ``(count, why)``.
+#: Everything a user or an attacker supplies goes through ``tensoradapt._json.loads_strict``.
+_TRUSTED_JSON = {
+    "tensoradapt/_json.py": (1, "the strict reader itself, after its depth check and with its hooks"),
+    "bindings/torch/_io.py": (1, "_canonical_header re-reads the header safetensors.save has just produced in "
+                                 "this process from our own tensors and metadata, before anything is written"),
+    "tensoradapt/testing.py": (1, "the fuzz ledger merges the report file named by TENSORADAPT_FUZZ_REPORT, "
+                                  "which only the test harness writes"),
+}
+
+
+def _json_parses(tree: ast.AST) -> list[ast.AST]:
+    """``json.load(s)(...)`` calls and ``from json import load(s)`` imports (ways to parse JSON unchecked)."""
+    found: list[ast.AST] = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("load", "loads")
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "json"):
+            found.append(node)
+        elif isinstance(node, ast.ImportFrom) and node.module == "json" and {"load", "loads"} & {
+                a.name for a in node.names}:
+            found.append(node)
+    return found
+
+
+def test_untrusted_json_goes_through_the_strict_reader() -> None:
+    """No module of the core or the bindings parses JSON itself, except the reviewed trusted reads."""
+    counts = {_rel(path): len(_json_parses(_tree(path))) for path in _modules(CORE, ROOT / "bindings")}
+    offenders = {path: n for path, n in counts.items() if n and n != _TRUSTED_JSON.get(path, (0, ""))[0]}
+    assert not offenders, (f"json.load/json.loads outside tensoradapt._json (use loads_strict, or justify the read "
+                           f"in _TRUSTED_JSON): {offenders}")
+    stale = sorted(set(_TRUSTED_JSON) - {path for path, n in counts.items() if n})
+    assert not stale, f"_TRUSTED_JSON lists files that no longer parse JSON: {stale}"
+
+
+def test_the_json_detector_can_fail() -> None:
+    for code in ("json.loads(text)", "json.load(fh)", "from json import loads"):
+        assert _json_parses(ast.parse(code)), code
+    for code in ("json.dumps(x)", "loads_strict(text, max_depth=8)", "from json import dumps"):
+        assert not _json_parses(ast.parse(code)), code
 
 
 @pytest.mark.parametrize("rule", [_builds_split_names])

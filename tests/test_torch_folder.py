@@ -210,8 +210,15 @@ def test_named_adapters_live_in_subfolders(tmp_path) -> None:
     lone = tmp_path / "lone"
     tat.hf.save_pretrained(model, lone)  # adapter "b" alone: written to lone/b/
     assert not (lone / "adapter_model.safetensors").exists()
-    with pytest.raises(FileNotFoundError, match=r"no adapter file at .*lone/adapter_model.safetensors.*\['b'\].*name="):
+    with pytest.raises(FileNotFoundError, match=r"no adapter file at .*lone/adapter_model.safetensors.*\['b'\].*name"):
         tat.load(_net(), lone)
+    # a name the folder lacks is a typo, not the root adapter under a new name; the root's file is explicit
+    typo = _net()
+    with pytest.raises(FileNotFoundError, match=r"no adapter named 'bb'.*\['b'\].*adapter_model.safetensors"):
+        tat.load(typo, tmp_path, name="bb")
+    assert not hasattr(typo, "tensoradapt")
+    tat.load(typo, tmp_path / "adapter_model.safetensors", name="bb")
+    assert typo.tensoradapt.names == ("bb",)
     with pytest.raises(ValueError, match=r"Python identifier"):
         tat.load(_net(), lone, name="../b")
 

@@ -409,6 +409,46 @@ def test_a_stale_temporary_file_is_removed_by_the_next_save(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [".b.safetensors.abc123.tmp", "a.safetensors"]
 
 
+def test_a_temporary_file_of_a_live_writer_is_kept(tmp_path) -> None:
+    """Only a killed save's temporary file is stale: one whose process still runs (another rank
+    saving the same path) is left alone; one of a finished process is removed."""
+    import subprocess
+    import sys
+
+    model = _net()
+    adapter = tat.attach(model, presets.lora(2), ["query"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = tmp_path / f".a.safetensors.{os.getppid()}.x1.tmp"
+    gone = tmp_path / f".a.safetensors.{dead.pid}.x2.tmp"
+    for temp in (live, gone):
+        temp.write_bytes(b"in flight")
+    adapter.save(tmp_path / "a.safetensors")
+    assert live.exists() and not gone.exists()
+
+
+def test_concurrent_saves_of_one_path_never_fail(tmp_path) -> None:
+    model = _net()
+    adapter = tat.attach(model, presets.lora(2), ["query"])
+    errors: list[BaseException] = []
+
+    def save() -> None:
+        try:
+            for _ in range(15):
+                adapter.save(tmp_path / "a.safetensors")
+        except BaseException as error:  # collected for the assertion
+            errors.append(error)
+
+    threads = [threading.Thread(target=save) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+    tat.load(_net(), tmp_path / "a.safetensors")
+
+
 def test_same_public_api_on_both_methods() -> None:
     members = ["num_params", "trainable_parameters", "named_trainable_parameters", "print_trainable_parameters",
                "summary", "merge", "unmerge", "detach", "merge_and_detach", "disabled", "save", "save_pretrained"]

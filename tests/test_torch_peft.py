@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 import warnings
 
 import pytest
@@ -459,8 +460,10 @@ def _edit_config(folder, **changes):
 @pytest.mark.parametrize("change,match", [
     ({"use_dora": True}, "use_dora"),
     ({"bias": "all"}, "bias='all'"),
-    ({"rank_pattern": {"a": 4}}, "rank_pattern"),
-    ({"alpha_pattern": {"c": 1.5}}, "alpha_pattern"),
+    ({"rank_pattern": {"a": 4}}, "not rank 4"),  # the pattern applies, and the tensors are rank 2
+    ({"rank_pattern": {"a": 0}}, "rank_pattern"),
+    ({"alpha_pattern": {"c": "x"}}, "alpha_pattern"),
+    ({"r": 10**18}, "largest tensoradapt rank"),
     ({"some_future_option": 3}, "some_future_option"),
     ({"peft_type": "IA3"}, "IA3"),
     ({"r": "2"}, "positive integer"),
@@ -548,3 +551,221 @@ def test_untrained_adapter_exports_zero_updates(tmp_path):
     result = tat.export_peft(adapter, tmp_path, rank="exact")
     assert set(result.ranks.values()) == {1} and set(result.errors.values()) == {0.0}
     assert torch.equal(run(peft_load(Net, tmp_path)), run(Net().eval()))
+
+
+# ---------------------------------------------------------------------------------- review fixes
+@pytest.mark.parametrize("kind", ["lora", "lora-rslora", "loha"])
+def test_import_applies_rank_and_alpha_patterns(kind, tmp_path):
+    """Per-module ranks and alphas (rank_pattern / alpha_pattern, as PEFT resolves them) import exactly:
+    one rank R = max r_i (zero-padded factors) and the scales folded into the first factor."""
+    common = dict(r=4, target_modules=["a", "b", "c"], rank_pattern={"b": 2}, alpha_pattern={"c": 3.0},
+                  init_weights=False) if kind == "loha" else dict(
+        r=4, target_modules=["a", "b", "c"], rank_pattern={"b": 2}, alpha_pattern={"c": 3.0},
+        init_lora_weights=False, use_rslora=kind == "lora-rslora")
+    config = peft.LoHaConfig(**common) if kind == "loha" else peft.LoraConfig(**common)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(Net(), config).eval()
+    folder = tmp_path / "p"
+    model.save_pretrained(str(folder))
+    fresh = Net().eval()
+    adapter = tat.import_peft(fresh, folder)
+    assert rel(run(fresh), run(model)) <= 1e-5
+    assert not torch.allclose(run(fresh), run(Net().eval()))
+    fresh(X).square().sum().backward()  # module "b" (rank 2 of R = 4): its padding gets no gradient
+    for pname, p in adapter.params.items():
+        if pname.startswith("g1__"):
+            assert not p[:, 2:].any() and not p.grad[:, 2:].any(), pname
+    # a rank pattern covering every module (or none) is one rank: no padding
+    uniform = peft.LoraConfig(r=8, target_modules=["a", "c"], rank_pattern={"a": 4, "c": 4}, init_lora_weights=False)
+    model = peft.get_peft_model(Net(), uniform).eval()
+    model.save_pretrained(str(tmp_path / "u"))
+    fresh = Net().eval()
+    adapter = tat.import_peft(fresh, tmp_path / "u")
+    assert adapter.config.ranks[0] == 4
+    assert rel(run(fresh), run(model)) <= 1e-5
+
+
+def test_exact_export_imports_back(tmp_path):
+    """rank="exact" writes rank_pattern / alpha_pattern (unequal ranks); import_peft reads them back."""
+    model = Net().eval()
+    adapter = tat.attach(model, presets.lorta(3, 2), ["a", "b", "c"])
+    perturb(adapter)
+    result = tat.export_peft(adapter, tmp_path / "exact", rank="exact")
+    assert len(set(result.ranks.values())) > 1  # the case that needs rank_pattern
+    written = json.loads((tmp_path / "exact" / "adapter_config.json").read_text())
+    assert written["rank_pattern"]
+    fresh = Net().eval()
+    tat.import_peft(fresh, tmp_path / "exact")
+    assert rel(run(fresh), run(model)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_exact_export_of_half_precision_adapter(dtype, tmp_path):
+    """ΔW of a half-precision adapter is built in float64 from its parameters: its true rank, error <= 1e-6."""
+    model = nn.Sequential(nn.Linear(48, 40))
+    adapter = tat.attach(model, presets.lora(3), ["0"], dtype=dtype)
+    perturb(adapter, scale=0.1)
+    params = {k.replace("__", "."): v.double() for k, v in adapter.params.items()}
+    result = tat.export_peft(adapter, tmp_path, rank="exact")
+    assert result.ranks["0"] == 3 and result.errors["0"] <= 1e-6, result
+    exact = adapter.plan.delta_for(params, [0])[0]
+    tensors = safetensors_torch.load_file(str(tmp_path / "adapter_model.safetensors"))
+    B, A = tensors["base_model.model.0.lora_B.weight"], tensors["base_model.model.0.lora_A.weight"]
+    assert B.dtype == torch.float32
+    assert float((B.double() @ A.double() - exact).norm() / exact.norm()) <= 1e-6
+
+
+def test_target_modules_is_an_exact_regex_from_a_file(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8)), nn.Linear(8, 8))
+
+    model = make()
+    adapter = tat.attach(model, presets.lora(2), lambda n, m: n in ("0", "2"))
+    perturb(adapter)
+    adapter.save(tmp_path / "a.safetensors")
+    for source, out in ((adapter, tmp_path / "live"), (tmp_path / "a.safetensors", tmp_path / "file")):
+        tat.export_peft(source, out)
+        assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == "^(?:0|2)$"
+        loaded = peft.PeftModel.from_pretrained(make(), str(out))
+        assert [n for n, m in loaded.named_modules() if hasattr(m, "lora_A")] == ["base_model.model.0",
+                                                                                  "base_model.model.2"]
+
+
+def test_overwrite_guard_reads_the_header_not_the_format(tmp_path):
+    """A tensoradapt file of a format this version cannot read is still never overwritten."""
+    model = Net()
+    adapter = tat.attach(model, presets.lora(2), ["a"])
+    folder = tmp_path / "ours"
+    adapter.save_pretrained(folder)
+    (folder / "adapter_config.json").unlink()
+    weights = folder / "adapter_model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as handle:
+        meta = handle.metadata()
+    tensors = safetensors_torch.load_file(str(weights))
+    record = json.loads(meta["tensoradapt"])
+    record["format_version"] = 99
+    safetensors_torch.save_file(tensors, str(weights), metadata={"format": "pt", "tensoradapt": json.dumps(record)})
+    before = weights.read_bytes()
+    with pytest.raises(ValueError, match="holds a tensoradapt adapter"):
+        tat.export_peft(adapter, folder)
+    assert weights.read_bytes() == before and not (folder / "adapter_config.json").exists()
+    with pytest.raises(ValueError, match="is a file, not a folder"):  # not a bare NotADirectoryError
+        tat.export_peft(adapter, weights / "sub")
+
+
+def test_device_is_validated_up_front(tmp_path):
+    model = Net()
+    adapter = tat.attach(model, presets.lora(2), ["a"])
+    adapter.save(tmp_path / "a.safetensors")
+    bad = ["meta"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        with pytest.raises(ValueError, match=f"device='{device}'"):
+            tat.export_peft(tmp_path / "a.safetensors", tmp_path / "out", device=device)
+    assert not (tmp_path / "out").exists()
+
+
+def test_named_subfolders_message(tmp_path):
+    model = Net()
+    tat.attach(model, presets.lora(2), ["a"], name="b").save_pretrained(tmp_path / "saved" / "b")  # a named adapter
+    with pytest.raises(FileNotFoundError, match="pass a subfolder's path") as info:
+        tat.export_peft(tmp_path / "saved", tmp_path / "out")
+    assert "name=" not in str(info.value)
+    tat.export_peft(tmp_path / "saved" / "b", tmp_path / "out")  # the path it names works
+
+
+def test_merged_and_detached_exports_warn(tmp_path):
+    """The folder is for the unmerged base: exporting a merged adapter (or one detached by
+    merge_and_detach) warns; an attached, unmerged one does not."""
+    model = Net().eval()
+    adapter = tat.attach(model, presets.lora(2), ["a", "c"])
+    perturb(adapter)
+    want = run(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tat.export_peft(adapter, tmp_path / "plain")
+    adapter.merge()
+    with pytest.warns(UserWarning, match="merged adapter.*twice"):
+        tat.export_peft(adapter, tmp_path / "merged")
+    adapter.merge_and_detach()
+    with pytest.warns(UserWarning, match="merge_and_detach"):
+        tat.export_peft(adapter, tmp_path / "detached")
+    for folder in ("merged", "detached"):  # still the adapter's ΔW, for the base weights
+        assert rel(run(peft_load(Net, tmp_path / folder)), want) <= 1e-5
+    other = tat.attach(Net().eval(), presets.lora(2), ["a", "c"])
+    other.detach()  # a plain detach leaves the base weights as they were: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tat.export_peft(other, tmp_path / "plain-detached")
+
+
+# ---------------------------------------------------------------------------------- FSDP2 (two gloo processes)
+def _fsdp_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Sequential(nn.Linear(8, 8)), nn.Sequential(nn.Linear(8, 6)))
+
+
+def _fsdp_worker(rank: int, world: int, store: str, folder: str) -> None:
+    import datetime
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    import tensoradapt.torch.peft_io as peft_io
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        model = _fsdp_model()
+        adapter = tat.attach(model, presets.lorta(3, 2), ["0.0", "1.0"])
+        perturb(adapter)
+        for block in model:
+            fully_shard(block)
+        fully_shard(model)
+        writes = []
+        original = peft_io._write_folder
+        peft_io._write_folder = lambda *a, **k: (writes.append(a[0]), original(*a, **k))
+        results = {}
+        for rank_arg in (2, "exact"):
+            out = tat.export_peft(adapter, os.path.join(folder, f"out-{rank_arg}"), rank=rank_arg)
+            results[str(rank_arg)] = {"folder": str(out.folder), "ranks": dict(out.ranks), "errors": dict(out.errors)}
+        blocker = os.path.join(folder, "a-file")
+        if rank == 0:
+            open(blocker, "w").close()
+        dist.barrier()
+        try:
+            tat.export_peft(adapter, blocker, rank=2)  # a file: refused by the writing rank, raised on every rank
+            results["failure"] = "none"
+        except (ValueError, RuntimeError) as error:
+            results["failure"] = type(error).__name__
+        results["writes"] = len(writes)
+        with open(os.path.join(folder, f"rank{rank}.json"), "w") as handle:
+            json.dump(results, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_fsdp2_export_is_a_collective_written_by_rank0(tmp_path):
+    import torch.multiprocessing as mp
+
+    # fork (Linux): the workers start without importing this module again (transformers and peft take seconds)
+    method = "fork" if sys.platform == "linux" else "spawn"
+    mp.start_processes(_fsdp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True,
+                       start_method=method)
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert (r0["writes"], r1["writes"]) == (2, 0)  # rank 0 alone wrote (twice); rank 1 never did
+    assert (r0["failure"], r1["failure"]) == ("ValueError", "RuntimeError")
+    assert r0["2"] == r1["2"] and r0["exact"] == r1["exact"]  # the same PeftExport on every rank
+    model = _fsdp_model().eval()
+    adapter = tat.attach(model, presets.lorta(3, 2), ["0.0", "1.0"])
+    perturb(adapter)
+    single = tat.export_peft(adapter, tmp_path / "single", rank="exact")
+    assert dict(single.ranks) == r0["exact"]["ranks"]
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        loaded = peft.PeftModel.from_pretrained(_fsdp_model().eval(), str(tmp_path / "out-exact")).eval()
+        assert rel(loaded(x), model(x)) <= 1e-5

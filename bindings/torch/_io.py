@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 import tensoradapt._safetensors as safetensors_header
+from tensoradapt._json import StrictJSONError, loads_strict
 
 __all__ = ["CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "LIBRARY", "README_FILE", "AdapterFileError", "adapter_path",
            "adapter_subfolders", "check_config_file", "check_file", "locate_adapter", "read_adapter", "read_metadata",
@@ -95,18 +96,21 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     ``os.replace``, fsync of the folder); return the path.
 
     A crash mid-write leaves the old file or the new one, never a torn file; a temporary file left
-    by a killed write (``.NAME.*.tmp``) is removed by the next write of the same file.  The file
+    by a killed write (``.NAME.<pid>.*.tmp``) is removed by the next write of the same file, unless
+    its process still runs (a concurrent writer of the same path).  The file
     keeps the mode of the one it replaces (else ``open()``'s: 0666 minus the umask).
     """
     path = Path(path)
     if not path.parent.exists():
         raise FileNotFoundError(f"folder {str(path.parent)!r} does not exist")
     for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):  # left by a save that was killed
+        if _writer_alive(stale, path.name):
+            continue  # another process (or thread) is writing it now: not stale
         try:
             stale.unlink()
         except OSError:  # pragma: no cover - raced with another cleaner
             pass
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         if hasattr(os, "fchmod"):  # mkstemp makes the file 0600; give it the usual mode
             os.fchmod(fd, _file_mode(path))
@@ -130,6 +134,26 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def _writer_alive(temp: Path, name: str) -> bool:
+    """Whether the process that made the temporary file ``temp`` (``.NAME.<pid>.<random>.tmp``) still
+    runs: this process (another thread's write in flight) or a live one (a concurrent writer, e.g.
+    another rank saving the same path).  Names without a pid (older versions) count as stale."""
+    middle = temp.name[len(name) + 2:-len(".tmp")]
+    pid_text, dot, _ = middle.partition(".")
+    if not dot or not pid_text.isascii() or not pid_text.isdigit() or len(pid_text) > 10:
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):  # alive under another user, or unknowable: keep it
+        return True
+    return True
 
 
 def _file_mode(path: Path) -> int:
@@ -164,8 +188,9 @@ def locate_adapter(path: str | os.PathLike[str], name: str = "default") -> tuple
 
     A folder holds the adapter ``"default"`` at its root and others in ``folder/<name>/`` (PEFT's
     layout, what ``model.save_pretrained`` writes): ``name`` selects ``folder/<name>/`` when that
-    subfolder holds an adapter, else the root.  ``FileNotFoundError`` when there is no adapter file
-    (naming the subfolders' adapters when the root has none).
+    subfolder holds an adapter, else the root, unless the folder has named subfolders (then a name
+    it lacks is refused, not read as the root's).  ``FileNotFoundError`` when there is no adapter
+    file (naming the subfolders' adapters).
     """
     from ._shared import ADAPTER_FILE, check_adapter_name
 
@@ -173,13 +198,19 @@ def locate_adapter(path: str | os.PathLike[str], name: str = "default") -> tuple
     if not path.is_dir():
         return path, None
     folder = path
-    if check_adapter_name(name) != "default" and (path / name / ADAPTER_FILE).is_file():
-        folder = path / name
+    if check_adapter_name(name) != "default":
+        if (path / name / ADAPTER_FILE).is_file():
+            folder = path / name
+        elif adapter_subfolders(path):  # a folder of named adapters: a name it lacks is a typo, not the root's
+            raise FileNotFoundError(
+                f"{str(path)!r} has no adapter named {name!r}: it holds {adapter_subfolders(path)[:10]} in "
+                f"subfolders and 'default' at its root (to load the root's under the name {name!r}, pass the file "
+                f"{str(path / ADAPTER_FILE)!r})")
     file = folder / ADAPTER_FILE
     if not file.exists() and not file.is_symlink():
         subfolders = adapter_subfolders(path)
-        hint = (f"; the folder holds adapters {subfolders[:10]} in subfolders: load one with name=..."
-                if subfolders else "")
+        hint = (f"; the folder holds adapters {subfolders[:10]} in subfolders: pass one's name (or its "
+                "subfolder's path)" if subfolders else "")
         raise FileNotFoundError(f"no adapter file at {str(file)!r}{hint}")
     config = folder / CONFIG_FILE
     return file, config if config.exists() or config.is_symlink() else None
@@ -217,7 +248,7 @@ def check_config_file(config: Path, metadata: dict[str, Any], file: Path) -> Non
         text = config.read_bytes().decode("utf-8")
     except UnicodeDecodeError as error:
         raise AdapterFileError(f"{where} is corrupted: not UTF-8 ({error})") from None
-    data = parse_metadata(text, where)
+    data = parse_metadata(text, where, what="JSON")
     if not isinstance(data, dict):
         raise AdapterFileError(f"{where} is corrupted: not a JSON object")
     library = data.get("library")
@@ -238,50 +269,15 @@ def check_config_file(config: Path, metadata: dict[str, Any], file: Path) -> Non
         )
 
 
-def _refuse_constant(text: str) -> Any:
-    raise ValueError(f"the number {text} is not allowed")
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise ValueError("an object repeats a key")
-    return out
-
-
-def _depth(text: str) -> int:
-    """How deep the JSON ``text`` nests (counted on the characters, no recursion)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
-    return deepest
-
-
-def parse_metadata(text: str, where: str) -> Any:
-    """The metadata JSON, strictly: at most :data:`MAX_METADATA_DEPTH` deep, no NaN/Infinity, no
-    repeated key, no integer longer than the interpreter parses; ``AdapterFileError`` otherwise."""
-    if _depth(text) > MAX_METADATA_DEPTH:
-        raise AdapterFileError(f"{where} is corrupted: its tensoradapt metadata nests deeper than "
-                               f"{MAX_METADATA_DEPTH} levels")
+def parse_metadata(text: str, where: str, *, what: str = "tensoradapt metadata") -> Any:
+    """The JSON ``text`` (the ``what`` of the file ``where``), by the one strict reader
+    (:func:`tensoradapt._json.loads_strict`): at most :data:`MAX_METADATA_DEPTH` deep (checked
+    before parsing), no NaN/Infinity, no repeated key, no integer of more than 4300 digits;
+    ``AdapterFileError`` ("``where`` is corrupted: its ``what`` ...") otherwise."""
     try:
-        return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique)
-    except (ValueError, RecursionError) as error:  # JSONDecodeError, too-long integers, NaN
-        raise AdapterFileError(f"{where} is corrupted: its tensoradapt metadata is not valid JSON "
-                               f"({str(error)[:200]})") from None
+        return loads_strict(text, max_depth=MAX_METADATA_DEPTH)
+    except StrictJSONError as error:
+        raise AdapterFileError(f"{where} is corrupted: its {what} {error}") from None
 
 
 def read_metadata(path: str | os.PathLike[str], *, name: str = "default") -> dict[str, Any]:

@@ -492,6 +492,12 @@ class BaseAdapter(nn.Module):
         return self._model
 
     @property
+    def merged_into_model(self) -> bool:
+        """Whether :meth:`merge_and_detach` left ``ΔW`` in the model's weights (the model no longer
+        is the base this adapter's update applies to)."""
+        return getattr(self, "_merged_into_model", False)
+
+    @property
     def merged(self) -> bool:
         """Whether :meth:`merge` is in effect."""
         return self._merged
@@ -598,6 +604,7 @@ class BaseAdapter(nn.Module):
         modules = self._plain_modules()
         kept = list(self.saved_modules.values())
         self._saved_originals = kept  # the trained copies stay
+        self._merged_into_model = True
         return self._uninstall(modules)
 
     # ------------------------------------------------------------------ files
@@ -743,7 +750,7 @@ def base_model_record(model: nn.Module) -> dict[str, str]:
 def _writes_files(tensors: dict[str, torch.Tensor]) -> bool:
     """Whether this process writes a folder's files: always, except on a model sharded by FSDP2
     (DTensors), where the rank at mesh coordinate 0 does (as in :func:`write_gathered`)."""
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     sharded = [t for t in tensors.values() if dtensor is not None and isinstance(t, dtensor)]
     if not sharded:
         return True
@@ -890,7 +897,7 @@ def graph_task_id() -> int:
 
 
 # ---------------------------------------------------------------------------------- FSDP2 (fully_shard)
-def _dtensor_type() -> type | None:
+def dtensor_type() -> type | None:
     """``DTensor`` when ``torch.distributed.tensor`` was imported (no DTensor can exist before), else None."""
     module = sys.modules.get("torch.distributed.tensor")
     return getattr(module, "DTensor", None)
@@ -920,7 +927,7 @@ def gather_full(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     mesh must call it with the same names in the same order.  Without DTensors the very same
     tensors come back (no copy).
     """
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     if dtensor is None or not any(isinstance(t, dtensor) for t in tensors.values()):
         return tensors
     return {name: t.detach().full_tensor() if isinstance(t, dtensor) else t for name, t in tensors.items()}
@@ -938,7 +945,7 @@ def write_gathered(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor
     """
     from ._io import write_adapter
 
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     sharded = [t for t in tensors.values() if dtensor is not None and isinstance(t, dtensor)]
     if not sharded:
         return write_adapter(path, tensors, metadata)
@@ -975,7 +982,7 @@ def refuse_sharded_values(values: Any) -> None:
     """
     if torch.compiler.is_compiling():  # nothing to check in a traced graph (and no graph break for it)
         return
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     if dtensor is not None and any(isinstance(v, dtensor) for v in values):
         raise RuntimeError(
             "the adapter's tensors are sharded DTensors here: under FSDP2 they are gathered by the forward "

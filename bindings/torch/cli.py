@@ -36,7 +36,7 @@ def _rank(text: str) -> int | str:
     if text == "exact":
         return text
     shown = text if len(text) <= 40 else text[:37] + "..."
-    if not text.isdigit() or len(text) > 9 or not 1 <= int(text) <= MAX_RANK:
+    if not (text.isascii() and text.isdigit()) or len(text) > 9 or not 1 <= int(text) <= MAX_RANK:
         raise argparse.ArgumentTypeError(f"{shown!r} is not a rank (a whole number from 1 to {MAX_RANK:,}, "
                                          "or 'exact')")
     return int(text)
@@ -73,6 +73,8 @@ def export_peft_main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if args.base_model is not None and not args.base_model.strip():
+        return _error("--base-model is empty (give the base model's name or path, or leave the option out)")
     source, out = Path(args.adapter), Path(args.out)
     if not source.exists():
         return _error(f"no adapter file or folder at {str(source)!r}")

@@ -24,7 +24,7 @@ from torch import nn
 
 import tensoradapt._safetensors as header
 
-from ._io import CONFIG_FILE, LIBRARY, AdapterFileError, adapter_subfolders, check_file
+from ._io import CONFIG_FILE, LIBRARY, AdapterFileError, adapter_subfolders, check_file, parse_metadata
 from ._shared import ADAPTER_FILE, container_of, fsdp_sharded
 from .glora import GLoRAAdapter
 
@@ -211,9 +211,10 @@ def holds_adapter(folder: str | os.PathLike[str]) -> bool:
         config = place / CONFIG_FILE
         try:
             if config.is_file() and config.stat().st_size < 1 << 20 \
-                    and json.loads(config.read_text(encoding="utf-8")).get("library") == LIBRARY:
+                    and parse_metadata(config.read_text(encoding="utf-8"), repr(str(config)),
+                                       what="JSON").get("library") == LIBRARY:
                 return True
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError):  # AdapterFileError (strict JSON) and bad UTF-8 are ValueErrors
             pass
         file = place / ADAPTER_FILE
         try:

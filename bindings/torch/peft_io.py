@@ -21,8 +21,11 @@ r"""PEFT adapter folders in and out, and any SuperLoRA adapter served as a PEFT 
 
 :func:`import_peft` reads a PEFT LoRA, LoKr, LoHa or GLoRA folder into the equivalent tensoradapt
 adapter (attached, trainable, savable with ``adapter.save``), refusing what it cannot represent
-exactly.  Nothing is unpickled; the JSON is parsed strictly and every tensor shape is checked from
-the safetensors header before any tensor is read.
+exactly.  ``rank_pattern`` / ``alpha_pattern`` are resolved per adapted module as PEFT does; a
+LoRA or LoHa whose modules differ becomes one adapter of rank ``R = max r_i`` (smaller ranks
+zero-padded, other scales folded into the first factor).  Nothing is unpickled; the JSON is
+parsed strictly and every tensor shape is checked from the safetensors header before any tensor
+is read.
 """
 
 from __future__ import annotations
@@ -44,10 +47,11 @@ from tensoradapt import GLoRAConfig, SuperLoRA, SuperLoRAConfig, presets
 from tensoradapt._safetensors import SafetensorsHeaderError, read_header
 from tensoradapt._validate import is_int
 from tensoradapt.glora.config import LayerChoice, largest_choice
+from tensoradapt.superlora.config import MAX_RANK
 from tensoradapt.superlora.factorize import factorization
 from tensoradapt.superlora.plan import SplitPlan, param_name
 
-from ._io import AdapterFileError, check_file, parse_metadata, write_bytes
+from ._io import LIBRARY, AdapterFileError, adapter_subfolders, check_file, parse_metadata, write_bytes
 from ._shared import ADAPTER_FILE, MODULES_TO_SAVE_PREFIX, BaseAdapter, forward_kind, plain_named_modules
 
 __all__ = ["EXACT_TOLERANCE", "PEFT_CONFIG_FILE", "PeftExport", "export_peft", "import_peft"]
@@ -151,6 +155,14 @@ def _live_source(adapter: BaseAdapter) -> _Source:
     params = gather_full({name: p.detach() for name, p in adapter.named_trainable_parameters()
                           if not name.startswith(MODULES_TO_SAVE_PREFIX)})
     model = _adapted_model(adapter)
+    if adapter.attached and adapter.merged:
+        warnings.warn("exporting a merged adapter: the PEFT folder holds ΔW for the unmerged base weights; loading it "
+                      "onto this model (whose weights already hold ΔW) would apply ΔW twice. Load it onto the "
+                      "original base model", UserWarning, stacklevel=3)
+    elif adapter.merged_into_model:
+        warnings.warn("exporting an adapter detached by merge_and_detach(): the PEFT folder holds ΔW for the "
+                      "unadapted base weights, and that model's weights already hold ΔW (loading the folder onto it "
+                      "would apply ΔW twice): load it onto the original base model", UserWarning, stacklevel=3)
     base = None
     config = getattr(model, "config", None)
     for attr in ("_name_or_path", "name_or_path"):
@@ -188,6 +200,13 @@ def _live_source(adapter: BaseAdapter) -> _Source:
 
 
 def _file_source(path: str | os.PathLike[str]) -> _Source:
+    place = Path(path)
+    if place.is_dir() and not (place / ADAPTER_FILE).exists():
+        named = adapter_subfolders(place)
+        if named:
+            raise FileNotFoundError(f"{str(place)!r} holds no adapter at its root, only the named adapters {named[:5]} "
+                                   f"in subfolders: pass a subfolder's path to export one (e.g. "
+                                   f"{str(place / named[0])!r})")
     file, tensors, metadata = check_file(path)
     where = repr(str(file))
     records = metadata["targets"]
@@ -273,11 +292,26 @@ def export_peft(adapter_or_path: BaseAdapter | str | os.PathLike[str], folder: s
         records).
     device : str or torch.device, optional
         Where a file's ``ΔW`` and SVDs are computed (default: CUDA when available, else CPU);
-        an adapter computes on its own device.
+        an adapter computes on its own device.  A device this PyTorch cannot use (``"cuda"`` without
+        CUDA, ``"meta"``) is a ``ValueError``.
 
     Returns
     -------
     PeftExport
+        The same on every rank under FSDP2.
+
+    Notes
+    -----
+    On a model sharded by FSDP2 (``fully_shard``) this is a **collective**, like ``adapter.save``:
+    every rank of the mesh must call it (the shards are gathered); the rank at mesh coordinate 0
+    checks the folder and writes it, and every rank then learns whether that succeeded (a failure
+    raises on every rank, the writer's own error there, ``RuntimeError`` on the others).
+
+    The folder holds ``ΔW`` for the *unmerged* base weights: exporting a merged (or detached)
+    adapter warns, since loading the folder onto a model whose weights already hold ``ΔW`` would
+    apply it twice.  For ``rank=r`` / ``"exact"``, ``ΔW`` is computed in float64 from the
+    parameters, so a half-precision adapter's factors approximate its exact update (its own
+    forward rounds ``ΔW`` to its dtype); they are written in float32.
 
     Raises
     ------
@@ -290,20 +324,23 @@ def export_peft(adapter_or_path: BaseAdapter | str | os.PathLike[str], folder: s
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
         raise TypeError("base_model_name_or_path must be a string or None, got "
                         f"{type(base_model_name_or_path).__name__}")
+    target_device = _check_device(device)
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder must be a path, got {type(folder).__name__}")
+    mesh = None
     if isinstance(adapter_or_path, BaseAdapter):
+        mesh = _sharded_mesh(adapter_or_path)
+        if mesh is None:
+            _check_output(folder)  # before the work; under FSDP2 the writing rank checks (below)
         source = _live_source(adapter_or_path)
     elif isinstance(adapter_or_path, (str, os.PathLike)):
+        _check_output(folder)
         source = _file_source(adapter_or_path)
-        try:
-            target_device = torch.device(device) if device is not None else torch.device(
-                "cuda" if torch.cuda.is_available() else "cpu")
-        except (RuntimeError, TypeError) as error:
-            raise ValueError(f"device={device!r:.40} is not a torch device ({error})") from None
         source.params = {k: v.to(target_device) for k, v in source.params.items()}
     else:
         raise TypeError("adapter_or_path must be a tensoradapt adapter or the path of an adapter file or folder, "
                         f"got {type(adapter_or_path).__name__}")
-    out = _check_output(folder, source)
+    out = Path(folder)
     if source.modules_to_save:
         raise ValueError(f"{source.origin} trains modules_to_save {list(source.modules_to_save)[:3]} in full; "
                          "export_peft writes the targets' updates only and would drop those trained copies: "
@@ -311,47 +348,112 @@ def export_peft(adapter_or_path: BaseAdapter | str | os.PathLike[str], folder: s
     if source.method == "glora":
         if rank is not None:
             raise ValueError(f"rank={rank!r} applies to SuperLoRA adapters; GLoRA's update W0 ⊙ A + B (and its bias "
-                             "terms) is exported exactly as a PEFT GLoRA adapter: pass rank=None")
+                             "terms) is exported exactly as a PEFT GLoRA adapter: pass no rank (rank=None; no --rank "
+                             "on the command line)")
         peft_type, config, tensors, ranks, errors = _export_glora(source)
     elif rank is None:
         peft_type, config, tensors, ranks, errors = _export_exact(source)
     else:
         peft_type, config, tensors, ranks, errors = _export_svd(source, rank)
     config["base_model_name_or_path"] = base_model_name_or_path or source.base_model
-    _write_folder(out, config, tensors)
+    if mesh is None:
+        _write_folder(out, config, tensors)
+    else:
+        _write_on_rank0(mesh, out, config, tensors)
     return PeftExport(out, peft_type, ranks, errors)
 
 
-def _check_output(folder: str | os.PathLike[str], source: _Source) -> Path:
-    if not isinstance(folder, (str, os.PathLike)):
-        raise TypeError(f"folder must be a path, got {type(folder).__name__}")
+def _check_device(device: Any) -> torch.device:
+    """The device a file's export computes on: ``device``, checked usable (a ``ValueError`` naming it
+    otherwise), or CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device={device!r:.40} is not a torch device ({error})") from None
+    if target.type == "meta":
+        raise ValueError(f"device={device!r:.40}: a meta tensor holds no values, so there is no ΔW to export; pass a "
+                         "real device (cpu, cuda)")
+    backend = getattr(torch, target.type, None)
+    if target.type != "cpu" and callable(getattr(backend, "is_available", None)) and not backend.is_available():
+        raise ValueError(f"device={device!r:.40} is not available in this PyTorch ({torch.__version__}); pass "
+                         "device='cpu'")
+    try:
+        torch.empty(1, device=target)
+    except (RuntimeError, AssertionError, NotImplementedError) as error:
+        raise ValueError(f"device={device!r:.40} cannot hold tensors here ({error})") from None
+    return target
+
+
+def _sharded_mesh(adapter: BaseAdapter) -> Any:
+    """The device mesh of ``adapter``'s parameters when FSDP2 (``fully_shard``) shards them, else None."""
+    from ._shared import dtensor_type
+
+    dtensor = dtensor_type()
+    if dtensor is None:
+        return None
+    for _, p in adapter.named_trainable_parameters():
+        if isinstance(p, dtensor):
+            return p.device_mesh
+    return None
+
+
+def _write_on_rank0(mesh: Any, out: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """The rank at mesh coordinate 0 checks ``out`` and writes it; every rank then learns (one
+    all-reduce per mesh dimension) whether that succeeded, so a failure raises on every rank
+    instead of leaving the others waiting."""
+    import torch.distributed as dist
+
+    coordinate = mesh.get_coordinate()
+    failure: BaseException | None = None
+    if coordinate is not None and all(c == 0 for c in coordinate):
+        try:
+            _check_output(out)
+            _write_folder(out, config, tensors)
+        except BaseException as error:  # reported to the other ranks below, then raised here
+            failure = error
+    flag = torch.tensor([0 if failure is None else 1], dtype=torch.int32, device=mesh.device_type)
+    for dim in range(mesh.ndim):
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+    if failure is not None:
+        raise failure
+    if int(flag.item()):
+        raise RuntimeError(f"the rank writing the PEFT folder {str(out)!r} (mesh coordinate 0) failed; see its error")
+
+
+def _check_output(folder: str | os.PathLike[str]) -> Path:
+    """``folder`` as a Path, refused when it is a file or holds a tensoradapt adapter at its root (an
+    adapter file whose header carries tensoradapt metadata, of any format version, or a config
+    saying ``"library": "tensoradapt"``), which the PEFT files would replace."""
     out = Path(folder)
     if out.exists() and not out.is_dir():
         raise ValueError(f"folder {str(out)!r} exists and is not a folder")
-    weights = out / ADAPTER_FILE
-    if weights.is_file():
-        from ._io import read_metadata
-
-        try:
-            read_metadata(weights)
-            ours = True
-        except (AdapterFileError, OSError, ValueError):
-            ours = False
-        if ours:
-            raise ValueError(f"{str(out)!r} holds a tensoradapt adapter ({ADAPTER_FILE}); export_peft would overwrite "
-                             "it with the PEFT file: write the PEFT folder elsewhere")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ValueError(f"folder {str(out)!r} cannot be created: {str(above)!r} is a file, not a folder")
+    weights, config = out / ADAPTER_FILE, out / PEFT_CONFIG_FILE
+    ours = False
+    try:
+        ours = weights.is_file() and LIBRARY in read_header(weights).metadata
+    except (OSError, SafetensorsHeaderError):
+        pass
+    try:
+        ours = ours or (config.is_file() and config.stat().st_size <= MAX_CONFIG_BYTES and parse_metadata(
+            config.read_text(encoding="utf-8"), repr(str(config)), what="JSON").get("library") == LIBRARY)
+    except (OSError, ValueError, AttributeError):  # not ours: AdapterFileError and bad UTF-8 are ValueErrors
+        pass
+    if ours:
+        raise ValueError(f"{str(out)!r} holds a tensoradapt adapter ({ADAPTER_FILE}); export_peft would overwrite "
+                         "it with the PEFT files: write the PEFT folder elsewhere")
     return out
 
 
-def _modules_list(source: _Source) -> list[str] | str:
-    """``target_modules``: the target names, or an exact regular expression when a name would also
-    select a module of the model that is not a target (PEFT selects ``name`` and ``*.name``)."""
-    names = [t.name for t in source.targets]
-    wanted = set(names)
-    if source.model is not None and any(
-            m not in wanted and any(m.endswith("." + t) for t in wanted) for m, _ in plain_named_modules(source.model)):
-        return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
-    return names
+def _modules_list(source: _Source) -> str:
+    """``target_modules``: the regular expression matching exactly the target names (PEFT
+    ``re.fullmatch``-es a string; a list would select ``name`` and every ``*.name``, which from a
+    file, without the model, cannot be ruled out)."""
+    return "^(?:" + "|".join(re.escape(t.name) for t in source.targets) + ")$"
 
 
 def _pattern_key(name: str) -> str:
@@ -432,8 +534,8 @@ def _exact_form(source: _Source, i: int) -> tuple[str | None, Any]:
 def _export_exact(source: _Source) -> tuple[str, dict[str, Any], dict[str, torch.Tensor], dict, dict]:
     forms = [_exact_form(source, i) for i in range(len(source.targets))]
     kinds = {f for f, _ in forms}
-    hint = ("pass rank=r (or rank='exact', lossless to 1e-6) to export it as a PEFT LoRA of each target's truncated "
-            "SVD")
+    hint = ("pass a rank (rank=r, or 'exact' for lossless to 1e-6; --rank on the command line) to export it as a "
+            "PEFT LoRA of each target's truncated SVD")
     if None in kinds:
         i = next(i for i, (f, _) in enumerate(forms) if f is None)
         raise ValueError(f"target {source.targets[i].name!r} of {source.origin} has no exact PEFT form: {forms[i][1]}; "
@@ -513,7 +615,7 @@ def _export_lora_exact(source: _Source, groups: list[Any]) -> tuple:
     plan = source.plan
     assert plan is not None
     cfg = plan.config
-    hint = "pass rank=r to export a truncated SVD instead"
+    hint = "pass a rank (rank=r, or 'exact'; --rank on the command line) to export a truncated SVD instead"
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -672,17 +774,22 @@ def _export_svd(source: _Source, rank: int | str) -> tuple:
         if isinstance(rank, int) and rank > min(target.shape):
             smallest = min(min(t.shape) for t in source.targets)
             raise ValueError(f"rank={rank} exceeds min(o, n) = {min(target.shape)} of target {target.name!r} "
-                             f"(o, n) = {target.shape}; pass a rank <= {smallest} or rank='exact'")
+                             f"(o, n) = {target.shape}; pass a rank <= {smallest} or 'exact'")
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
+    # ΔW in float64 from the parameters (a half-precision adapter's own forward rounds it); the factors are
+    # written in the adapter's dtype, float32 for a half-precision one (PEFT loads them into its layers' dtype)
+    dtype = next(iter(source.params.values())).dtype if source.params else torch.float32
+    out_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     for targets, groups in plan.components():
-        params = {name: source.params[name] for name in plan.parameter_shapes(groups)}
+        params = {name: source.params[name].to(torch.float64) for name in plan.parameter_shapes(groups)}
         with torch.no_grad():
             deltas = plan.delta_for(params, targets)
+        del params
         for t, delta in zip(targets, deltas, strict=True):
             target = source.targets[t]
-            B, A, q, error = _truncated(target, delta, rank)
+            B, A, q, error = _truncated(target, delta, rank, out_dtype)
             ranks[target.name] = q
             errors[target.name] = error
             tensors.update(_lora_tensors(target, B, A))
@@ -691,9 +798,10 @@ def _export_svd(source: _Source, rank: int | str) -> tuple:
     return "LORA", _lora_config(source, ranks, alphas), tensors, ranks, errors
 
 
-def _truncated(target: _Target, delta: torch.Tensor, rank: int | str) -> tuple[torch.Tensor, torch.Tensor, int, float]:
-    """``(B, A, r, relative error)`` of the rank-``r`` truncated SVD of ``ΔW`` (float64 on its device)."""
-    dtype = delta.dtype
+def _truncated(target: _Target, delta: torch.Tensor, rank: int | str,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """``(B, A, r, relative error)`` of the rank-``r`` truncated SVD of ``ΔW`` (float64 on its device),
+    ``B`` and ``A`` in ``dtype`` (the error is that of the factors in ``dtype``)."""
     work = delta.detach().to(torch.float64)
     if target.layer == "embedding" and target.padding_idx is not None:
         work = work.clone()
@@ -829,14 +937,6 @@ def _write_folder(folder: Path, config: dict[str, Any], tensors: dict[str, torch
 
 
 # ---------------------------------------------------------------------------------- import
-def _parse_json(text: str, where: str) -> Any:
-    """JSON parsed with the limits of our own metadata (:func:`._io.parse_metadata`: depth, no NaN,
-    no repeated key, bounded integers)."""
-    try:
-        return parse_metadata(text, where)
-    except AdapterFileError as error:
-        raise AdapterFileError(str(error).replace("its tensoradapt metadata", "its JSON")) from None
-
 
 #: Options read (and type-checked) by :func:`import_peft`, per PEFT type.
 _READ = {
@@ -874,7 +974,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         raise AdapterFileError(f"{where} is corrupted: not UTF-8 text") from None
-    data = _parse_json(text, where)
+    data = parse_metadata(text, where, what="JSON")  # the limits of our own metadata (tensoradapt._json)
     if not isinstance(data, dict):
         raise AdapterFileError(f"{where} is corrupted: the config is {type(data).__name__}, not an object")
     if data.get("library") == "tensoradapt" or "peft_type" not in data:
@@ -901,6 +1001,8 @@ def _read_config(folder: Path) -> dict[str, Any]:
     for key, value in out.items():
         if key in ("r",) and (type(value) is not int or value < 1):
             raise AdapterFileError(f"{where}: r is {value!r:.40}, not a positive integer")
+        if key in ("r",) and value > MAX_RANK:
+            raise AdapterFileError(f"{where}: r is {value:.3g}, above the largest tensoradapt rank {MAX_RANK}")
         if key in ("lora_alpha", "alpha") and not _number(value):
             raise AdapterFileError(f"{where}: {key} is {value!r:.40}, not a finite number")
         if key in ("use_rslora", "decompose_both") and type(value) is not bool:
@@ -910,12 +1012,10 @@ def _read_config(folder: Path) -> dict[str, Any]:
         if key in ("rank_pattern", "alpha_pattern"):
             if not isinstance(value, dict) or not all(isinstance(k, str) and _number(v) for k, v in value.items()):
                 raise AdapterFileError(f"{where}: {key} is {value!r:.60}, not an object of numbers")
-            default = out["r"] if key == "rank_pattern" else out.get("lora_alpha", out.get("alpha"))
-            differing = {k: v for k, v in value.items() if v != default}
-            if differing and not (peft_type == "LOKR" and key == "alpha_pattern"):  # LoKr: see _lokr_values
-                shown = dict(list(differing.items())[:3])
-                raise AdapterFileError(f"{where}: {key} gives {shown} instead of {default}; "
-                                       "a tensoradapt adapter has one rank and one scale for all targets")
+            if key == "rank_pattern" and not all(type(v) is int and 1 <= v <= MAX_RANK for v in value.values()):
+                raise AdapterFileError(f"{where}: rank_pattern is {value!r:.60}, not an object of integers in "
+                                       f"[1, {MAX_RANK}]")
+            # judged per adapted module in import_peft (_module_ranks): only the values applied matter
         if key.startswith("config_") and not isinstance(value, str):
             raise AdapterFileError(f"{where}: {key} is {value!r:.40}, not a string")
     if peft_type == "GLORA":
@@ -1009,8 +1109,8 @@ def import_peft(model: nn.Module, folder: str | os.PathLike[str], *, name: str =
     FileNotFoundError
         A file is missing.
     AdapterFileError
-        The folder is malformed, or holds what no tensoradapt adapter represents exactly (different
-        ranks or alphas per module, DoRA, trained biases, lora biases, effective-conv LoKr/LoHa,
+        The folder is malformed, or holds what no tensoradapt adapter represents exactly (LoKr
+        modules of different ranks, DoRA, trained biases, lora biases, effective-conv LoKr/LoHa,
         modules_to_save, unsupported modules…); the model is not changed.
     """
     if not isinstance(model, nn.Module):
@@ -1031,14 +1131,13 @@ def import_peft(model: nn.Module, folder: str | os.PathLike[str], *, name: str =
             kind = forward_kind(n, m)
         except TypeError as error:
             raise AdapterFileError(f"{where}: {error}") from None
-        if kind == "conv" and config["peft_type"] == "LORA" and (
-                m.groups != 1 or any(d != 1 for d in m.dilation) or m.padding_mode != "zeros"):
-            raise AdapterFileError(f"{where}: PEFT's LoRA on conv {n!r} (groups={m.groups}, dilation={m.dilation}, "
-                                   f"padding_mode={m.padding_mode!r}) runs lora_A without those settings; no "
-                                   "tensoradapt adapter reproduces its outputs")
+        if kind == "conv" and config["peft_type"] == "LORA" and (m.groups != 1 or any(d != 1 for d in m.dilation)):
+            raise AdapterFileError(f"{where}: PEFT's LoRA on conv {n!r} (groups={m.groups}, dilation={m.dilation}) "
+                                   "runs lora_A without the layer's groups and dilation; no tensoradapt adapter "
+                                   "reproduces its outputs")
         if kind == "conv" and m.padding_mode != "zeros":
-            raise AdapterFileError(f"{where}: PEFT computes the update of conv {n!r} with zero padding, not "
-                                   f"{m.padding_mode!r}; no tensoradapt adapter reproduces it")
+            raise AdapterFileError(f"{where}: PEFT computes the update of conv {n!r} with zero padding, not its "
+                                   f"padding_mode={m.padding_mode!r}; no tensoradapt adapter reproduces it")
     from . import attach
     from ._targets import weight_view
 
@@ -1048,7 +1147,10 @@ def import_peft(model: nn.Module, folder: str | os.PathLike[str], *, name: str =
     if peft_type == "GLORA":
         return _import_glora(model, folder, path, where, config, entries, found, name, freeze_base)
     cfg, values = _superlora_values(config, entries, found, views, where)
-    plan = SuperLoRA(cfg, [v.shape for v in views], names)
+    try:
+        plan = SuperLoRA(cfg, [v.shape for v in views], names)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise AdapterFileError(f"{where}: its {peft_type} config makes no tensoradapt plan ({error})") from None
     expected = plan.parameter_shapes()
     shapes = {k: tuple(v[1]) for k, v in values.items()}
     if shapes != {k: tuple(s) for k, s in expected.items()}:
@@ -1092,45 +1194,67 @@ def _superlora_values(config: dict[str, Any], entries: dict, found: list, views:
     def key(module: str, suffix: str) -> str:
         return f"{_PREFIX}{module}.{suffix}"
 
+    if peft_type in ("LORA", "LOHA"):
+        # the rank and alpha PEFT applies to each adapted module (rank_pattern / alpha_pattern resolved)
+        alpha = config["lora_alpha" if peft_type == "LORA" else "alpha"]
+        rslora = peft_type == "LORA" and config["use_rslora"]
+        ranks = [_pattern_value(config["rank_pattern"], module, r) for module, _ in found]
+        alphas = [_pattern_value(config["alpha_pattern"], module, alpha) for module, _ in found]
+        scales = [a / math.sqrt(q) if rslora else a / q for a, q in zip(alphas, ranks, strict=True)]
+        R = max(ranks)
+        make = presets.lora if peft_type == "LORA" else presets.loha
+        if set(ranks) == {R} and len(set(alphas)) == 1 and not rslora:
+            cfg, common = make(R, alphas[0]), scales[0]  # alpha / r, bit for bit
+        else:
+            # one rank R = max r_i (smaller ranks padded with zero columns, which stay zero in training: their
+            # gradients vanish) and the most common scale; another module's scale is folded into its first factor
+            common = _most_common(scales)
+            cfg = make(R).replace(scale=common)
+    else:
+        return _lokr_values(config, entries, found, views, where)
+
+    def padded(x: torch.Tensor, fold: float = 1.0) -> torch.Tensor:
+        x = x * fold if fold != 1.0 else x
+        return torch.nn.functional.pad(x, (0, R - x.shape[1])) if x.shape[1] < R else x
+
     if peft_type == "LORA":
-        alpha = config["lora_alpha"]
-        cfg = presets.lora(r).replace(scale=alpha / math.sqrt(r)) if config["use_rslora"] else presets.lora(r, alpha)
-        for g, ((module, m), view) in enumerate(zip(found, views, strict=True)):
+        for g, ((module, m), view, q, sc) in enumerate(zip(found, views, ranks, scales, strict=True)):
             o, n = view.shape
+            fold = sc / common
             if isinstance(m, nn.Embedding):
                 got = need(module, ("lora_embedding_A", "lora_embedding_B"))
-                if got["lora_embedding_A"] != (r, o) or got["lora_embedding_B"] != (n, r):
+                if got["lora_embedding_A"] != (q, o) or got["lora_embedding_B"] != (n, q):
                     raise AdapterFileError(f"{where}: LoRA tensors of embedding {module!r} have shapes {got}, not "
-                                           f"rank {r} of ({o}, {n})")
+                                           f"rank {q} of ({o}, {n})")
                 a, b = key(module, "lora_embedding_A"), key(module, "lora_embedding_B")
                 pad = m.padding_idx
-                values[param_name(g, 1, "factor0")] = (lambda t, a=a, pad=pad, module=module:
-                                                       _padding_checked(t[a].t(), pad, module, where), (o, r))
-                values[param_name(g, 1, "factor1")] = (lambda t, b=b: t[b], (n, r))
+                values[param_name(g, 1, "factor0")] = (lambda t, a=a, pad=pad, module=module, fold=fold: padded(
+                    _padding_checked(t[a].t(), pad, module, where), fold), (o, R))
+                values[param_name(g, 1, "factor1")] = (lambda t, b=b: padded(t[b]), (n, R))
                 continue
             got = need(module, ("lora_A.weight", "lora_B.weight"))
-            if math.prod(got["lora_A.weight"]) != r * n or got["lora_A.weight"][0] != r or \
-                    tuple(got["lora_B.weight"][:2]) != (o, r) or math.prod(got["lora_B.weight"]) != o * r:
-                raise AdapterFileError(f"{where}: LoRA tensors of {module!r} have shapes {got}, not rank {r} of "
+            if math.prod(got["lora_A.weight"]) != q * n or got["lora_A.weight"][0] != q or \
+                    tuple(got["lora_B.weight"][:2]) != (o, q) or math.prod(got["lora_B.weight"]) != o * q:
+                raise AdapterFileError(f"{where}: LoRA tensors of {module!r} have shapes {got}, not rank {q} of "
                                        f"({o}, {n})")
             a, b = key(module, "lora_A.weight"), key(module, "lora_B.weight")
-            values[param_name(g, 1, "factor0")] = (lambda t, b=b, o=o: t[b].reshape(o, r), (o, r))
-            values[param_name(g, 1, "factor1")] = (lambda t, a=a: t[a].reshape(r, -1).t(), (n, r))
+            values[param_name(g, 1, "factor0")] = (lambda t, b=b, o=o, q=q, fold=fold: padded(
+                t[b].reshape(o, q), fold), (o, R))
+            values[param_name(g, 1, "factor1")] = (lambda t, a=a, q=q: padded(t[a].reshape(q, -1).t()), (n, R))
         return cfg, values
-    if peft_type == "LOHA":
-        cfg = presets.loha(r, config["alpha"])
-        for g, ((module, _), view) in enumerate(zip(found, views, strict=True)):
-            o, n = view.shape
-            got = need(module, _SUFFIXES["LOHA"])
-            for k in (1, 2):
-                if got[f"hada_w{k}_a"] != (o, r) or got[f"hada_w{k}_b"] != (r, n):
-                    raise AdapterFileError(f"{where}: LoHa tensors of {module!r} have shapes {got}, not rank {r} of "
-                                           f"({o}, {n})")
-                a, b = key(module, f"hada_w{k}_a"), key(module, f"hada_w{k}_b")
-                values[param_name(g, k, "factor0")] = (lambda t, a=a: t[a], (o, r))
-                values[param_name(g, k, "factor1")] = (lambda t, b=b: t[b].t(), (n, r))
-        return cfg, values
-    return _lokr_values(config, entries, found, views, where)
+    for g, ((module, _), view, q, sc) in enumerate(zip(found, views, ranks, scales, strict=True)):
+        o, n = view.shape
+        got = need(module, _SUFFIXES["LOHA"])
+        for k in (1, 2):
+            if got[f"hada_w{k}_a"] != (o, q) or got[f"hada_w{k}_b"] != (q, n):
+                raise AdapterFileError(f"{where}: LoHa tensors of {module!r} have shapes {got}, not rank {q} of "
+                                       f"({o}, {n})")
+            a, b = key(module, f"hada_w{k}_a"), key(module, f"hada_w{k}_b")
+            fold = sc / common if k == 1 else 1.0
+            values[param_name(g, k, "factor0")] = (lambda t, a=a, fold=fold: padded(t[a], fold), (o, R))
+            values[param_name(g, k, "factor1")] = (lambda t, b=b: padded(t[b].t()), (n, R))
+    return cfg, values
+
 
 
 def _padding_checked(U: torch.Tensor, pad: int | None, module: str, where: str) -> torch.Tensor:
@@ -1141,7 +1265,12 @@ def _padding_checked(U: torch.Tensor, pad: int | None, module: str, where: str) 
 
 
 def _lokr_values(config: dict[str, Any], entries: dict, found: list, views: list, where: str) -> tuple:
-    r, alpha, db = config["r"], config["alpha"], config["decompose_both"]
+    alpha, db = config["alpha"], config["decompose_both"]
+    ranks = {module: _pattern_value(config["rank_pattern"], module, config["r"]) for module, _ in found}
+    if len(set(ranks.values())) > 1:  # each rank shapes PEFT's LoKr layout (which blocks are low-rank)
+        raise AdapterFileError(f"{where}: rank_pattern gives the LoKr modules ranks {sorted(set(ranks.values()))}; a "
+                               "tensoradapt LoKr has one rank")
+    r = next(iter(ranks.values()))
     layout = []  # per module: (w1 shape, w2 shape as (c, e)), dense flags
     for module, m in found:
         got = entries[module]

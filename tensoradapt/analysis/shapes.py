@@ -25,7 +25,6 @@ bindings use (:mod:`tensoradapt._targets`).
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 import re
@@ -37,6 +36,7 @@ from typing import Any, NamedTuple
 import tensoradapt._safetensors as safetensors_header
 import tensoradapt._targets as target_rules
 
+from .._json import StrictJSONError, loads_strict
 from .._validate import MAX_DIM, MAX_NDIM, brief, is_int
 from ..superlora import presets as _presets
 from ..superlora.budget import FAMILIES, BudgetEntry, budget, count_many
@@ -76,6 +76,8 @@ OVER_DENSE_NOTE = "more parameters than dense fine-tuning: over-parameterised, n
 MAX_TARGETS = 10**6
 #: Largest shape file read (a JSON shape list; a safetensors header has its own limit).
 MAX_SHAPE_FILE_BYTES = 64 * 2**20
+#: Deepest nesting of a JSON shape file (``{"targets": [{"shape": [768, 768]}]}`` nests 4 deep).
+MAX_SHAPE_FILE_DEPTH = 16
 
 
 class ShapeSourceError(ValueError):
@@ -188,6 +190,9 @@ def shapes_from_json(source: str | os.PathLike[str] | Any, *, min_ndim: int = 1,
     Accepted forms: a list of shapes ``[[768, 768], [768, 3072]]``; a list of objects
     ``[{"name": "q", "shape": [768, 768]}, …]`` (``"count"`` optionally repeats an entry); an
     object ``{"q": [768, 768], …}``; or an object with a ``"targets"`` key holding one of these.
+    A file is read strictly (:func:`tensoradapt._json.loads_strict`): at most
+    :data:`MAX_SHAPE_FILE_BYTES` bytes of UTF-8 nesting at most :data:`MAX_SHAPE_FILE_DEPTH` levels
+    (checked before parsing), no repeated key, NaN or over-long integer.
 
     Examples
     --------
@@ -198,10 +203,12 @@ def shapes_from_json(source: str | os.PathLike[str] | Any, *, min_ndim: int = 1,
     if isinstance(source, (str, os.PathLike)):
         where = os.fspath(source)
         raw = _read_regular(where, MAX_SHAPE_FILE_BYTES)
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except (ValueError, RecursionError) as exc:  # bad UTF-8 / JSON, huge integers, deep nesting
-            raise ShapeSourceError(f"{where}: not valid JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
+        try:  # depth checked before parsing: a deep file is refused in linear time, never recursed into
+            data = loads_strict(raw.decode("utf-8"), max_depth=MAX_SHAPE_FILE_DEPTH)
+        except UnicodeDecodeError as exc:
+            raise ShapeSourceError(f"{where}: the file is not UTF-8 text (byte {exc.start})") from None
+        except StrictJSONError as exc:
+            raise ShapeSourceError(f"{where}: the file {exc}") from None
     else:
         data = source
     if isinstance(data, Mapping) and "targets" in data:

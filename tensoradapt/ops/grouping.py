@@ -382,5 +382,12 @@ class Grouping(Frozen):
             flat = xp.reshape(cotangents[i], (-1,))
             pieces.append(flat if (a, b) == (0, size) else flat[a:b])
         if pad_to is not None and pad_to > hi - lo:
-            pieces.append(xp.zeros((pad_to - (hi - lo),), dtype=pieces[0].dtype, device=device_of(pieces[0])))
+            # one fresh array written piece by piece: a concat with a zeros block would hold both
+            out = xp.empty((pad_to,), dtype=pieces[0].dtype, device=device_of(pieces[0]))
+            at = 0
+            for piece in pieces:
+                out[at:at + piece.shape[0]] = piece
+                at += piece.shape[0]
+            out[at:] = 0
+            return out
         return pieces[0] if len(pieces) == 1 else xp.concat(pieces)

@@ -645,6 +645,14 @@ class Fastfood(Frozen):
                 rows[..., lo:lo + j1 - j0] += w
         del v
         z = fwht_inplace(xp, rows)[..., : self.n_in]
+        if writes_in_place(xp, rows):  # rows is ours: sign and scale it in place (no n_in-long copies)
+            if self.order == "li":
+                for j0 in range(0, self.n_in, MAP_CHUNK):
+                    j1 = min(j0 + MAP_CHUNK, self.n_in)
+                    z[..., j0:j1] *= self._signs_chunk(xp, j0, j1, dtype, device) * self.scale
+            else:
+                z *= self.scale
+            return z
         if self.order == "li":
             return self._signed(xp, z, self.n_in, self.n_in) * self.scale
         return z * self.scale

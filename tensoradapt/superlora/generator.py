@@ -316,6 +316,7 @@ class SuperLoRA(Plan):
                     cot.shape[0] > group.size or len(self.grouping.members[group.index]) > 1):
                 # padded by _cotangent_pad, or gathered from several targets: a fresh array, reusable
                 z_cot = op.adjoint(cot, overwrite=True)
+                cot = None  # the length-L workspace: freed before the reshape below allocates
             else:
                 z_cot = op.adjoint(cot)
             total = math.prod(group.shape)
