@@ -131,3 +131,39 @@ def test_adapted_model_compiles_without_graph_breaks(name: str) -> None:
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     for p, g in zip(adapter.trainable_parameters(), ref_grads, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_adapted_model_compiles_to_its_own_values(how: str) -> None:
+    """Copies and pickles carry no operator keys of the original (they would run the original's
+    plan, or none once it is gone): the copy registers its own components."""
+    import copy
+    import gc
+    import io
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(), _Block()).double()
+    adapter = tat.attach(model, CONFIGS["fastfood-v2"], ["q", "v"])
+    with torch.no_grad():
+        for p in adapter.trainable_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    if how == "deepcopy":
+        clone = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        clone = torch.load(buffer, weights_only=False)
+    del model, adapter
+    gc.collect()
+    other = nn.Sequential(_Block(), _Block()).double()  # same shapes, other values: must not be mixed up
+    tat.attach(other, CONFIGS["fastfood-v2"], ["q", "v"], seed=123)
+    with torch.no_grad():
+        for p in clone.tensoradapt["default"].trainable_parameters():
+            p.mul_(1.5)
+    x = torch.randn(4, 32, dtype=torch.float64)
+    explanation = torch._dynamo.explain(clone)(x)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    torch._dynamo.reset()
+    ref = clone(x)
+    torch.testing.assert_close(torch.compile(clone, backend="aot_eager")(x), ref, rtol=1e-10, atol=1e-12)

@@ -421,10 +421,12 @@ def test_a_temporary_file_of_a_live_writer_is_kept(tmp_path) -> None:
     dead.wait()
     live = tmp_path / f".a.safetensors.{os.getppid()}.x1.tmp"
     gone = tmp_path / f".a.safetensors.{dead.pid}.x2.tmp"
-    for temp in (live, gone):
+    # another file's in-flight temporary that the glob .a.safetensors.*.tmp also matches
+    other_file = tmp_path / f".a.safetensors.bak.safetensors.{dead.pid}.x3.tmp"
+    for temp in (live, gone, other_file):
         temp.write_bytes(b"in flight")
     adapter.save(tmp_path / "a.safetensors")
-    assert live.exists() and not gone.exists()
+    assert live.exists() and not gone.exists() and other_file.exists()
 
 
 def test_concurrent_saves_of_one_path_never_fail(tmp_path) -> None:

@@ -137,14 +137,17 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 
 
 def _writer_alive(temp: Path, name: str) -> bool:
-    """Whether the process that made the temporary file ``temp`` (``.NAME.<pid>.<random>.tmp``) still
-    runs: this process (another thread's write in flight) or a live one (a concurrent writer, e.g.
-    another rank saving the same path).  Names without a pid (older versions) count as stale."""
-    middle = temp.name[len(name) + 2:-len(".tmp")]
-    pid_text, dot, _ = middle.partition(".")
-    if not dot or not pid_text.isascii() or not pid_text.isdigit() or len(pid_text) > 10:
+    """Whether the temporary file ``temp`` must be left alone by a write of ``name``: it belongs to
+    a write that may still run (``.NAME.<pid>.<random>.tmp`` of this process, i.e. another thread, or
+    of a live process, e.g. another rank saving the same path), or it is not a temporary of ``NAME``
+    at all (the glob also matches ``.NAME.bak.safetensors.<pid>.<random>.tmp`` of another file).
+    ``.NAME.<random>.tmp`` (an older version's, no pid) and those of finished processes are stale."""
+    parts = temp.name[len(name) + 2:-len(".tmp")].split(".")  # mkstemp's random part has no dot
+    if len(parts) == 1:
         return False
-    pid = int(pid_text)
+    if len(parts) != 2 or not parts[0].isascii() or not parts[0].isdigit() or len(parts[0]) > 10:
+        return True
+    pid = int(parts[0])
     if pid == os.getpid():
         return True
     try:

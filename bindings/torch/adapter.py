@@ -224,8 +224,7 @@ class SuperLoRAAdapter(BaseAdapter):
         self._group_names = [
             tuple(sorted(self.plan.parameter_shapes(groups))) for _, groups in self._components
         ]
-        for (targets, _), names in zip(self._components, self._group_names, strict=True):
-            component_key(self.plan, tuple(targets), names)  # torch.compile: one operator per component
+        self._register_components()
         self._setup_lifecycle(model, found, freeze_base)
         self.factored_targets = {
             i: f for i, f in ((i, self._factored_form(i, m)) for i, (_, m) in enumerate(found)) if f
@@ -238,6 +237,16 @@ class SuperLoRAAdapter(BaseAdapter):
             with torch.no_grad():
                 for name, value in values.items():
                     self.params[_safe_key(name)].copy_(value)
+
+    def _register_components(self) -> None:
+        """Make every component a ``torch.compile`` operator now (outside any trace, see
+        :func:`.functional.superlora_component_delta`)."""
+        for (targets, _), names in zip(self._components, self._group_names, strict=True):
+            component_key(self.plan, tuple(targets), names)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._register_components()  # a copy or an unpickled adapter: its plan is a new object
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The identity on its first argument.

@@ -88,8 +88,9 @@ def export_peft_main(argv: list[str] | None = None) -> int:
         return _error(str(exc))
     except (AdapterFileError, ValueError, TypeError) as exc:
         return _error(str(exc))
-    except OSError as exc:
-        return _error(f"cannot write {str(out)!r}: {exc.strerror or type(exc).__name__}")
+    except OSError as exc:  # reading the adapter or writing OUT
+        where = exc.filename if exc.filename is not None else out
+        return _error(f"{str(where)!r}: {exc.strerror or type(exc).__name__}")
     print(result)
     return 0
 

@@ -221,6 +221,8 @@ class _ComponentDelta(torch.autograd.Function):
 # would break the graph at every array-API dispatch.  Operators take tensors, ints and strings only, so a
 # component is passed as an integer key into this registry (plan held weakly; the keys die with the plan).
 _COMPONENT_KEYS = itertools.count(1)
+#: Where a plan holds its keys (a ``_process_*`` attribute: per process, never copied or pickled).
+_KEYS_ATTRIBUTE = "_process_torch_component_keys"
 _COMPONENTS: dict[int, tuple[weakref.ref[SuperLoRA], tuple[int, ...], tuple[str, ...]]] = {}
 
 
@@ -231,9 +233,9 @@ def _forget(keys: dict[Any, int]) -> None:
 
 def component_key(plan: SuperLoRA, targets: tuple[int, ...], names: tuple[str, ...]) -> int:
     """The registry key of component ``(plan, targets, names)`` (made on first use)."""
-    keys = plan.__dict__.get("_torch_component_keys")
-    if keys is None:
-        keys = plan.__dict__["_torch_component_keys"] = {}
+    keys = plan.__dict__.get(_KEYS_ATTRIBUTE)
+    if keys is None:  # (copies and pickles of a plan leave the attribute out: SuperLoRA.__getstate__)
+        keys = plan.__dict__[_KEYS_ATTRIBUTE] = {}
         weakref.finalize(plan, _forget, keys)
     key = keys.get((targets, names))
     if key is None:
@@ -333,7 +335,7 @@ def superlora_component_delta(plan: SuperLoRA, targets: Sequence[int],
     # after its graph has run, so a key made inside the trace would not exist yet when the operator
     # runs.  A component first met inside a trace falls back to the autograd Function (graph breaks);
     # an adapter registers all its components when it is attached.
-    key = plan.__dict__.get("_torch_component_keys", {}).get((targets, names))
+    key = plan.__dict__.get(_KEYS_ATTRIBUTE, {}).get((targets, names))
     if key is None:
         return list(_ComponentDelta.apply(plan, targets, names, *values))
     return list(_component_delta_op(key, values))

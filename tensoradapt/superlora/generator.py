@@ -49,7 +49,13 @@ class SuperLoRA(Plan):
 
     Its parameters (``config``, ``shapes``, ``names``) and attributes are the plan's; see
     :class:`~tensoradapt.superlora.plan.Plan`.
+
+    Attributes named ``_process_*`` are per-process caches that bindings keep on a plan (e.g. the
+    torch bindings' ``torch.compile`` operator keys): copies and pickles leave them out.
     """
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_process_")}
 
     # ------------------------------------------------------------------ init
     def init(self, seed: int = 0, xp: Any = None, dtype: Any = None, device: Any = None, *,
