@@ -47,6 +47,8 @@ class _BufferCache:
 
 #: Entries of ``L`` handled per chunk by generator 2's on-device maps.
 MAP_CHUNK = 1 << 12
+#: Entries per chunk when a generator-2 Fastfood's maps are stored on the device (one gather each).
+STORED_CHUNK = 1 << 18
 #: Entries per chunk of a generator-2 Shuffle's walked permutation (the walk's rounds shrink, so
 #: larger chunks than Fastfood's keep the per-round overhead small).
 WALK_CHUNK = 1 << 16
@@ -564,8 +566,10 @@ class Fastfood(Frozen):
             index = xp.bitwise_and(index, self._short - 1)
         return index, g
 
-    def _maps(self, xp: Any, forward: bool, dtype: Any, device: Any):
-        """Yield ``(j0, j1, index, g)`` chunks, from materialised arrays when the budget allows."""
+    def _maps(self, xp: Any, forward: bool, dtype: Any, device: Any, stored_chunk: int = MAP_CHUNK):
+        """Yield ``(j0, j1, index, g)`` chunks, from materialised arrays when the budget allows
+        (then in chunks of ``stored_chunk`` entries, a power of two: fewer, larger gathers; the
+        maps are elementwise, so the chunking never changes a value)."""
         length, chunk = self.length, min(self.length, MAP_CHUNK)
         key = ("maps", forward, getattr(xp, "__name__", repr(xp)), str(dtype), str(device))
         store = self._cache.store
@@ -580,6 +584,8 @@ class Fastfood(Frozen):
                 store[key] = (xp.concat([xp.astype(p[0], int_type) for p in parts]),
                               xp.concat([p[1] for p in parts]))
         cached = store[key]
+        if cached is not None:
+            chunk = min(length, max(chunk, stored_chunk))
         for j0 in range(0, length, chunk):
             j1 = min(j0 + chunk, length)
             if cached is None:
@@ -606,7 +612,7 @@ class Fastfood(Frozen):
         short = fwht_inplace(xp, short)
         out = xp.empty((*x.shape[:-1], self.length), dtype=dtype, device=device)
         last = short.ndim - 1
-        for j0, j1, index, g in self._maps(xp, True, dtype, device):
+        for j0, j1, index, g in self._maps(xp, True, dtype, device, STORED_CHUNK):
             out[..., j0:j1] = xp.take(short, index, axis=last) * g
         del short
         out = fwht_inplace(xp, out)
@@ -636,7 +642,10 @@ class Fastfood(Frozen):
         b = self._short
         rows = xp.zeros((*y.shape[:-1], b), dtype=dtype, device=device)
         last = v.ndim - 1
-        for j0, j1, index, g in self._maps(xp, False, dtype, device):
+        # stored maps come in chunks of at most b entries when b >= MAP_CHUNK (each entry of rows then
+        # gets one addition per chunk, in the same order as with MAP_CHUNK: the same bits), else MAP_CHUNK
+        stored = min(STORED_CHUNK, b) if b >= MAP_CHUNK else MAP_CHUNK
+        for j0, j1, index, g in self._maps(xp, False, dtype, device, stored):
             w = xp.take(v, index, axis=last) * g
             if j1 - j0 >= b:
                 rows += xp.sum(xp.reshape(w, (*w.shape[:-1], (j1 - j0) // b, b)), axis=w.ndim - 1)
