@@ -219,11 +219,8 @@ def test_fastfood_forward_and_vjp_peak_at_most_one_and_a_half_outputs(order: str
         projection.device_buffer_budget(saved)
 
 
-def test_plan_vjp_with_generator_2_is_the_adjoint_of_delta() -> None:
-    shapes = [(6, 8), (5, 7), (9, 4)]
-    config = presets.with_projection(presets.lorta(3, 2, 2), "fastfood", 0.3)
-    plan = SuperLoRA(config, shapes, generator=V2)
-    params = plan.init(0, dtype=np.float64, zero=False)
+def _check_vjp_by_finite_differences(plan: SuperLoRA, params: dict, shapes: list) -> None:
+    """⟨vjp(W̄), d⟩ equals the central difference of ⟨ΔW(θ + εd), W̄⟩ along a random direction d."""
     rng = np.random.default_rng(2)
     cots = [rng.standard_normal(s) for s in shapes]
     grads = plan.vjp(params, cots)
@@ -232,8 +229,15 @@ def test_plan_vjp_with_generator_2_is_the_adjoint_of_delta() -> None:
     plus = plan.delta({k: v + eps * direction[k] for k, v in params.items()})
     minus = plan.delta({k: v - eps * direction[k] for k, v in params.items()})
     numeric = sum(np.sum((p - m) * c) for p, m, c in zip(plus, minus, cots, strict=True)) / (2 * eps)
-    analytic = sum(np.sum(grads[k] * direction[k]) for k in params)
-    assert analytic == pytest.approx(numeric, rel=1e-6)
+    assert sum(np.sum(grads[k] * direction[k]) for k in params) == pytest.approx(numeric, rel=1e-6)
+
+
+def test_plan_vjp_with_generator_2_is_the_adjoint_of_delta() -> None:
+    shapes = [(6, 8), (5, 7), (9, 4)]
+    config = presets.with_projection(presets.lorta(3, 2, 2), "fastfood", 0.3)
+    plan = SuperLoRA(config, shapes, generator=V2)
+    params = plan.init(0, dtype=np.float64, zero=False)
+    _check_vjp_by_finite_differences(plan, params, shapes)
 
 
 def test_describe_prints_buffer_memory_per_group() -> None:
@@ -357,12 +361,4 @@ def test_plans_shuffle_with_their_generator(scope: str) -> None:
     np.testing.assert_array_equal(np.sort(flat[0]), np.sort(flat[1]))  # the same entries, other places
     assert not np.array_equal(flat[0], flat[1])
     # the VJP is the adjoint of ΔW (group 0 feeds two targets: the gathered-cotangent path)
-    rng = np.random.default_rng(2)
-    cots = [rng.standard_normal(s) for s in shapes]
-    grads = plan.vjp(params, cots)
-    direction = {k: rng.standard_normal(v.shape) for k, v in params.items()}
-    eps = 1e-6
-    plus = plan.delta({k: v + eps * direction[k] for k, v in params.items()})
-    minus = plan.delta({k: v - eps * direction[k] for k, v in params.items()})
-    numeric = sum(np.sum((p - m) * c) for p, m, c in zip(plus, minus, cots, strict=True)) / (2 * eps)
-    assert sum(np.sum(grads[k] * direction[k]) for k in params) == pytest.approx(numeric, rel=1e-6)
+    _check_vjp_by_finite_differences(plan, params, shapes)

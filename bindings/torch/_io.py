@@ -235,6 +235,23 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
+def read_json_file(path: Path, *, max_bytes: int) -> Any:
+    """The JSON of the file ``path`` (an ``adapter_config.json``, ours or PEFT's), strictly: a regular
+    file of at most ``max_bytes`` bytes, UTF-8, parsed by :func:`parse_metadata`'s rules;
+    ``AdapterFileError`` naming the file otherwise."""
+    where = repr(str(path))
+    if not path.is_file():
+        raise AdapterFileError(f"{where} is not a regular file")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise AdapterFileError(f"{where} is corrupted: {size:,} bytes, over the limit of {max_bytes:,}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise AdapterFileError(f"{where} is corrupted: not UTF-8 ({error})") from None
+    return parse_metadata(text, where, what="JSON")
+
+
 def check_config_file(config: Path, metadata: dict[str, Any], file: Path) -> None:
     """Refuse (``AdapterFileError`` naming ``config``) an ``adapter_config.json`` that is not
     tensoradapt's or that disagrees with the metadata of the adapter file beside it (which is
@@ -242,16 +259,7 @@ def check_config_file(config: Path, metadata: dict[str, Any], file: Path) -> Non
     :data:`MAX_CONFIG_BYTES`, UTF-8, ``"library": "tensoradapt"`` and every other key equal (as
     JSON) to the file's metadata, none missing."""
     where = repr(str(config))
-    if not config.is_file():
-        raise AdapterFileError(f"{where} is not a regular file")
-    size = config.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise AdapterFileError(f"{where} is corrupted: {size:,} bytes, over the limit of {MAX_CONFIG_BYTES:,}")
-    try:
-        text = config.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise AdapterFileError(f"{where} is corrupted: not UTF-8 ({error})") from None
-    data = parse_metadata(text, where, what="JSON")
+    data = read_json_file(config, max_bytes=MAX_CONFIG_BYTES)
     if not isinstance(data, dict):
         raise AdapterFileError(f"{where} is corrupted: not a JSON object")
     library = data.get("library")

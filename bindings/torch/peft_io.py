@@ -51,7 +51,7 @@ from tensoradapt.superlora.config import MAX_RANK
 from tensoradapt.superlora.factorize import factorization
 from tensoradapt.superlora.plan import SplitPlan, param_name
 
-from ._io import LIBRARY, AdapterFileError, adapter_subfolders, check_file, parse_metadata, write_bytes
+from ._io import LIBRARY, AdapterFileError, adapter_subfolders, check_file, parse_metadata, read_json_file, write_bytes
 from ._shared import ADAPTER_FILE, MODULES_TO_SAVE_PREFIX, BaseAdapter, forward_kind, plain_named_modules
 
 __all__ = ["EXACT_TOLERANCE", "PEFT_CONFIG_FILE", "PeftExport", "export_peft", "import_peft"]
@@ -965,16 +965,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     where = repr(str(path))
     if not path.exists():
         raise FileNotFoundError(f"no PEFT adapter config at {str(path)!r}")
-    if not path.is_file():
-        raise AdapterFileError(f"{where} is not a regular file")
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise AdapterFileError(f"{where} has {size:,} bytes; a PEFT config has at most {MAX_CONFIG_BYTES:,}")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise AdapterFileError(f"{where} is corrupted: not UTF-8 text") from None
-    data = parse_metadata(text, where, what="JSON")  # the limits of our own metadata (tensoradapt._json)
+    data = read_json_file(path, max_bytes=MAX_CONFIG_BYTES)  # the limits of our own metadata (tensoradapt._json)
     if not isinstance(data, dict):
         raise AdapterFileError(f"{where} is corrupted: the config is {type(data).__name__}, not an object")
     if data.get("library") == "tensoradapt" or "peft_type" not in data:
