@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -224,6 +225,7 @@ _COMPONENT_KEYS = itertools.count(1)
 #: Where a plan holds its keys (a ``_process_*`` attribute: per process, never copied or pickled).
 _KEYS_ATTRIBUTE = "_process_torch_component_keys"
 _COMPONENTS: dict[int, tuple[weakref.ref[SuperLoRA], tuple[int, ...], tuple[str, ...]]] = {}
+_REGISTRY_LOCK = threading.Lock()
 
 
 def _forget(keys: dict[Any, int]) -> None:
@@ -232,7 +234,12 @@ def _forget(keys: dict[Any, int]) -> None:
 
 
 def component_key(plan: SuperLoRA, targets: tuple[int, ...], names: tuple[str, ...]) -> int:
-    """The registry key of component ``(plan, targets, names)`` (made on first use)."""
+    """The registry key of component ``(plan, targets, names)`` (made on first use; thread-safe)."""
+    with _REGISTRY_LOCK:
+        return _component_key(plan, targets, names)
+
+
+def _component_key(plan: SuperLoRA, targets: tuple[int, ...], names: tuple[str, ...]) -> int:
     keys = plan.__dict__.get(_KEYS_ATTRIBUTE)
     if keys is None:  # (copies and pickles of a plan leave the attribute out: SuperLoRA.__getstate__)
         keys = plan.__dict__[_KEYS_ATTRIBUTE] = {}
