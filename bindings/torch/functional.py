@@ -235,6 +235,9 @@ def _forget(keys: dict[Any, int]) -> None:
 
 def component_key(plan: SuperLoRA, targets: tuple[int, ...], names: tuple[str, ...]) -> int:
     """The registry key of component ``(plan, targets, names)`` (made on first use; thread-safe)."""
+    key = plan.__dict__.get(_KEYS_ATTRIBUTE, {}).get((targets, names))  # every eager call: no lock once made
+    if key is not None:
+        return key
     with _REGISTRY_LOCK:
         return _component_key(plan, targets, names)
 
