@@ -62,7 +62,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> OneLineParser:
     listing = "\n".join(f"  {m.name:<14} {m.description}" for m in methods().values())
     parser = OneLineParser(
         prog=_PROG,
@@ -115,10 +115,9 @@ def usable_folder(out: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo from the command line; returns the exit status (2 for bad arguments)."""
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:  # --help (0) and usage errors (2)
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    args = _parser().parse_or_status(argv)
+    if isinstance(args, int):  # --help, --version or a usage error
+        return args
     missing = missing_packages(plot=not args.no_plot)
     if missing:
         return _error(f"the demo needs {' and '.join(missing)} (pip install 'tensoradapt[demo]')")

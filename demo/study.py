@@ -588,7 +588,7 @@ def _choices(known: Sequence[str], what: str) -> Callable[[str], list[str]]:
     return parse
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> OneLineParser:
     listing = "\n".join(f"  {k:<13} {v}" for k, v in FAMILIES.items())
     tasks = "\n".join(f"  {k:<13} {v}" for k, v in TASKS.items())
     parser = OneLineParser(
@@ -621,10 +621,9 @@ def _error(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``tensoradapt study``; returns the exit status (2 for bad arguments, one line on stderr)."""
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    args = _parser().parse_or_status(argv)
+    if isinstance(args, int):  # --help, --version or a usage error
+        return args
     missing = missing_packages(plot=not args.no_plot)
     if missing:
         return _error(f"the study needs {' and '.join(missing)} (pip install 'tensoradapt[demo]')")

@@ -42,7 +42,7 @@ def _rank(text: str) -> int | str:
     return int(text)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> OneLineParser:
     parser = OneLineParser(
         prog=_PROG,
         description="Write a tensoradapt adapter (a .safetensors file or a save_pretrained folder) as a PEFT "
@@ -69,10 +69,9 @@ def _error(message: str) -> int:
 
 def export_peft_main(argv: list[str] | None = None) -> int:
     """Run ``tensoradapt export-peft``; returns the exit status (0 success, 2 bad input)."""
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:  # --help (0) and usage errors (2)
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    args = _parser().parse_or_status(argv)
+    if isinstance(args, int):  # --help, --version or a usage error
+        return args
     if args.base_model is not None and not args.base_model.strip():
         return _error("--base-model is empty (give the base model's name or path, or leave the option out)")
     source, out = Path(args.adapter), Path(args.out)

@@ -74,7 +74,7 @@ def _run_plugin(name: str, entry: Any, argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------
 # parser and entry point
 # ---------------------------------------------------------------------------------------------
-def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+def _build_parser() -> tuple[OneLineParser, dict[str, argparse.ArgumentParser]]:
     from .._version import __version__
 
     parser = OneLineParser(prog=_PROG, description="SuperLoRA-family adapters: parameter tables, budget sweeps, "
@@ -99,10 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{_PROG} {name}: error: {one_line(exc)}", file=sys.stderr)
             return 2
     parser, _ = _build_parser()
-    try:
-        args = parser.parse_args(arguments)
-    except SystemExit as exc:  # --help, --version and usage errors
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    args = parser.parse_or_status(arguments)
+    if isinstance(args, int):  # --help, --version or a usage error
+        return args
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Sequence
 from fractions import Fraction
 from typing import NoReturn
 
@@ -17,6 +18,14 @@ class UsageError(Exception):
 
 class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (``prog: error: message``), status 2."""
+
+    def parse_or_status(self, argv: Sequence[str] | None = None) -> argparse.Namespace | int:
+        """The parsed arguments, or the exit status where parsing ended the command (``--help`` and
+        ``--version``: 0; a usage error, already reported on one line: 2)."""
+        try:
+            return self.parse_args(argv)
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
 
     def error(self, message: str) -> NoReturn:
         text = " ".join(message.split())  # an argument with a newline must not break the one line
