@@ -135,36 +135,59 @@ def test_save_then_load_into_a_fresh_copy_gives_identical_outputs(name, tmp_path
     assert meta["seed"] == adapter.seed and meta["generator_id"] == adapter.generator_id == buffers.GENERATOR_ID
 
 
-def test_delta_is_generated_once_per_component_per_forward(monkeypatch) -> None:
+def _record(monkeypatch, plan, method: str) -> list:
+    calls: list = []
+    original = getattr(plan, method)
+    monkeypatch.setattr(plan, method, lambda *args: calls.append(args[1]) or original(*args))
+    return calls
+
+
+def test_a_projected_component_is_generated_once_per_forward_and_once_per_backward(monkeypatch) -> None:
     model = _model()
-    adapter = tat.attach(model, presets.lorta(3, 2), ["query", "value", "out"])  # one group, 6 targets
-    calls: list[int] = []
-    original = adapter._generate
-    monkeypatch.setattr(adapter, "_generate", lambda c: calls.append(c) or original(c))
-    model(_x()).sum().backward()
-    assert calls == [0]
+    config = presets.with_projection(presets.lorta(3, 2), "fastfood", 0.5)  # one group, 6 targets
+    adapter = tat.attach(model, config, ["query", "value", "out"])
+    calls = _record(monkeypatch, adapter.plan, "delta_for")
+    vjps = _record(monkeypatch, adapter.plan, "vjp_for")
+    loss = model(_x()).sum()
+    assert len(calls) == 1  # the forward: once for the component, shared by its six targets
+    loss.backward()
+    assert len(calls) == 2 and len(vjps) == 1  # the backward: recomputed once, one VJP for all targets
     model(_x())
-    assert calls == [0, 0]
+    assert len(calls) == 3
     with torch.no_grad():
         model.eval()
         model(_x())
-    assert calls == [0, 0, 0]
+    assert len(calls) == 4
+
+
+def test_sliced_targets_never_generate_their_whole_group(monkeypatch) -> None:
+    """No model-wide ΔW: a target of a one-group LoRTA generates its own slice in its forward and
+    again in its backward; the group as a whole is never generated."""
+    model = _model()
+    adapter = tat.attach(model, presets.lorta(3, 2), ["query", "value", "out"])  # one group, 6 targets
+    whole = _record(monkeypatch, adapter.plan, "delta_for")
+    sliced = _record(monkeypatch, adapter.plan, "delta_target")
+    loss = model(_x()).sum()
+    assert sliced == list(range(6)) and whole == []
+    loss.backward()
+    assert sorted(sliced[6:]) == list(range(6)) and whole == []
 
     per_weight = _model()
     adapter = tat.attach(per_weight, presets.lorta(3, 2, groups="weight"), ["query", "value"])
-    calls.clear()
-    original = adapter._generate
-    monkeypatch.setattr(adapter, "_generate", lambda c: calls.append(c) or original(c))
+    sliced = _record(monkeypatch, adapter.plan, "delta_target")
     per_weight.blocks[1](torch.randn(2, 12))  # a block on its own: only its own two targets
-    assert calls == [2, 3]
+    assert sliced == [2, 3]
 
 
+@pytest.mark.parametrize("config", [presets.lorta(3, 2, groups=1),
+                                    presets.with_projection(presets.lorta(3, 2, groups=1), "fastfood", 0.5),
+                                    presets.lokr(2, factor=4)], ids=["sliced", "projected", "kronecker"])
 @pytest.mark.parametrize("mode", ["reentrant", "non-reentrant"])
-def test_activation_checkpointing_gives_the_same_gradients(mode) -> None:
+def test_activation_checkpointing_gives_the_same_gradients(mode, config) -> None:
     grads = {}
     for checkpointing in (None, mode):
         model = _model(checkpointing=checkpointing)
-        adapter = tat.attach(model, presets.lorta(3, 2, groups=1), ["query", "value", "embed"], seed=3)
+        adapter = tat.attach(model, config, ["query", "value", "embed"], seed=3)
         with torch.no_grad():  # a non-trivial point
             for p in adapter.trainable_parameters():
                 p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))

@@ -124,7 +124,7 @@ def base_forward(module: nn.Module, kind: str, x: torch.Tensor, weight: torch.Te
 
 # ---------------------------------------------------------------------------------- refusals
 def _storage_key(tensor: torch.Tensor) -> Any:
-    if tensor.numel() == 0:
+    if tensor.numel() == 0 or tensor.device.type == "meta":  # meta tensors all report storage 0
         return ("id", id(tensor))
     try:
         return (str(tensor.device), tensor.untyped_storage().data_ptr())

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tensoradapt._targets import TargetView, select_targets, target_view
+from tensoradapt._targets import TargetView, select_targets, target_matcher, target_view
 
-__all__ = ["TargetSpec", "WeightView", "match_targets", "weight_view"]
+__all__ = ["DIFFUSERS_ATTENTION", "DIFFUSERS_DEFAULT_TARGETS", "DIFFUSERS_RESNET_CONVS", "TargetSpec", "WeightView",
+           "diffusers_targets", "is_diffusers_model", "match_targets", "weight_view"]
 
 TargetSpec = str | Sequence[str] | Callable[[str, nn.Module], bool]
 
@@ -49,6 +50,18 @@ class WeightView(TargetView):
         keep = torch.ones(update.shape[0], 1, dtype=update.dtype, device=update.device)
         keep[self.padding_idx] = 0
         return update * keep
+
+    def weight_to_update(self, grad: torch.Tensor) -> torch.Tensor:
+        """The adjoint of :meth:`update_to_weight`: a gradient in the stored weight's layout → the
+        gradient of the ``(o, n)`` update (padding row zeroed, Conv1D transposed back, convolutions
+        flattened)."""
+        if self.padding_idx is not None:
+            keep = torch.ones(grad.shape[0], 1, dtype=grad.dtype, device=grad.device)
+            keep[self.padding_idx] = 0
+            grad = grad * keep
+        if self.kind == "conv1d":
+            return grad.t()
+        return grad.reshape(self.shape)
 
 
 def _is_tensor(value: object) -> bool:
@@ -97,3 +110,99 @@ def match_targets(model: nn.Module, targets: TargetSpec) -> list[tuple[str, nn.M
             f"module names look like {names[:6]}"
         )
     return found
+
+
+# ---------------------------------------------------------------------------------- diffusers
+#: The attention projections of diffusers' attention blocks (``Attention.to_q`` … ``to_out[0]``).
+DIFFUSERS_ATTENTION: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+#: The convolutions of diffusers' ResNet blocks (``ResnetBlock2D`` and kin), LoCon's conv targets.
+DIFFUSERS_RESNET_CONVS: tuple[str, ...] = ("conv1", "conv2", "conv_shortcut")
+#: The module-name suffixes ``attach(model)`` adapts on a diffusers model, by class name (the
+#: attention projections, as diffusers' own LoRA training scripts choose); any other diffusers model
+#: with ``to_q`` layers gets :data:`DIFFUSERS_ATTENTION` too.
+DIFFUSERS_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = dict.fromkeys((
+    "UNet2DConditionModel", "UNet2DModel", "UNet3DConditionModel", "UNetSpatioTemporalConditionModel",
+    "SD3Transformer2DModel", "FluxTransformer2DModel", "Transformer2DModel", "DiTTransformer2DModel",
+    "PixArtTransformer2DModel", "HunyuanDiT2DModel", "SanaTransformer2DModel", "AuraFlowTransformer2DModel",
+    "CogVideoXTransformer3DModel", "LTXVideoTransformer3DModel", "WanTransformer3DModel",
+), DIFFUSERS_ATTENTION)
+
+
+def is_diffusers_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a diffusers model (a subclass of ``diffusers.ModelMixin``; diffusers is
+    not imported)."""
+    return any(cls.__name__ == "ModelMixin" and cls.__module__.split(".")[0] == "diffusers"
+               for cls in type(model).__mro__)
+
+
+def diffusers_targets(model: nn.Module, *, attention: bool = True, resnets: bool = False) -> list[str]:
+    """The module names of a diffusers model to adapt: its attention projections and, with
+    ``resnets=True``, the convolutions of its ResNet blocks (LoCon-style conv targets).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A diffusers model (``UNet2DConditionModel``, ``SD3Transformer2DModel``,
+        ``FluxTransformer2DModel``, …) or any module holding one.
+    attention : bool
+        Include ``to_q``, ``to_k``, ``to_v`` and ``to_out.0`` (:data:`DIFFUSERS_ATTENTION`).
+    resnets : bool
+        Include ``conv1``, ``conv2`` and ``conv_shortcut`` of every ResNet block
+        (:data:`DIFFUSERS_RESNET_CONVS`; the blocks whose class name starts with ``Resnet``).
+
+    Returns
+    -------
+    list of str
+        In ``model.named_modules()`` order; pass it as ``targets=`` to :func:`tensoradapt.torch.attach`.
+
+    Raises
+    ------
+    ValueError
+        Nothing was selected, or both kinds were switched off.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> class Attention(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.to_q, self.to_k, self.to_v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+    ...         self.to_out = nn.ModuleList([nn.Linear(4, 4), nn.Dropout()])
+    >>> diffusers_targets(nn.ModuleDict({"attn": Attention()}))
+    ['attn.to_q', 'attn.to_k', 'attn.to_v', 'attn.to_out.0']
+    """
+    from ._shared import plain_named_modules
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not (attention or resnets):
+        raise ValueError("attention=False and resnets=False select nothing; switch one on")
+    modules = dict(plain_named_modules(model))
+    projection = target_matcher(list(DIFFUSERS_ATTENTION))  # the core's suffix rule
+    names = []
+    for name, module in modules.items():
+        parent, _, last = name.rpartition(".")
+        if attention and projection(name, module) and isinstance(module, nn.Linear):
+            names.append(name)
+        elif resnets and last in DIFFUSERS_RESNET_CONVS and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) \
+                and type(modules.get(parent)).__name__.startswith("Resnet"):
+            names.append(name)
+    if not names:
+        kinds = " and ".join(k for k, on in (("attention projections", attention), ("ResNet convolutions", resnets))
+                             if on)
+        raise ValueError(f"{type(model).__name__} has no diffusers {kinds} "
+                         f"({', '.join(DIFFUSERS_ATTENTION + DIFFUSERS_RESNET_CONVS)})")
+    return names
+
+
+def diffusers_default_targets(model: nn.Module) -> list[str] | None:
+    """What ``attach(model)`` adapts on a diffusers model (its attention projections,
+    :data:`DIFFUSERS_DEFAULT_TARGETS`), None for any other model or one without them."""
+    if not is_diffusers_model(model):
+        return None
+    suffixes = DIFFUSERS_DEFAULT_TARGETS.get(type(model).__name__, DIFFUSERS_ATTENTION)
+    from ._shared import plain_named_modules
+
+    found = [name for name, module in select_targets(plain_named_modules(model), list(suffixes))
+             if isinstance(module, nn.Linear)]
+    return found or None

@@ -38,7 +38,9 @@ from ._shared import (
     report_base_keys,
 )
 from ._targets import TargetSpec, WeightView, match_targets, weight_view
+from .bypass import BypassForm, apply_bypass, bypass_form
 from .functional import component_key, superlora_component_delta
+from .target_forward import ComponentPass, ComponentSlot, TargetSlice, adapted_forward, component_handle
 
 __all__ = ["ADAPTER_ATTRIBUTE", "AdaptedLayer", "Adapter", "SuperLoRAAdapter", "SuperLoRALayer",
            "attach_superlora", "check_targets", "load_superlora"]
@@ -112,8 +114,8 @@ class SuperLoRALayer(ReadsThrough, nn.Module):
         if len(active) <= 1:
             return self.base_layer(x) if not active else self._forward_one(active[0][0], active[0][1], x)
         base = self.base_layer
-        factored = [(o, i) for o, i in active if i in o.factored_targets]
-        dense = [(o, i) for o, i in active if i not in o.factored_targets]
+        factored = [(o, i) for o, i in active if i in o.factored_targets or i in o.bypass_targets]
+        dense = [(o, i) for o, i in active if i not in o.factored_targets and i not in o.bypass_targets]
         if self.kind == "quantized":
             out = base(x)
             for o, i in dense:
@@ -134,7 +136,8 @@ class SuperLoRALayer(ReadsThrough, nn.Module):
         else:
             out = base(x)
         for o, i in factored:
-            out = out + o.low_rank_update(i, x.to(out.device)).to(out.dtype)
+            update = o.low_rank_update if i in o.factored_targets else o.bypass_update
+            out = out + update(i, x.to(out.device)).to(out.dtype)
         return out
 
     def _forward_one(self, owner: SuperLoRAAdapter, index: int, x: torch.Tensor) -> torch.Tensor:
@@ -143,8 +146,18 @@ class SuperLoRALayer(ReadsThrough, nn.Module):
         if index in owner.factored_targets:
             out = self.base_layer(x)
             return out + owner.low_rank_update(index, x.to(out.device)).to(out.dtype)
+        if index in owner.bypass_targets:
+            out = self.base_layer(x)
+            return out + owner.bypass_update(index, x.to(out.device)).to(out.dtype)
         base = self.base_layer
-        if self.kind == "quantized":  # never touch the quantised weight: base(x) + x ΔWᵀ
+        if not torch.compiler.is_compiling():  # ΔW generated here and regenerated in the backward
+            source, inputs = owner.target_source(index)
+            if self.kind == "quantized":  # never touch the quantised weight: base(x) + x ΔWᵀ
+                out = base(x)
+                return out + adapted_forward(self, source, x.to(out.device), None, None, inputs).to(out.dtype)
+            return adapted_forward(self, source, x, base.weight, getattr(base, "bias", None), inputs)
+        # torch.compile: the component's ΔW is one custom operator (no graph break), added to W
+        if self.kind == "quantized":
             out = base(x)
             delta = owner.target_delta(index).to(out.device)
             return out + F.linear(x.to(delta.dtype), delta).to(out.dtype)
@@ -185,6 +198,10 @@ class SuperLoRAAdapter(BaseAdapter):
     factored_targets : dict of int -> (str, str, float)
         The targets computed as ``base(x) + s (x V) Uᵀ`` without forming ``ΔW`` (see
         :meth:`low_rank_update`): ``{index: (U name, V name, s)}``.
+    bypass_targets : dict of int -> BypassForm
+        The targets whose update is a weight-shaped Kronecker (LoKr, KronA, LoNKr on a square
+        weight) or Hadamard (LoHa) product, computed as ``base(x) + x ΔWᵀ`` factor by factor
+        without forming ``ΔW`` (:mod:`.bypass`, docs/math.md §6.2, §6.3).
 
     Constructing one builds the tensors; ``attach`` and ``load`` then install the wrappers.
     ``values`` (a ``{generator name: tensor}`` dict of the plan's shapes) replaces the initial
@@ -229,7 +246,11 @@ class SuperLoRAAdapter(BaseAdapter):
         self.factored_targets = {
             i: f for i, f in ((i, self._factored_form(i, m)) for i, (_, m) in enumerate(found)) if f
         }
+        self.bypass_targets = {
+            i: f for i, f in ((i, self._bypass_form(i, m)) for i, (_, m) in enumerate(found)) if f
+        }
         self._merged_weights: list[torch.Tensor] | None = None
+        self._slices: dict[int, TargetSlice] = {}  # the sliceable targets' sources, made on first use
         self._state = ThreadState(_ForwardState)
         # ΔW recomputed inside backward passes (activation checkpointing): {graph task id: cache}
         self._backward_cache: dict[int, dict[tuple[int, bool], Any]] = {}
@@ -272,8 +293,7 @@ class SuperLoRAAdapter(BaseAdapter):
         targets, groups = self._components[c]
         if (len(targets), len(groups)) != (1, 1) or cfg.projection != "none" or cfg.layout != "fold":
             return None
-        if not (view.kind == "conv1d" or (view.kind == "linear" and type(module) is nn.Linear)
-                or self.kinds[index] == "quantized"):
+        if not self._takes_activation_path(index, module):
             return None
         group = self.plan.groups[groups[0]]
         if len(group.splits) != 1 or group.n != group.size or group.padding:
@@ -282,6 +302,26 @@ class SuperLoRAAdapter(BaseAdapter):
         if split.kind != "identity" or split.shape != view.shape or split.fixed_modes:
             return None
         return param_name(group.index, 1, "factor0"), param_name(group.index, 1, "factor1"), float(group.scale)
+
+    def _takes_activation_path(self, index: int, module: nn.Module) -> bool:
+        """Whether target ``index`` can add its update as ``base(x) + x ΔWᵀ`` (``nn.Linear``,
+        ``Conv1D`` or a quantised linear layer)."""
+        view = self.views[index]
+        return (view.kind == "conv1d" or (view.kind == "linear" and type(module) is nn.Linear)
+                or self.kinds[index] == "quantized")
+
+    def _bypass_form(self, index: int, module: nn.Module) -> BypassForm | None:
+        """The target's Kronecker/Hadamard product applied to activations (:mod:`.bypass`), or None."""
+        if index in self.factored_targets or not self._takes_activation_path(index, module):
+            return None
+        return bypass_form(self.plan, index, self.views[index].shape)
+
+    def bypass_update(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """``x ΔWᵀ`` of a target in :attr:`bypass_targets`, without forming ``ΔW``."""
+        form = self.bypass_targets[index]
+        names = [name for _, _, blocks in form.splits for _, name in blocks]
+        refuse_sharded_values([self.params[_safe_key(n)] for n in names])  # FSDP2: a clear error
+        return apply_bypass(form, lambda name: self.params[_safe_key(name)], x)
 
     def low_rank_update(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """``s (x V) Uᵀ``, the adapter's part of the output of a target in :attr:`factored_targets`."""
@@ -316,6 +356,9 @@ class SuperLoRAAdapter(BaseAdapter):
         state = self._state.get()
         state.depth = max(0, state.depth - 1)
         if state.depth == 0:
+            for entry in (state.cache or {}).values():
+                if isinstance(entry[1], ComponentPass):
+                    entry[1].release()  # the backward recomputes the component's ΔW once
             state.cache = None
 
     # ------------------------------------------------------------------ ΔW
@@ -341,19 +384,57 @@ class SuperLoRAAdapter(BaseAdapter):
                 torch.autograd.Variable._execution_engine.queue_callback(release)
             return cache
 
-    def target_delta(self, index: int) -> torch.Tensor:
-        """``ΔW`` of target ``index`` as the adapted layers use it: differentiable, generated once
-        per model forward (per thread) for the target's whole component (and reused within it)."""
-        c, position = self._component_of[index]
+    def _pass_cache(self) -> dict[Any, Any] | None:
+        """The reuse cache of the running model forward (per thread), of the running backward pass
+        (activation checkpointing recomputing a block: the parameters cannot change in the middle
+        of it), or None outside both (a submodule called on its own generates afresh every call)."""
         cache = self._state.get().cache
         if cache is None:
-            # Outside a model forward.  During a backward pass (activation checkpointing recomputing
-            # a block) reuse within that pass: the parameters cannot change in the middle of it.
-            # Otherwise (a submodule called on its own) generate afresh every call.
             task = graph_task_id()
             if task < 0:
-                return self._generate(c)[position]
+                return None
             cache = self._backward_pass_cache(task)
+        return cache
+
+    def target_source(self, index: int) -> tuple[Any, list[torch.Tensor]]:
+        """``(source, inputs)`` of target ``index`` for :func:`.target_forward.adapted_forward`:
+        the target's own slice of its groups when the core generates it alone
+        (:meth:`tensoradapt.SuperLoRA.sliceable`), else its slot in the component's pass (one
+        whole-group transform per forward, shared by the component's targets)."""
+        source = self._slices.get(index)
+        if source is None and self.plan.sliceable(index):
+            names = tuple(sorted(self.plan.parameter_shapes(self.plan.groups_for([index]))))
+            source = self._slices[index] = TargetSlice(self.plan, index, names)
+        if source is not None:
+            inputs = [self.params[_safe_key(n)] for n in source.names]
+            refuse_sharded_values(inputs)  # FSDP2: a clear error instead of DTensor's
+            return source, inputs
+        c, position = self._component_of[index]
+        grad = torch.is_grad_enabled()
+        cache = self._pass_cache()
+        key = (c, "pass", grad)
+        versions = self._versions(c)
+        hit = None if cache is None else cache.get(key)
+        if hit is None or hit[0] != versions:  # parameters changed in place since: a new pass
+            params = self._component_params(c)
+            values = [params[n] for n in self._group_names[c]]
+            state = ComponentPass(self.plan, self._components[c][0], self._group_names[c], values)
+            handle = component_handle(state, values) if grad else values[0].new_empty(0)
+            hit = (versions, state, handle)
+            if cache is not None:
+                cache[key] = hit
+        return ComponentSlot(hit[1], position), [hit[2]]
+
+    def target_delta(self, index: int) -> torch.Tensor:
+        """``ΔW`` of target ``index`` as a differentiable tensor, generated once per model forward
+        (per thread) for the target's whole component (and reused within it).  Used where the
+        update must exist as a tensor: several adapters on one layer, and under ``torch.compile``
+        (one custom operator per component); the eager single-adapter forward regenerates ``ΔW`` in
+        its backward instead (:meth:`target_source`)."""
+        c, position = self._component_of[index]
+        cache = self._pass_cache()
+        if cache is None:
+            return self._generate(c)[position]
         key = (c, torch.is_grad_enabled())  # never hand a graph-less ΔW to a layer that needs grads
         # Under torch.compile the version counters are data the graph cannot guard on (a graph break
         # per target); nothing in a traced forward modifies the parameters in place, so none is read.

@@ -315,19 +315,58 @@ class Grouping(Frozen):
             return [self._stack_slice(xp, chosen, i) for i in wanted]
         return [self._fold_slice(xp, chosen, i) for i in wanted]
 
-    def _fold_slice(self, xp: Any, chosen: Mapping[int, Any], target: int) -> Any:
+    def _check_target(self, target: int) -> int:
+        target = check_int("target", target, minimum=0)
+        if target >= len(self.shapes):
+            raise ValueError(f"target must be < the number of targets ({len(self.shapes)}), got {target}")
+        return target
+
+    def target_pieces(self, target: int) -> tuple[tuple[int, int, int], ...]:
+        """Fold layout: the ranges ``(g, a, b)`` of the group vectors that make up ``target``.
+
+        Target ``target`` is ``ΔW_all[off : off + N_i]``; its overlap with group ``g``'s segment
+        ``[a_g, a_g + N_g)`` is ``[a, b)`` of that group's own vector, ``a = max(a_g, off) − a_g`` and
+        ``b = min(a_g + N_g, off + N_i) − a_g``.  The pieces are in the target's row-major order, so
+        ``vec ΔW_i`` is the concatenation of ``y_g[a:b]`` over them (docs/math.md §3.2.3).
+
+        >>> Grouping([(2, 2), (3, 2)], grouping=3).target_pieces(1)
+        ((1, 0, 3), (2, 0, 3))
+        >>> Grouping([(2, 5)], grouping=3).target_pieces(0)
+        ((0, 0, 4), (1, 0, 3), (2, 0, 3))
+        """
+        if self.layout != "fold":
+            raise ValueError("target_pieces applies to the fold layout; a stack-layout target is a column "
+                             "block (target_columns)")
+        return self._pieces(self._check_target(target))
+
+    def _pieces(self, target: int) -> tuple[tuple[int, int, int], ...]:
         start = self._target_offsets[target]
         stop = start + math.prod(self.shapes[target])
-        pieces = []
-        for g in self.groups_for([target]):
+        out = []
+        for g in self._target_groups[target]:
             lo, hi = self.bounds[g], self.bounds[g + 1]
-            a, b = max(lo, start), min(hi, stop)
-            pieces.append(chosen[g][a - lo : b - lo])
+            out.append((g, max(lo, start) - lo, min(hi, stop) - lo))
+        return tuple(out)
+
+    def _fold_slice(self, xp: Any, chosen: Mapping[int, Any], target: int) -> Any:
+        pieces = [chosen[g][a:b] for g, a, b in self._pieces(target)]
         flat = pieces[0] if len(pieces) == 1 else xp.concat(pieces)
         return xp.reshape(flat, self.shapes[target])
 
-    def _stack_columns(self, target: int) -> tuple[int, int, int]:
-        (g,) = self.groups_for([target])
+    def target_columns(self, target: int) -> tuple[int, int, int]:
+        """Stack layout: ``(g, c0, c1)``, the column block ``[c0, c1)`` of group ``g``'s ``(o, Σ n)``
+        matrix that holds ``target`` (docs/math.md §3.2.2).
+
+        >>> Grouping([(2, 3), (2, 4)], grouping=1, layout="stack").target_columns(1)
+        (0, 3, 7)
+        """
+        if self.layout != "stack":
+            raise ValueError("target_columns applies to the stack layout; a fold-layout target is made of "
+                             "vector ranges (target_pieces)")
+        return self._columns(self._check_target(target))
+
+    def _columns(self, target: int) -> tuple[int, int, int]:
+        (g,) = self._target_groups[target]
         start = 0
         for i in self.members[g]:
             width = math.prod(self.shapes[i][1:])
@@ -337,7 +376,7 @@ class Grouping(Frozen):
         raise AssertionError("target not in its group")  # pragma: no cover
 
     def _stack_slice(self, xp: Any, chosen: Mapping[int, Any], target: int) -> Any:
-        g, lo, hi = self._stack_columns(target)
+        g, lo, hi = self._columns(target)
         return xp.reshape(chosen[g][:, lo:hi], self.shapes[target])
 
     def from_targets(self, cotangents: Sequence[Any], groups: Sequence[int] | None = None) -> list[Any]:

@@ -49,6 +49,17 @@ class _BufferCache:
 MAP_CHUNK = 1 << 12
 #: Entries per chunk when a generator-2 Fastfood's maps are stored on the device (one gather each).
 STORED_CHUNK = 1 << 18
+#: Most entries per chunk when generator-2 maps and signs are computed per call (see _computed_chunk).
+COMPUTED_CHUNK = 1 << 16
+
+
+def _computed_chunk(length: int) -> int:
+    """Entries per chunk of maps and signs computed per call for a transform of ``length`` entries:
+    ``length / 256`` between ``MAP_CHUNK`` and ``COMPUTED_CHUNK``.  Few device calls on long
+    transforms (4096-entry chunks made an unstored map of ``L = 2^27`` cost 32,768 rounds of Python
+    dispatch per pass), while a chunk's hashing temporaries (about 200 bytes per entry) stay under
+    a fifth of the transform's own float32 arrays."""
+    return max(MAP_CHUNK, min(COMPUTED_CHUNK, length >> 8))
 #: Entries per chunk of a generator-2 Shuffle's walked permutation (the walk's rounds shrink, so
 #: larger chunks than Fastfood's keep the per-round overhead small).
 WALK_CHUNK = 1 << 16
@@ -567,9 +578,10 @@ class Fastfood(Frozen):
         return index, g
 
     def _maps(self, xp: Any, forward: bool, dtype: Any, device: Any, stored_chunk: int = MAP_CHUNK):
-        """Yield ``(j0, j1, index, g)`` chunks, from materialised arrays when the budget allows
-        (then in chunks of ``stored_chunk`` entries, a power of two: fewer, larger gathers; the
-        maps are elementwise, so the chunking never changes a value)."""
+        """Yield ``(j0, j1, index, g)`` chunks of ``stored_chunk`` entries (a power of two: few,
+        large gathers) from materialised arrays when the budget allows, else computed in chunks of
+        at most :func:`_computed_chunk`; the maps are elementwise, so the chunking never changes a
+        value."""
         length, chunk = self.length, min(self.length, MAP_CHUNK)
         key = ("maps", forward, getattr(xp, "__name__", repr(xp)), str(dtype), str(device))
         store = self._cache.store
@@ -584,8 +596,8 @@ class Fastfood(Frozen):
                 store[key] = (xp.concat([xp.astype(p[0], int_type) for p in parts]),
                               xp.concat([p[1] for p in parts]))
         cached = store[key]
-        if cached is not None:
-            chunk = min(length, max(chunk, stored_chunk))
+        # stored maps come in chunks of stored_chunk entries, computed ones of _computed_chunk(L)
+        chunk = min(length, max(chunk, stored_chunk if cached is not None else min(stored_chunk, _computed_chunk(length))))
         for j0 in range(0, length, chunk):
             j1 = min(j0 + chunk, length)
             if cached is None:
@@ -598,8 +610,9 @@ class Fastfood(Frozen):
         """``Pad_total(b_{:length} ⊙ x)`` as a fresh array, built chunk by chunk."""
         device = device_of(x)
         out = xp.zeros((*x.shape[:-1], total), dtype=x.dtype, device=device)
-        for j0 in range(0, length, MAP_CHUNK):
-            j1 = min(j0 + MAP_CHUNK, length)
+        step = _computed_chunk(total)  # elementwise: the chunk size changes no value
+        for j0 in range(0, length, step):
+            j1 = min(j0 + step, length)
             out[..., j0:j1] = x[..., j0:j1] * self._signs_chunk(xp, j0, j1, x.dtype, device)
         return out
 
@@ -619,8 +632,9 @@ class Fastfood(Frozen):
         if self.order == "li":
             out *= self.scale
         else:
-            for j0 in range(0, self.n_out, MAP_CHUNK):
-                j1 = min(j0 + MAP_CHUNK, self.n_out)
+            step = _computed_chunk(self.length)
+            for j0 in range(0, self.n_out, step):
+                j1 = min(j0 + step, self.n_out)
                 out[..., j0:j1] = out[..., j0:j1] * (self._signs_chunk(xp, j0, j1, dtype, device) * self.scale)
         return out[..., : self.n_out]
 
@@ -630,8 +644,9 @@ class Fastfood(Frozen):
         if padded and overwrite and writes_in_place(xp, y):
             v = y
             if self.order != "li":
-                for j0 in range(0, n_out, MAP_CHUNK):
-                    j1 = min(j0 + MAP_CHUNK, n_out)
+                step = _computed_chunk(self.length)
+                for j0 in range(0, n_out, step):
+                    j1 = min(j0 + step, n_out)
                     v[..., j0:j1] = v[..., j0:j1] * self._signs_chunk(xp, j0, j1, dtype, device)
         elif self.order == "li":
             v = xp.zeros((*y.shape[:-1], self.length), dtype=dtype, device=device)
@@ -656,8 +671,9 @@ class Fastfood(Frozen):
         z = fwht_inplace(xp, rows)[..., : self.n_in]
         if writes_in_place(xp, rows):  # rows is ours: sign and scale it in place (no n_in-long copies)
             if self.order == "li":
-                for j0 in range(0, self.n_in, MAP_CHUNK):
-                    j1 = min(j0 + MAP_CHUNK, self.n_in)
+                step = _computed_chunk(self.length)
+                for j0 in range(0, self.n_in, step):
+                    j1 = min(j0 + step, self.n_in)
                     z[..., j0:j1] *= self._signs_chunk(xp, j0, j1, dtype, device) * self.scale
             else:
                 z *= self.scale

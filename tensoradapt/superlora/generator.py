@@ -23,6 +23,7 @@ import numpy as np
 from .. import buffers
 from .._backend import check_floating, compat_namespace, device_of, from_host, indexed, namespace
 from ..ops import Fastfood, Shuffle, cp_to_tensor, cp_vjp, kron, kron_vjp, tucker_to_tensor, tucker_vjp
+from . import slices
 from .plan import GroupPlan, Plan, SplitPlan, param_name, param_prefix
 
 __all__ = ["GroupPlan", "SplitPlan", "SuperLoRA"]
@@ -45,7 +46,8 @@ class SuperLoRA(Plan):
 
     A :class:`~tensoradapt.superlora.plan.Plan` (groups, folds, splits, projections, parameter
     names) with the computations over it: :meth:`init`, :meth:`delta`, :meth:`delta_for`,
-    :meth:`vjp`, :meth:`vjp_for`, :meth:`components` and :meth:`describe`.
+    :meth:`vjp`, :meth:`vjp_for`, :meth:`components`, :meth:`describe`, and per target
+    :meth:`sliceable`, :meth:`delta_target` and :meth:`vjp_target`.
 
     Its parameters (``config``, ``shapes``, ``names``) and attributes are the plan's; see
     :class:`~tensoradapt.superlora.plan.Plan`.
@@ -362,6 +364,70 @@ class SuperLoRA(Plan):
             if m not in split.fixed_modes:
                 out[f"factor{m}"] = grad
         return out
+
+    # ------------------------------------------------------------------ one target (docs/math.md §3.2.3)
+    def sliceable(self, index: int) -> bool:
+        """Whether target ``index``'s ``ΔW`` can be generated without the rest of its groups.
+
+        True without a projection (layout ``"fold"`` or ``"stack"``): the target then reads a slab
+        of each group it overlaps.  A projection ``F_g`` (Shuffle, Fastfood) mixes every entry of
+        its group, and a global shuffle every group, so those targets are not sliceable.
+        """
+        self.grouping.groups_for([index])  # validates the index
+        return self.config.projection == "none" and self.config.layout in ("fold", "stack")
+
+    def _sliceable_or_raise(self, index: int) -> int:
+        if not self.sliceable(index):
+            scope = "global " if self.global_shuffle else ""
+            raise ValueError(
+                f"target {index} is not sliceable: a target is generated on its own only without a projection "
+                f"(layout 'fold' or 'stack', projection='none'), but this plan has a {scope}"
+                f"projection={self.config.projection!r} that mixes whole groups; use delta_for / vjp_for")
+        return int(index)
+
+    def _slice_locals(self, params: Mapping[str, Any], g: int, scale: bool) -> list[dict[str, Any]]:
+        locals_ = [self._local(params, g, k) for k in range(1, len(self.groups[g].splits) + 1)]
+        if scale:  # exactly as _group_output: the smallest block of split 1
+            locals_[0] = self._scaled(locals_[0], self.groups[g].scale)
+        return locals_
+
+    def delta_target(self, params: Mapping[str, Any], index: int) -> Any:
+        """``ΔW_index`` in its own shape, at a cost proportional to the target (docs/math.md §3.2.3).
+
+        Equals ``delta_for(params, [index])[0]`` (to rounding) but generates only the mode-1 slab of
+        each group the target overlaps (the stack layout: its column block), not the whole group.
+        ``params`` holds every trainable array or exactly those of ``groups_for([index])``.
+
+        Raises
+        ------
+        ValueError
+            When the target is not :meth:`sliceable` (a projection), or ``params`` do not match.
+        """
+        index = self._sliceable_or_raise(index)
+        needed = self.groups_for([index])
+        xp = self._check_params(params, None if len(params) == self.num_arrays else needed)
+        return slices.target_delta(xp, self, index, lambda g: self._slice_locals(params, g, True))
+
+    def vjp_target(self, params: Mapping[str, Any], index: int, cotangent: Any) -> dict[str, Any]:
+        """Gradients of the arrays of ``groups_for([index])`` given ``W̄ = ∂L/∂ΔW_index`` (target shape).
+
+        The gradient of ``<W̄, delta_target(params, index)>``: rows of a factor that the target's
+        slabs do not read get zeros.  Same cost rule and errors as :meth:`delta_target`.
+        """
+        index = self._sliceable_or_raise(index)
+        needed = self.groups_for([index])
+        xp = self._check_params(params, None if len(params) == self.num_arrays else needed)
+        if tuple(cotangent.shape) != self.shapes[index]:
+            raise ValueError(f"the cotangent of target {index} must have shape {self.shapes[index]}, "
+                             f"got {tuple(cotangent.shape)}")
+        namespace(cotangent=cotangent, **params)
+        check_floating(xp, [("params", next(iter(params.values()))), ("cotangent", cotangent)])
+        per_group = slices.target_vjp(xp, self, index, cotangent, lambda g: self._slice_locals(params, g, False))
+        grads: dict[str, Any] = {}
+        for g, local in per_group.items():  # the scale as in _groups_vjp: on the unscaled VJP
+            scale = self.groups[g].scale
+            grads.update({name: v * scale if scale != 1.0 else v for name, v in local.items()})
+        return grads
 
     # ------------------------------------------------------------------ reporting
     def describe(self) -> str:

@@ -1,0 +1,230 @@
+"""A target's forward that keeps only the factors: ``y = f(x, W + ΔW_i)`` with ``ΔW_i``
+generated inside the forward and regenerated inside the backward (docs/math.md §6.4).
+
+Autograd saves the layer input ``x`` (which the base layer's own backward needs anyway), the
+frozen weight (a reference) and the adapter's factors; never ``ΔW_i`` or ``W + ΔW_i``.  A train
+step therefore holds one target's ``ΔW`` at a time, not the sum over the model's targets.
+
+Where ``ΔW_i`` comes from is a *source*:
+
+* :class:`TargetSlice`: a target whose update the core generates on its own
+  (:meth:`tensoradapt.SuperLoRA.sliceable`: no projection), at a cost proportional to the
+  target's slice of its group (:meth:`~tensoradapt.SuperLoRA.delta_target` /
+  :meth:`~tensoradapt.SuperLoRA.vjp_target`);
+* :class:`ComponentSlot`: a target of a projected component (Fastfood, Shuffle), whose outputs
+  need the whole group transform.  The component's ``ΔW`` list is computed once per forward
+  (:class:`ComponentPass`), freed when the forward ends, recomputed once in the backward, and
+  the targets' cotangents are collected there; the component's VJP runs once, in the backward of
+  the :class:`ComponentPass` handle, after every target of the pass has handed in its cotangent
+  (autograd's dependency count orders it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from tensoradapt import SuperLoRA
+
+from ._shared import base_forward
+
+__all__ = ["ComponentPass", "ComponentSlot", "TargetSlice", "adapted_forward", "component_handle"]
+
+
+def _check_versions(names: Sequence[str], values: Sequence[torch.Tensor], versions: Sequence[int]) -> None:
+    changed = [n for n, v, version in zip(names, values, versions, strict=True) if v._version != version]
+    if changed:
+        raise RuntimeError(
+            f"adapter parameters {changed[:3]} were modified in place between the forward and the "
+            "backward pass (as autograd's saved-tensor check would report); run backward first"
+        )
+
+
+class TargetSlice:
+    """``ΔW_i`` of one target generated on its own from its groups' arrays (no projection).
+
+    ``inputs`` are the arrays ``names`` (those of ``plan.groups_for([index])``, sorted)."""
+
+    def __init__(self, plan: SuperLoRA, index: int, names: tuple[str, ...]) -> None:
+        self.plan, self.index, self.names = plan, index, names
+
+    def delta(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.plan.delta_target(dict(zip(self.names, inputs, strict=True)), self.index)
+
+    def vjp(self, inputs: Sequence[torch.Tensor], cotangent: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        grads = self.plan.vjp_target(dict(zip(self.names, inputs, strict=True)), self.index, cotangent)
+        return tuple(grads[n] for n in self.names)
+
+
+class ComponentPass:
+    """One forward pass of a projected component: its targets' ``ΔW`` (computed on first use,
+    released when the forward ends and recomputed once in the backward) and the cotangents its
+    targets hand in during the backward."""
+
+    def __init__(self, plan: SuperLoRA, targets: tuple[int, ...], names: tuple[str, ...],
+                 values: Sequence[torch.Tensor]) -> None:
+        self.plan, self.targets, self.names = plan, targets, names
+        self.values = tuple(v.detach() for v in values)  # detached views share the version counters
+        self.versions = tuple(v._version for v in values)
+        self.outputs: list[torch.Tensor] | None = None
+        self.cotangents: list[torch.Tensor | None] = [None] * len(targets)
+
+    def output(self, position: int) -> torch.Tensor:
+        if self.outputs is None:
+            with torch.no_grad(), torch.autocast(self.values[0].device.type, enabled=False):
+                self.outputs = self.plan.delta_for(dict(zip(self.names, self.values, strict=True)), self.targets)
+        return self.outputs[position]
+
+    def release(self) -> None:
+        """Free the generated ``ΔW`` (the backward recomputes it once)."""
+        self.outputs = None
+
+    def add_cotangent(self, position: int, cotangent: torch.Tensor) -> None:
+        known = self.cotangents[position]
+        self.cotangents[position] = cotangent if known is None else known + cotangent
+
+    def finish(self) -> tuple[torch.Tensor, ...]:
+        """The component's VJP over the collected cotangents (zeros for targets without one)."""
+        _check_versions(self.names, self.values, self.versions)
+        self.outputs = None  # no target of this pass needs ΔW any more
+        ref = self.values[0]
+        cotangents = [torch.zeros(self.plan.shapes[t], dtype=ref.dtype, device=ref.device) if c is None
+                      else c.to(ref.dtype).contiguous() for c, t in zip(self.cotangents, self.targets, strict=True)]
+        self.cotangents = [None] * len(self.targets)
+        with torch.autocast(ref.device.type, enabled=False):
+            grads = self.plan.vjp_for(dict(zip(self.names, self.values, strict=True)), self.targets, cotangents)
+        return tuple(grads[n] for n in self.names)
+
+
+class _ComponentHandle(torch.autograd.Function):
+    """A 0-entry tensor that ties a :class:`ComponentPass` to the autograd graph: every target of
+    the pass takes it as an input, so its backward (the component's VJP) runs after theirs."""
+
+    @staticmethod
+    def forward(ctx: Any, state: ComponentPass, *values: torch.Tensor) -> torch.Tensor:
+        ctx.state = state
+        return values[0].new_empty(0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return (None, *ctx.state.finish())
+
+
+def component_handle(state: ComponentPass, values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The autograd handle of ``state`` (see :class:`ComponentPass`)."""
+    return _ComponentHandle.apply(state, *values)
+
+
+class ComponentSlot:
+    """Target ``position`` of a :class:`ComponentPass`; its one input is the pass's handle."""
+
+    def __init__(self, state: ComponentPass, position: int) -> None:
+        self.state, self.position = state, position
+
+    def delta(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.state.output(self.position)
+
+    def vjp(self, inputs: Sequence[torch.Tensor], cotangent: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.state.add_cotangent(self.position, cotangent)
+        return (torch.zeros_like(inputs[0]),)
+
+
+# ---------------------------------------------------------------------------------- the layer maths
+def _effective(layer: Any, weight: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
+    """``W + ΔW`` in the stored layout and the weight's dtype (half precision: added in the update's
+    dtype and rounded once); ``ΔW`` alone when there is no weight (a quantised base)."""
+    update = layer.view.update_to_weight(delta)
+    if weight is None:
+        return update
+    update = update.to(weight.device)
+    if weight.dtype == update.dtype:
+        return weight + update
+    return (weight.to(update.dtype) + update).to(weight.dtype)
+
+
+def _layer_grads(layer: Any, x: torch.Tensor, effective: torch.Tensor, bias: torch.Tensor | None,
+                 grad: torch.Tensor, needs: tuple[bool, bool]) -> tuple[Any, torch.Tensor, Any]:
+    """``(∂L/∂x, ∂L/∂W_eff, ∂L/∂b)`` of ``y = f(x, W_eff) + b`` given ``∂L/∂y`` (``needs``: x, bias)."""
+    kind = layer.kind
+    if kind in ("linear", "conv1d", "quantized"):
+        flat_grad = grad.reshape(-1, grad.shape[-1])
+        flat_x = x.reshape(-1, x.shape[-1]).to(flat_grad.dtype)
+        eff = effective.to(grad.dtype)
+        if kind == "conv1d":  # y = x W_eff, W_eff stored (in, out)
+            grad_x = (grad @ eff.t()) if needs[0] else None
+            grad_w = flat_x.t() @ flat_grad
+        else:  # y = x W_effᵀ
+            grad_x = (grad @ eff) if needs[0] else None
+            grad_w = flat_grad.t() @ flat_x
+        grad_b = flat_grad.sum(0) if needs[1] else None
+        return grad_x, grad_w, grad_b
+    # convolutions and embeddings: the functional forward's own backward on the recomputed output
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(needs[0] and x.is_floating_point())
+        er = effective.detach().requires_grad_(True)
+        br = None if bias is None else bias.detach().requires_grad_(needs[1])
+        out = base_forward(layer.base_layer, kind, xr, er, br)
+        wanted = [t for t in (xr, er, br) if t is not None and t.requires_grad]
+        got = iter(torch.autograd.grad(out, wanted, grad))
+    grad_x = next(got) if xr.requires_grad else None
+    grad_w = next(got)
+    grad_b = next(got) if br is not None and br.requires_grad else None
+    return grad_x, grad_w, grad_b
+
+
+def _apply(layer: Any, x: torch.Tensor, effective: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if layer.kind == "quantized":  # the adapter's part only: x ΔWᵀ in the update's dtype
+        return torch.nn.functional.linear(x.to(effective.dtype), effective)
+    return base_forward(layer.base_layer, layer.kind, x, effective, bias)
+
+
+class _AdaptedForward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, layer: Any, source: Any, x: torch.Tensor, weight: torch.Tensor | None,
+                bias: torch.Tensor | None, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.layer, ctx.source = layer, source
+        ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
+                        torch.get_autocast_dtype(x.device.type))
+        ctx.x_dtype = x.dtype
+        with torch.autocast(x.device.type, enabled=False):  # the factors' maths in their own dtype
+            delta = source.delta(inputs)
+        ctx.save_for_backward(x, weight, bias, *inputs)
+        return _apply(layer, x, _effective(layer, weight, delta), bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, bias, *inputs = ctx.saved_tensors
+        layer, source = ctx.layer, ctx.source
+        device, autocast, dtype = ctx.autocast
+        with torch.autocast(device, enabled=False):
+            delta = source.delta(inputs)
+        update_dtype = delta.dtype
+        effective = _effective(layer, weight, delta)
+        del delta
+        with torch.autocast(device, dtype=dtype, enabled=autocast):
+            if layer.kind == "quantized":
+                x = x.to(effective.dtype)
+            needs = (ctx.needs_input_grad[2], bias is not None and ctx.needs_input_grad[4])
+            grad_x, grad_w, grad_b = _layer_grads(layer, x, effective, bias, grad, needs)
+        del effective
+        grad_weight = grad_w.to(weight.dtype) if weight is not None and ctx.needs_input_grad[3] else None
+        update_grad = layer.view.weight_to_update(grad_w).to(update_dtype)
+        del grad_w
+        with torch.autocast(device, enabled=False):
+            grads = source.vjp(inputs, update_grad)
+        if grad_x is not None:
+            grad_x = grad_x.to(ctx.x_dtype)
+        return (None, None, grad_x, grad_weight, grad_b, *grads)
+
+
+def adapted_forward(layer: Any, source: Any, x: torch.Tensor, weight: torch.Tensor | None,
+                    bias: torch.Tensor | None, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``f(x, W + ΔW)`` of ``layer`` (a wrapper with ``base_layer``, ``kind``, ``view``) where
+    ``source.delta(inputs)`` is ``ΔW`` in ``(o, n)`` form; ``weight=None`` (a quantised base) gives
+    the adapter's part ``x ΔWᵀ`` alone.  Saves ``x``, ``weight``, ``bias`` and ``inputs`` only."""
+    return _AdaptedForward.apply(layer, source, x, weight, bias, *inputs)
