@@ -50,6 +50,15 @@ def _cuda_available() -> bool:
         return False
 
 
+def _torch_cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
 def _make_backends() -> list[Any]:
     import array_api_strict
     import torch
@@ -59,6 +68,9 @@ def _make_backends() -> list[Any]:
         pytest.param(Backend("array_api_strict", array_api_strict.asarray), id="array_api_strict"),
         pytest.param(Backend("torch", lambda a: torch.from_numpy(np.array(a))), id="torch"),
     ]
+    if _torch_cuda_available():  # only where a GPU exists: CPU runs collect the same tests
+        backends.append(pytest.param(Backend("torch_cuda", lambda a: torch.from_numpy(np.array(a)).cuda()),
+                                     id="torch_cuda", marks=pytest.mark.gpu))
     if _cuda_available():
         import cupy
 
