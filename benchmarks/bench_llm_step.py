@@ -136,7 +136,8 @@ def _worker(name: str, size: str, steps: int) -> dict[str, Any]:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     targeted = sum(m.weight.numel() for n, m in model.named_modules()
                    if n.rsplit(".", 1)[-1] in TARGETS and hasattr(m, "weight") and m.weight is not None)
-    return {"name": name, "module": tat.__file__ if name != BASELINE else "", "trainable": trainable, "median_s": statistics.median(times), "times_s": times,
+    return {"name": name, "module": tat.__file__ if name != BASELINE else "", "trainable": trainable,
+            "median_s": statistics.median(times), "times_s": times,
             "rss_before_mib": rss_before, "peak_rss_mib": peak, "extra_mib": peak - rss_before, "losses": losses,
             "targeted_weight_mib": targeted * 4 / 2**20, "torch_threads": torch.get_num_threads()}
 

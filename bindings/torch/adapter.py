@@ -3,10 +3,12 @@
 Each targeted module is wrapped by a :class:`SuperLoRALayer` that runs the module's own forward
 functionally with the weight ``W + ΔW`` (the module's parameters are never swapped or mutated);
 the :class:`SuperLoRAAdapter` (registered on the model as ``model.tensoradapt``) owns every
-trainable tensor and generates ``ΔW`` one component of the generator at a time
-(:meth:`tensoradapt.SuperLoRA.components`), **once per model forward**: the first layer that needs
-a component triggers it and later layers reuse the result until the forward ends.  That reuse is
-per thread, so concurrent forwards from several threads never see each other's ``ΔW``.
+trainable tensor.  A layer takes one of four paths (docs/math.md §6, :meth:`SuperLoRAAdapter.target_path`):
+LoRA-shaped targets add ``s (x V) Uᵀ``; weight-shaped Kronecker/Hadamard products apply their
+factors to ``x`` (:mod:`.bypass`); every other target generates its ``ΔW`` inside its forward and
+again inside its backward (:mod:`.target_forward`), from its own slice of its group or, under a
+projection, from its component's pass (computed once per model forward, per thread, released when
+the forward ends).  No step holds the ``ΔW`` of every target.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ._shared import (
 from ._targets import TargetSpec, WeightView, match_targets, weight_view
 from .bypass import BypassForm, apply_bypass, bypass_form
 from .functional import component_key, superlora_component_delta
+from .memory import StepMemory, lora_step_memory, step_memory
 from .target_forward import ComponentPass, ComponentSlot, TargetSlice, adapted_forward, component_handle
 
 __all__ = ["ADAPTER_ATTRIBUTE", "AdaptedLayer", "Adapter", "SuperLoRAAdapter", "SuperLoRALayer",
@@ -479,6 +482,26 @@ class SuperLoRAAdapter(BaseAdapter):
         shapes; ``modules_to_save`` not included)."""
         return self.plan.num_params
 
+    def target_path(self, index: int) -> str:
+        """How target ``index`` runs in a train step (docs/math.md §6): ``"factored"`` (LoRA-shaped),
+        ``"bypass"`` (a Kronecker/Hadamard product on activations), ``"sliced"`` (its own slice,
+        regenerated in the backward) or ``"projected"`` (its component's shared pass)."""
+        if index in self.factored_targets:
+            return "factored"
+        if index in self.bypass_targets:
+            return "bypass"
+        return "sliced" if self.plan.sliceable(index) else "projected"
+
+    def step_memory(self, tokens: int = 0) -> StepMemory:
+        """The predicted extra memory of one AdamW train step (:mod:`.memory`): trainable tensors
+        with gradients and moments, activations the adapter saves for ``tokens`` tokens, and the
+        largest working set.  Shapes only, so it works on a model built on the ``meta`` device."""
+        dtypes = [getattr(m, "weight", None) for m in self._originals]
+        dtypes = [w.dtype if isinstance(w, torch.Tensor) else torch.float32 for w in dtypes]
+        paths = [self.target_path(i) for i in range(len(self.target_names))]
+        return step_memory(self.plan, paths, dtypes, next(iter(self.params.values())).dtype, self._components,
+                           tokens=tokens)
+
     def summary(self) -> str:
         """A table: trainable vs all parameters (like PEFT's ``print_trainable_parameters``),
         the targets with their ``(o, n)`` shapes, and the generator's per-group shapes."""
@@ -493,6 +516,10 @@ class SuperLoRAAdapter(BaseAdapter):
         for i, (name, view) in enumerate(zip(self.target_names, self.views, strict=True)):
             lines.append(f"{i:>4} {name:<40} {view.kind:<7} {f'{view.shape[0]}x{view.shape[1]}':<14}")
         lines.append(self.plan.describe())
+        ours = self.step_memory()
+        peft = lora_step_memory(self.plan.shapes, 8, param_bytes=next(iter(self.params.values())).element_size())
+        lines.append(f"predicted extra memory of an AdamW step (beyond the frozen model and its activations): {ours}; "
+                     f"PEFT LoRA r=8 on these targets: {peft}")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ merge / unmerge / detach

@@ -90,7 +90,8 @@ def _factors(kind: str, blocks: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 
 def _mode_product(x: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
     """``x ×_axis matrix``: contract ``x``'s ``axis`` (size ``matrix.shape[1]``) with ``matrix``."""
-    return torch.movedim(torch.movedim(x, axis, -1) @ matrix.t(), -1, axis)
+    # tensordot folds the other axes into one GEMM (a batched matmul over a moved axis does not)
+    return torch.movedim(torch.tensordot(x, matrix, dims=([axis], [1])), -1, axis)
 
 
 def apply_bypass(form: BypassForm, param: Callable[[str], torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,13 @@ class TargetSlice:
 class ComponentPass:
     """One forward pass of a projected component: its targets' ``ΔW`` (computed on first use,
     released when the forward ends and recomputed once in the backward) and the cotangents its
-    targets hand in during the backward."""
+    targets hand in during the backward.
+
+    With layout ``"fold"`` (no global shuffle) each target's cotangent is added straight into its
+    group's flat cotangent array (:meth:`tensoradapt.SuperLoRA.cotangent_length`: padded for a
+    Fastfood adjoint that works in place), so the backward holds one array per group rather than a
+    copy of every target's; otherwise the per-target cotangents are kept for
+    :meth:`~tensoradapt.SuperLoRA.vjp_for`."""
 
     def __init__(self, plan: SuperLoRA, targets: tuple[int, ...], names: tuple[str, ...],
                  values: Sequence[torch.Tensor]) -> None:
@@ -70,12 +76,16 @@ class ComponentPass:
         self.values = tuple(v.detach() for v in values)  # detached views share the version counters
         self.versions = tuple(v._version for v in values)
         self.outputs: list[torch.Tensor] | None = None
-        self.cotangents: list[torch.Tensor | None] = [None] * len(targets)
+        self.by_group = plan.config.layout == "fold" and not plan.global_shuffle
+        self.cotangents: dict[int, torch.Tensor] = {}  # group (by_group) or position -> cotangent
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.values, strict=True))
 
     def output(self, position: int) -> torch.Tensor:
         if self.outputs is None:
             with torch.no_grad(), torch.autocast(self.values[0].device.type, enabled=False):
-                self.outputs = self.plan.delta_for(dict(zip(self.names, self.values, strict=True)), self.targets)
+                self.outputs = self.plan.delta_for(self._params(), self.targets)
         return self.outputs[position]
 
     def release(self) -> None:
@@ -83,20 +93,41 @@ class ComponentPass:
         self.outputs = None
 
     def add_cotangent(self, position: int, cotangent: torch.Tensor) -> None:
-        known = self.cotangents[position]
-        self.cotangents[position] = cotangent if known is None else known + cotangent
+        ref = self.values[0]
+        cotangent = cotangent.to(ref.dtype)
+        if not self.by_group:
+            known = self.cotangents.get(position)
+            self.cotangents[position] = cotangent if known is None else known + cotangent
+            return
+        flat = cotangent.reshape(-1)
+        at = 0
+        for g, a, b in self.plan.grouping.target_pieces(self.targets[position]):
+            buffer = self.cotangents.get(g)
+            if buffer is None:
+                buffer = self.cotangents[g] = torch.zeros(self.plan.cotangent_length(g), dtype=ref.dtype,
+                                                          device=ref.device)
+            buffer[a:b] += flat[at:at + b - a]
+            at += b - a
 
     def finish(self) -> tuple[torch.Tensor, ...]:
         """The component's VJP over the collected cotangents (zeros for targets without one)."""
         _check_versions(self.names, self.values, self.versions)
         self.outputs = None  # no target of this pass needs ΔW any more
         ref = self.values[0]
-        cotangents = [torch.zeros(self.plan.shapes[t], dtype=ref.dtype, device=ref.device) if c is None
-                      else c.to(ref.dtype).contiguous() for c, t in zip(self.cotangents, self.targets, strict=True)]
-        self.cotangents = [None] * len(self.targets)
+        cotangents, self.cotangents = self.cotangents, {}
         with torch.autocast(ref.device.type, enabled=False):
-            grads = self.plan.vjp_for(dict(zip(self.names, self.values, strict=True)), self.targets, cotangents)
-        return tuple(grads[n] for n in self.names)
+            if not self.by_group:
+                full = [cotangents.get(p, None) for p in range(len(self.targets))]
+                full = [torch.zeros(self.plan.shapes[t], dtype=ref.dtype, device=ref.device) if c is None
+                        else c.contiguous() for c, t in zip(full, self.targets, strict=True)]
+                grads = self.plan.vjp_for(self._params(), self.targets, full)
+            else:
+                grads = {}
+                params = self._params()
+                for g in sorted(cotangents):
+                    grads.update(self.plan.vjp_group(params, g, cotangents.pop(g)))
+        return tuple(grads[n] if n in grads else torch.zeros_like(v) for n, v in zip(self.names, self.values,
+                                                                                      strict=True))
 
 
 class _ComponentHandle(torch.autograd.Function):

@@ -597,7 +597,8 @@ class Fastfood(Frozen):
                               xp.concat([p[1] for p in parts]))
         cached = store[key]
         # stored maps come in chunks of stored_chunk entries, computed ones of _computed_chunk(L)
-        chunk = min(length, max(chunk, stored_chunk if cached is not None else min(stored_chunk, _computed_chunk(length))))
+        wanted = stored_chunk if cached is not None else min(stored_chunk, _computed_chunk(length))
+        chunk = min(length, max(chunk, wanted))
         for j0 in range(0, length, chunk):
             j1 = min(j0 + chunk, length)
             if cached is None:

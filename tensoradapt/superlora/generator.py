@@ -302,6 +302,33 @@ class SuperLoRA(Plan):
 
         return self._groups_vjp(xp, params, needed, cotangent_of)
 
+    def cotangent_length(self, g: int) -> int:
+        """The length of the flat output cotangent :meth:`vjp_group` takes for group ``g`` (layout
+        ``"fold"``, no global shuffle): ``N_g`` followed by zeros up to the generated tensor without a
+        projection (the adjoint of the cut) or up to a generator-2 Fastfood's ``L`` (its adjoint then
+        works in that array, overwriting it)."""
+        if self.config.layout != "fold" or self.global_shuffle:
+            raise ValueError("cotangent_length and vjp_group apply to layout='fold' without a global shuffle")
+        group = self.groups[g]
+        return self._cotangent_pad(group) or group.size
+
+    def vjp_group(self, params: Mapping[str, Any], g: int, cotangent: Any) -> dict[str, Any]:
+        """Gradients of group ``g``'s arrays given its output cotangent: a flat array of
+        :meth:`cotangent_length` entries whose first ``N_g`` are ``∂L/∂y_g`` in the group's
+        row-major target order (:meth:`Grouping.target_pieces`) and the rest zeros.
+
+        Lets a caller gather the cotangents of a group's targets straight into one array (as the
+        torch bindings' projected components do) instead of a list of target-shaped arrays; the
+        array may be overwritten (a generator-2 Fastfood's adjoint works in place).  ``params`` holds
+        every array or exactly group ``g``'s.
+        """
+        length = self.cotangent_length(g)
+        xp = self._check_params(params, None if len(params) == self.num_arrays else [g])
+        if tuple(cotangent.shape) != (length,):
+            raise ValueError(f"the cotangent of group {g} must have shape ({length},), got {tuple(cotangent.shape)}")
+        check_floating(xp, [("cotangent", cotangent)])
+        return self._groups_vjp(xp, params, [g], lambda _: cotangent)
+
     def _cotangent_pad(self, group: GroupPlan) -> int | None:
         """The length group ``group``'s gathered cotangent is zero-padded to: the generated tensor
         without a projection (the adjoint of the cut), a generator-2 Fastfood's ``L`` (its adjoint

@@ -30,6 +30,7 @@ import numpy as np
 
 from .._backend import device_of, from_host
 from ..ops import cp_to_tensor, cp_vjp, tucker_to_tensor, tucker_vjp
+from ..ops._multilinear import mode_product
 from .plan import GroupPlan, Plan, SplitPlan, param_name
 
 __all__ = [
@@ -161,6 +162,24 @@ def split_slab(xp: Any, split: SplitPlan, local: Mapping[str, Any], mode: int, l
     return cp_to_tensor(local["weights"] if split.kind == "cp" else None, factors)
 
 
+def _tucker_slab_vjp(xp: Any, core: Any, factors: list[Any], mode: int, cot: Any) -> tuple[Any, list[Any]]:
+    """:func:`tucker_vjp` of a slab whose factor ``mode`` has ``h`` rows, with that factor folded
+    into the core first: ``C' = C ×_mode A_s`` (``h`` on ``mode``), the VJP of ``C' ×_{m≠mode} A_m``
+    with an identity on ``mode``, then ``C̄ = C̄' ×_mode A_sᵀ`` and
+    ``Ā_s = unfold_mode(C̄') unfold_mode(C)ᵀ``.  Where ``h`` is below the rank this keeps every
+    intermediate at the slab's size (projecting the slab's cotangent on ``A_sᵀ`` would grow that
+    mode from ``h`` to the rank)."""
+    rows = factors[mode]
+    if rows.shape[0] >= core.shape[mode]:
+        return tucker_vjp(core, factors, cot)
+    folded = mode_product(xp, core, mode, rows)
+    eye = xp.eye(rows.shape[0], dtype=rows.dtype, device=device_of(rows))
+    folded_grad, grads = tucker_vjp(folded, [eye if m == mode else f for m, f in enumerate(factors)], cot)
+    others = [m for m in range(core.ndim) if m != mode]
+    grads[mode] = xp.tensordot(folded_grad, core, axes=(others, others))
+    return mode_product(xp, folded_grad, mode, xp.permute_dims(rows, (1, 0))), grads
+
+
 def split_slab_vjp(xp: Any, split: SplitPlan, local: Mapping[str, Any], mode: int, lo: int, hi: int,
                    cot: Any) -> dict[str, Any]:
     """VJP of :func:`split_slab`: gradients of the split's arrays (full shapes) given the slab's
@@ -170,7 +189,7 @@ def split_slab_vjp(xp: Any, split: SplitPlan, local: Mapping[str, Any], mode: in
         return {"dense": _embed(xp, cot, mode, lo, split.shape[mode])}
     factors = _slab_factors(xp, split, local, mode, lo, hi)
     if split.kind == "tucker":
-        core_grad, factor_grads = tucker_vjp(local["core"], factors, cot)
+        core_grad, factor_grads = _tucker_slab_vjp(xp, local["core"], factors, mode, cot)
         out = {"core": core_grad}
     else:
         weights_grad, factor_grads = cp_vjp(local["weights"] if split.kind == "cp" else None, factors, cot)

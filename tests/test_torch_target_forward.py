@@ -1,0 +1,157 @@
+"""The train-step paths of docs/math.md §6: a target's ΔW regenerated in its backward (sliced or
+through its projected component) and Kronecker/Hadamard products applied to activations, against
+the path that materialises ΔW (the one torch.compile runs), on every module kind."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from torch import nn  # noqa: E402
+
+import tensoradapt.torch as tat  # noqa: E402
+from tensoradapt import presets  # noqa: E402
+from tensoradapt.torch import adapter as adapter_module  # noqa: E402
+from tensoradapt.torch.memory import lora_step_memory  # noqa: E402
+
+CONFIGS = {
+    "lorta-G1": presets.lorta(3, 2, groups=1),
+    "lorta-G2-cp": presets.lorta(3, 2, groups=2, core="cp"),
+    "lonkr": presets.lonkr(2, 2),
+    "dense-G1": presets.dense(1),
+    "lokr": presets.lokr(2, factor=2),
+    "krona": presets.krona(factor=2),
+    "loha": presets.loha(1),
+    "fastfood": presets.with_projection(presets.lorta(3, 2, groups=1), "fastfood", 0.5),
+    "shuffle-global": presets.with_projection(presets.lorta(2, 2, groups=2), "shuffle", scope="global"),
+}
+
+
+class _Net(nn.Module):
+    """Every module kind an adapter takes: Embedding (with a padding row), Linear, Conv1d with a
+    reflecting pad, Conv2d, transformers' Conv1D."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 8, padding_idx=0)
+        self.linear = nn.Linear(8, 8)
+        self.conv = nn.Conv1d(8, 8, 3, padding=1, padding_mode="reflect")
+        self.conv2 = nn.Conv2d(2, 4, 3, padding=1)
+        self.gpt = transformers.pytorch_utils.Conv1D(8, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.linear(self.embed(ids)))  # (B, T, 8)
+        h = torch.tanh(self.conv(h.transpose(1, 2))).transpose(1, 2)
+        img = self.conv2(h.reshape(h.shape[0], 2, h.shape[1], 4))
+        return self.gpt(torch.tanh(img.reshape(h.shape[0], h.shape[1], -1)[..., :8]))
+
+
+TARGETS = ["embed", "linear", "conv", "conv2", "gpt"]
+
+
+def _run(config, materialise: bool, monkeypatch, dtype=torch.float64):
+    torch.manual_seed(0)
+    model = _Net().to(dtype)
+    adapter = tat.attach(model, config, TARGETS, seed=1, dtype=dtype)
+    with torch.no_grad():
+        for p in adapter.trainable_parameters():
+            p.copy_(0.3 * torch.randn(p.shape, dtype=dtype, generator=torch.Generator().manual_seed(p.numel())))
+    if materialise:  # today's path: ΔW as a tensor added to W (what torch.compile runs)
+        adapter.bypass_targets = {}
+        adapter.factored_targets = {}
+        monkeypatch.setattr(adapter_module.torch.compiler, "is_compiling", lambda: True)
+    ids = torch.tensor([[0, 3, 5, 7], [1, 0, 9, 2]])
+    out = model(ids)
+    out.square().sum().backward()
+    monkeypatch.undo()
+    return out.detach(), {n: p.grad.clone() for n, p in adapter.named_trainable_parameters()}, adapter
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_path_equals_the_materialised_delta(name, monkeypatch) -> None:
+    out, grads, adapter = _run(CONFIGS[name], False, monkeypatch)
+    ref_out, ref_grads, _ = _run(CONFIGS[name], True, monkeypatch)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    for key, value in ref_grads.items():
+        torch.testing.assert_close(grads[key], value, rtol=1e-9, atol=1e-11)
+    paths = {adapter.target_path(i) for i in range(len(TARGETS))}
+    expected = {"fastfood": {"projected"}, "shuffle-global": {"projected"}}.get(name)
+    if expected is not None:
+        assert paths == expected
+    elif name in ("lokr", "krona", "loha"):
+        assert "bypass" in paths  # Linear and Conv1D apply the product to activations
+    else:
+        assert paths == {"sliced"}
+
+
+@pytest.mark.parametrize("name", ["lorta-G1", "fastfood", "lokr", "loha"])
+def test_gradcheck_in_float64(name) -> None:
+    torch.manual_seed(0)
+    model = _Net().double()
+    adapter = tat.attach(model, CONFIGS[name], TARGETS, seed=1, dtype=torch.float64)
+    names = [n for n, _ in adapter.named_trainable_parameters()]
+    params = [p for _, p in adapter.named_trainable_parameters()]
+    with torch.no_grad():
+        for p in params:
+            p.copy_(0.3 * torch.randn(p.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(p.numel())))
+    ids = torch.tensor([[0, 3, 5, 7]])
+
+    def through_params(*values: torch.Tensor) -> torch.Tensor:
+        """The model's output as a function of its adapter parameters (gradcheck perturbs them in place)."""
+        del values
+        return model(ids).sum()
+
+    assert names
+    assert torch.autograd.gradcheck(through_params, tuple(params), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_no_delta_sized_tensor_is_saved_for_the_backward() -> None:
+    """A one-group LoRTA on every linear projection of a small Llama saves nothing ΔW-sized for its
+    backward: what autograd keeps is the base model's own activations plus the factors."""
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, vocab_size=50)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    ids = torch.randint(0, 50, (1, 3), generator=torch.Generator().manual_seed(0))
+    saved_sizes = {}
+    for adapted in (False, True):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config)
+        if adapted:
+            adapter = tat.attach(model, presets.lorta(3, 4, groups=1), targets)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.model.embed_tokens.weight.requires_grad_(True)  # so that a graph exists
+        sizes: list[int] = []
+
+        def pack(t: torch.Tensor, sizes: list[int] = sizes) -> torch.Tensor:
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids).logits.sum()
+        saved_sizes[adapted] = sizes
+    weights = min(m.weight.numel() for n, m in model.named_modules() if n.endswith(tuple(targets)))
+    frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+    assert frozen  # the frozen weights are saved by reference, as the base model saves them too
+    big_new = [s for s in saved_sizes[True] if s >= weights and s not in saved_sizes[False]]
+    assert big_new == [], big_new
+    assert len(adapter.plan.groups) == 1 and all(adapter.target_path(i) == "sliced" for i in range(14))
+
+
+def test_the_seven_b_plan_is_within_peft_lora_memory_plus_two_gib() -> None:
+    """Issue 19's target on shapes only (meta device): an all-linear one-group LoRTA on a 7B Llama
+    in bf16 is predicted to need at most PEFT LoRA r=8's extra step memory + 2 GiB."""
+    config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                      num_attention_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    adapter = tat.attach(model, presets.lorta(3, 32, groups=1), targets)
+    ours = adapter.step_memory(tokens=4096)
+    peft = lora_step_memory(adapter.plan.shapes, 8, tokens=4096, activation_bytes=2)
+    assert ours.total <= peft.total + 2 * 2**30, (str(ours), str(peft))
+    assert ours.working >= 4096 * 11008 * 4  # at least one target's ΔW in fp32
+    assert "predicted extra memory of an AdamW step" in adapter.summary()
