@@ -33,9 +33,13 @@ What it does (nothing is downloaded; ``sklearn.datasets.load_digits`` ships with
 
 Outputs, in the folder the command prints: ``results.json``, ``results.md`` (the table) and
 ``pareto.png`` (accuracy against trainable parameters, log-x, with the Pareto front).
+``results.json`` and ``results.md`` are rewritten as each method finishes, and the run's progress
+(the pretrained backbone, each finished method's runs and ``ΔW``) is kept in
+``OUT/demo-progress/``: rerunning with the same ``--out`` and options resumes a stopped run.
 
-Run ``python -m tensoradapt.demo --help`` (or ``tensoradapt demo --help``).  The default run
-takes about three minutes on two CPU cores, ``--quick`` about one minute.
+Run ``python -m tensoradapt.demo --help`` (or ``tensoradapt demo --help``).  Torch runs on one
+thread unless ``--threads`` or ``OMP_NUM_THREADS`` says otherwise (docs/demo.md says what a run
+takes).
 
 Modules (``model``, ``data`` and ``train`` know nothing of the demo's method list and are shared
 with ``tensoradapt study``):
@@ -47,7 +51,8 @@ with ``tensoradapt study``):
 * :mod:`~tensoradapt.demo.catalog` — the compared methods (:class:`Method`, :func:`methods`);
 * :mod:`~tensoradapt.demo.report` — results, the ΔW geometry, the tables and files;
 * :mod:`~tensoradapt.demo.plot` — the Pareto plot;
-* :mod:`~tensoradapt.demo.runner` — :func:`run`, the whole study;
+* :mod:`~tensoradapt.demo.runner` — :func:`run`, the whole study; the default torch threads;
+* :mod:`~tensoradapt.demo.resume` — a run's progress in its output folder (resuming a stopped run);
 * :mod:`~tensoradapt.demo.cli` — the argument parser and :func:`main`.
 
 ``tensoradapt study`` (docs/study.md) sweeps the families on this task and on a second one, with
@@ -76,6 +81,7 @@ from .report import (
     results_markdown,
     write_results,
 )
+from .resume import ResumeError
 from .runner import run
 from .train import DemoSettings, TransferRun, pretrain, repeat_seeds, transfer
 
@@ -89,6 +95,7 @@ __all__ = [
     "DemoSettings",
     "Method",
     "MethodResult",
+    "ResumeError",
     "Split",
     "TinyViT",
     "TransferRun",

@@ -12,8 +12,8 @@ from pathlib import Path
 from tensoradapt.cli import OneLineParser, non_negative_int, positive_int
 
 from .catalog import DEFAULT_METHODS, QUICK_METHODS, methods
-from .report import format_table, write_results
-from .runner import run
+from .report import format_table
+from .runner import ResumeError, run
 from .train import DemoSettings
 
 __all__ = ["main"]
@@ -47,7 +47,12 @@ def _default_out() -> Path:
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="fewer steps and methods (under a minute on two cores)")
-    parser.add_argument("--out", metavar="DIR", help="output folder (default: ./tensoradapt-demo-YYYYmmdd-HHMMSS)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="output folder (default: a new ./tensoradapt-demo-YYYYmmdd-HHMMSS); results are written "
+                             "as each method finishes, and rerunning with the same --out and options resumes a "
+                             "stopped run")
+    parser.add_argument("--fresh", action="store_true",
+                        help="discard what an earlier run left in --out and start over (default: resume it)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of everything (default 0)")
     parser.add_argument("--methods", type=_method_list, metavar="M[,M...]",
                         help="comma-separated subset of the methods below (default: all; --quick: "
@@ -57,7 +62,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=positive_int, metavar="R",
                         help="transfer runs per method with different seeds (default 3; --quick: 1)")
     parser.add_argument("--threads", type=positive_int, metavar="T",
-                        help="torch threads (default min(2, number of CPUs))")
+                        help="torch threads (default 1, or what OMP_NUM_THREADS sets; more threads gain little on "
+                             "this small model and lose much on shared cores)")
     parser.add_argument("--no-plot", action="store_true", help="do not write pareto.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -70,7 +76,8 @@ def _parser() -> OneLineParser:
                     "fine-tuning, LoRA and SuperLoRA variants (adapters on query/value), and report accuracy, "
                     "trainable parameters, time and the dE/dL/dR geometry of each ΔW against the dense one.",
         epilog=f"methods:\n{listing}\n\nWrites results.json, results.md and pareto.png into the output folder "
-               "and prints its path.",
+               "and prints its path; results.json and results.md are rewritten as each method finishes, and the "
+               "run's progress is kept in OUT/demo-progress/ so that a stopped run resumes.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_arguments(parser)
@@ -113,8 +120,20 @@ def usable_folder(out: Path) -> str | None:
     return None
 
 
+def limit_interop_threads() -> None:
+    """One torch inter-op thread (the demo runs nothing in parallel across operators); a no-op once
+    torch has started inter-op work in this process, which fixes the count."""
+    import torch
+
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or parallel work has started
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the demo from the command line; returns the exit status (2 for bad arguments)."""
+    """Run the demo from the command line; returns the exit status (2 for bad arguments, 130 when
+    interrupted: the finished methods are in the output folder and a rerun resumes)."""
     args = _parser().parse_or_status(argv)
     if isinstance(args, int):  # --help, --version or a usage error
         return args
@@ -125,9 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     problem = usable_folder(out)
     if problem is not None:
         return _error(f"--out {str(out)!r} cannot be used as the results folder ({problem})")
-    result = run(args.methods, quick=args.quick, seed=args.seed, settings=_settings(args),
-                 progress=not args.no_progress, threads=args.threads)
-    write_results(result, out, plot=not args.no_plot)
+    limit_interop_threads()
+    try:
+        result = run(args.methods, quick=args.quick, seed=args.seed, settings=_settings(args),
+                     progress=not args.no_progress, threads=args.threads, out=out, fresh=args.fresh,
+                     plot=not args.no_plot)
+    except ResumeError as exc:
+        return _error(str(exc))
+    except KeyboardInterrupt:
+        return 130
     print()
     print(format_table(result))
     print()

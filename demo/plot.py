@@ -79,8 +79,15 @@ def _decorate(ax: Any, result: DemoResult, points: Sequence[MethodResult]) -> No
 def plot_pareto(result: DemoResult, path: str | os.PathLike[str]) -> Path:
     """Accuracy against trainable adapter parameters (log-x), one marker per method (error bars:
     sd over the runs), the Pareto front (best accuracy for at most that many parameters) as a
-    step line, and the head-only accuracy as a dashed line.  Uses no global matplotlib state."""
+    step line, and the head-only accuracy as a dashed line.  Uses no global matplotlib state.
+
+    The file is replaced atomically (a stopped run leaves the old plot or the new one); its
+    format is that of the suffix (PNG without one)."""
+    import io
+
     from matplotlib.figure import Figure
+
+    from tensoradapt.torch._io import write_bytes
 
     path = Path(path)
     fig = Figure(figsize=(9, 5.5), dpi=120)
@@ -92,7 +99,9 @@ def plot_pareto(result: DemoResult, path: str | os.PathLike[str]) -> Path:
     fig.tight_layout()
     place_labels(fig, ax, [(r.name, r.adapter_params, 100 * r.accuracy) for r in points])
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    image = io.BytesIO()
+    fig.savefig(image, format=path.suffix[1:].lower() or "png")
+    write_bytes(path, image.getvalue())
     return path
 
 

@@ -141,7 +141,11 @@ class MethodResult:
 
 @dataclass
 class DemoResult:
-    """Everything a run produced (``results.json`` is :meth:`as_dict`)."""
+    """Everything a run produced (``results.json`` is :meth:`as_dict`).
+
+    ``pending`` names the selected methods not finished yet (a run in progress or stopped) and
+    ``resumed`` those loaded from an earlier session of the run (``tensoradapt demo --out``).
+    """
 
     settings: DemoSettings
     seed: int
@@ -153,6 +157,13 @@ class DemoResult:
     machine: dict[str, Any] = field(default_factory=dict)
     date: str = ""
     out: Path | None = None
+    pending: list[str] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every selected method has finished (the files written while a run goes on are not)."""
+        return not self.pending
 
     def seeds(self) -> dict[str, Any]:
         """Every seed of the run (see :func:`tensoradapt.demo.train.repeat_seeds`)."""
@@ -176,6 +187,9 @@ class DemoResult:
                                      "which is trained in every method",
             "pretrain": {"test_accuracy": self.source_accuracy, "time_s": self.pretrain_time_s},
             "total_time_s": self.total_time_s,
+            "complete": self.complete,
+            "pending_methods": list(self.pending),
+            "resumed_methods": list(self.resumed),
             "methods": [r.as_dict() for r in self.results],
         }
 
@@ -241,7 +255,7 @@ def _summary_lines(result: DemoResult) -> list[str]:
     repeats = settings.repeats
     return [
         f"- date: {result.date}; machine: {m.get('platform')}, {m.get('processor')}, {m.get('cpu_count')} CPUs, "
-        f"torch {m.get('torch')} with {m.get('torch_threads')} threads",
+        f"torch {m.get('torch')} with {m.get('torch_threads')} thread{'' if m.get('torch_threads') == 1 else 's'}",
         f"- seed {result.seed}; TinyViT width {settings.width}, {settings.depth} blocks, {settings.patch}x"
         f"{settings.patch} patches; pretraining on digits 0-4: {settings.pretrain_steps} steps, test accuracy "
         f"{100 * result.source_accuracy:.1f}% ({result.pretrain_time_s:.1f} s)",
@@ -255,10 +269,23 @@ def _summary_lines(result: DemoResult) -> list[str]:
     ]
 
 
+def _status_lines(result: DemoResult) -> list[str]:
+    """Whether the run is complete, and which methods came from an earlier session."""
+    lines = []
+    if result.pending:
+        done = len(result.results)
+        lines.append(f"- **incomplete**: {done} of {done + len(result.pending)} methods finished (still to run: "
+                     f"{', '.join(result.pending)}); rerunning the same command with `--out` on this folder "
+                     "resumes the run")
+    if result.resumed:
+        lines.append(f"- resumed: {', '.join(result.resumed)} finished in an earlier session of this run")
+    return lines
+
+
 def results_markdown(result: DemoResult) -> str:
     """The contents of ``results.md``."""
     lines = [f"# tensoradapt demo: digits 0-4 → 5-9 transfer{' (--quick)' if result.quick else ''}", ""]
-    lines += [*_summary_lines(result), "", format_table(result), ""]
+    lines += [*_summary_lines(result), *_status_lines(result), "", format_table(result), ""]
     kinds = format_kind_table(result)
     if kinds:
         lines += ["Per weight kind:", "", kinds, ""]
@@ -266,12 +293,18 @@ def results_markdown(result: DemoResult) -> str:
 
 
 def write_results(result: DemoResult, out: str | os.PathLike[str], *, plot: bool = True) -> Path:
-    """Write ``results.json``, ``results.md`` and (``plot``) ``pareto.png`` into ``out``."""
+    """Write ``results.json``, ``results.md`` and (``plot``) ``pareto.png`` into ``out``.
+
+    Each file is replaced atomically (a temporary file, then ``os.replace``): a run stopped while
+    writing leaves the previous version of each file, never a torn one.
+    """
+    from tensoradapt.torch._io import write_bytes
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result.as_dict(), indent=2, ensure_ascii=False) + "\n",
-                                      encoding="utf-8")
-    (out / "results.md").write_text(results_markdown(result), encoding="utf-8")
+    write_bytes(out / "results.json",
+                (json.dumps(result.as_dict(), indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    write_bytes(out / "results.md", results_markdown(result).encode("utf-8"))
     if plot:
         plot_pareto(result, out / "pareto.png")
     result.out = out

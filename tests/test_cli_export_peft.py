@@ -75,6 +75,20 @@ def test_rank_export_of_lorta_reports_errors(tmp_path: Path, capsys: pytest.Capt
     assert "largest relative error" in capsys.readouterr().out
 
 
+def test_many_targets_leave_captured_stderr_empty(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The progress bar of a long export is drawn on a terminal only: nothing in captured output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(12, 12) for _ in range(10)))
+    adapter = tat.attach(model, presets.lorta(3, 2, 1), [str(i) for i in range(10)])
+    with torch.no_grad():
+        for p in adapter.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    adapter.save(tmp_path / "a.safetensors")
+    assert main(["export-peft", str(tmp_path / "a.safetensors"), str(tmp_path / "o"), "--rank", "exact"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "10 targets" in captured.out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["{missing}", "{out}"], "no adapter file or folder"),
     (["{plain}", "{out}"], "not a safetensors file"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import subprocess
 import sys
@@ -247,3 +248,190 @@ def test_quick_demo(tmp_path):
     assert data["pretrain"]["test_accuracy"] > 0.9
     png = (out / "pareto.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+
+
+# ---------------------------------------------------------------------------------------------
+# results written as each method finishes; a stopped run resumes; torch threads
+# ---------------------------------------------------------------------------------------------
+_SHORT = ["--methods", "lora-r2,dense,head-only", "--steps", "3", "--pretrain-steps", "3", "--repeats", "2",
+          "--no-plot", "--no-progress", "--threads", "1"]
+
+
+def _watch(monkeypatch, *, stop_after: int | None = None, error: type[BaseException] = KeyboardInterrupt,
+           on_method=None) -> tuple[list[str], list[int]]:
+    """Count the transfers (by method name) and pretrainings of the runs that follow; with
+    ``stop_after=k``, raise ``error`` when the (k+1)-th method starts; ``on_method(name)`` is
+    called as each method starts."""
+    transfers: list[str] = []
+    pretrainings: list[int] = []
+    real_transfer, real_pretrain = runner.transfer, runner.pretrain
+
+    def transfer(backbone, method, *args, **kwargs):
+        if method.name not in transfers:
+            if stop_after is not None and len(set(transfers)) == stop_after:
+                raise error("stopped by the test")
+            if on_method is not None:
+                on_method(method.name)
+        transfers.append(method.name)
+        return real_transfer(backbone, method, *args, **kwargs)
+
+    def pretrain(*args, **kwargs):
+        pretrainings.append(1)
+        return real_pretrain(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "transfer", transfer)
+    monkeypatch.setattr(runner, "pretrain", pretrain)
+    return transfers, pretrainings
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text(encoding="utf-8"))
+
+
+def _without_time(rows: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The table rows without the time column (the only one that differs between equal runs)."""
+    return {name: cells[:4] + cells[5:] for name, cells in rows.items()}
+
+
+def test_a_stopped_run_resumes_without_retraining_and_matches_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert demo.main([*_SHORT, "--out", str(whole)]) == 0
+    capsys.readouterr()
+    # stopped (Ctrl-C) when the second method starts: exit 130, the first method's results on disk
+    transfers, _ = _watch(monkeypatch, stop_after=1)
+    assert demo.main([*_SHORT, "--out", str(stopped)]) == 130
+    printed = capsys.readouterr().out
+    assert "stopped: 1 of 3 methods finished" in printed and f"--out {stopped}" in printed
+    assert transfers == ["lora-r2", "lora-r2"]
+    partial = _results(stopped)
+    assert partial["complete"] is False and partial["pending_methods"] == ["dense", "head-only"]
+    assert [m["name"] for m in partial["methods"]] == ["lora-r2"]
+    markdown = (stopped / "results.md").read_text(encoding="utf-8")
+    assert set(_rows(markdown)) == {"lora-r2"} and "**incomplete**: 1 of 3 methods finished" in markdown
+    # rerun: only the rest is trained, the pretrained backbone is loaded, and it says so
+    monkeypatch.undo()
+    transfers, pretrainings = _watch(monkeypatch)
+    assert demo.main([*_SHORT, "--out", str(stopped)]) == 0
+    printed = capsys.readouterr().out
+    assert transfers == ["dense", "dense", "head-only", "head-only"] and pretrainings == []
+    assert "1 of 3 methods finished earlier (lora-r2) and are not trained again" in printed
+    assert re.search(r"\[ 1/3\] lora-r2 .*\(finished earlier\)", printed), printed
+    assert "pretrained TinyViT loaded from" in printed
+    # the same results as the uninterrupted run
+    resumed, reference = _results(stopped), _results(whole)
+    assert resumed["complete"] is True and resumed["pending_methods"] == []
+    assert resumed["resumed_methods"] == ["lora-r2"] and reference["resumed_methods"] == []
+    for a, b in zip(resumed["methods"], reference["methods"], strict=True):
+        assert (a["name"], a["accuracies"], a["adapter_params"], a["geometry"]) == (
+            b["name"], b["accuracies"], b["adapter_params"], b["geometry"])
+    assert resumed["pretrain"]["test_accuracy"] == reference["pretrain"]["test_accuracy"]
+    tables = [_without_time(_rows((out / "results.md").read_text(encoding="utf-8"))) for out in (stopped, whole)]
+    assert tables[0] == tables[1] and len(tables[0]) == 3
+    # a third run has nothing left to train
+    monkeypatch.undo()
+    transfers, pretrainings = _watch(monkeypatch)
+    assert demo.main([*_SHORT, "--out", str(stopped)]) == 0
+    assert transfers == [] and pretrainings == []
+    assert "3 of 3 methods finished earlier" in capsys.readouterr().out
+
+
+def test_results_are_written_atomically_as_each_method_finishes(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    seen: dict[str, list[str] | None] = {}
+
+    def look(name: str) -> None:  # what results.json holds when each method starts
+        path = out / "results.json"
+        seen[name] = [m["name"] for m in _results(out)["methods"]] if path.exists() else None
+
+    settings = demo.DemoSettings(width=32, depth=1, pretrain_steps=3, transfer_steps=3, repeats=1)
+    _watch(monkeypatch, stop_after=2, error=RuntimeError, on_method=look)
+    with pytest.raises(RuntimeError, match="stopped by the test"):  # a crash, not Ctrl-C: no handler runs
+        demo.run(["dense", "lora-r2", "head-only"], settings=settings, progress=False, log=None, threads=1,
+                 out=out, plot=False)
+    assert seen == {"dense": None, "lora-r2": ["dense"]}
+    partial = _results(out)
+    assert [m["name"] for m in partial["methods"]] == ["dense", "lora-r2"] and partial["complete"] is False
+    # both finished methods have their geometry (dense finished first) as soon as they are written
+    assert all(m["geometry"] is not None for m in partial["methods"])
+    progress = out / "demo-progress"
+    assert sorted(p.name for p in progress.iterdir()) == [
+        "backbone.safetensors", "method-dense.json", "method-dense.safetensors", "method-lora-r2.json",
+        "method-lora-r2.safetensors", "run.json"]
+    monkeypatch.undo()
+    transfers, _ = _watch(monkeypatch, on_method=look)
+    result = demo.run(["dense", "lora-r2", "head-only"], settings=settings, progress=False, log=None, threads=1,
+                      out=out, plot=True)
+    assert transfers == ["head-only"] and seen["head-only"] == ["dense", "lora-r2"]
+    assert result.complete and result.resumed == ["dense", "lora-r2"] and _results(out)["complete"] is True
+    assert (out / "pareto.png").read_bytes().startswith(PNG_SIGNATURE)
+    leftovers = [p.name for p in (*out.iterdir(), *progress.iterdir()) if p.name.endswith(".tmp")]
+    assert leftovers == []  # every file was written through a temporary file and os.replace
+
+
+def test_other_settings_are_refused_until_fresh(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert demo.main([*_SHORT, "--out", str(out)]) == 0
+    capsys.readouterr()
+    transfers, pretrainings = _watch(monkeypatch)
+    other = [*_SHORT, "--out", str(out)]
+    other[other.index("--steps") + 1] = "4"
+    assert demo.main(other) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a demo run with other settings" in err
+    assert "settings.transfer_steps: 3 in the folder, 4 now" in err and "--fresh" in err
+    assert transfers == [] and pretrainings == []  # refused before any training
+    (out / "pareto.png").write_bytes(b"the discarded run's plot")
+    assert demo.main([*other, "--fresh"]) == 0
+    assert not (out / "pareto.png").exists()  # --fresh removed the old run's files (--no-plot draws none)
+    assert sorted(set(transfers)) == ["dense", "head-only", "lora-r2"] and pretrainings == [1]
+    assert _results(out)["settings"]["transfer_steps"] == 4 and _results(out)["resumed_methods"] == []
+    # a method whose learning rate changed since is trained again; the others are loaded
+    table = demo.methods()
+    table["lora-r2"] = catalog.Method("lora-r2", "LoRA", "LoRA r=2", table["lora-r2"].config, 2e-2)
+    monkeypatch.setattr(runner, "methods", lambda: table)
+    transfers.clear()
+    assert demo.main(other) == 0
+    assert transfers == ["lora-r2", "lora-r2"]
+    assert _results(out)["resumed_methods"] == ["dense", "head-only"]
+
+
+def test_progress_folder_that_is_not_ours_is_left_alone(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "demo-progress").mkdir(parents=True)
+    (out / "demo-progress" / "notes.txt").write_text("mine")
+    assert demo.main([*_SHORT, "--out", str(out), "--fresh"]) == 2
+    assert "not a demo progress folder" in capsys.readouterr().err
+    assert (out / "demo-progress" / "notes.txt").read_text() == "mine"
+    (out / "demo-progress" / "run.json").write_text("{broken")
+    assert demo.main([*_SHORT, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "run.json' cannot be read" in err and "pass --fresh to start over" in err
+
+
+def test_torch_threads_default_to_one_unless_omp_num_threads_is_set(monkeypatch):
+    seen: list[int] = []
+    real = runner.transfer
+
+    def transfer(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "transfer", transfer)
+    settings = demo.DemoSettings(width=32, depth=1, pretrain_steps=2, transfer_steps=2, repeats=1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        result = demo.run(["head-only"], settings=settings, progress=False, log=None)
+        assert seen == [1] and result.machine["torch_threads"] == 1 and torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's setting (torch read it at start-up): kept
+        assert runner.default_threads() == 2
+        demo.run(["head-only"], settings=settings, progress=False, log=None)
+        demo.run(["head-only"], settings=settings, progress=False, log=None, threads=3)
+        assert seen == [1, 2, 3] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    assert 1 <= runner.available_cpus() <= (os.cpu_count() or 1)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="threads must be a positive integer"):
+            demo.run(["head-only"], settings=settings, progress=False, log=None, threads=bad)

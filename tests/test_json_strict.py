@@ -8,7 +8,6 @@ message each caller wraps in its own error type and subject.
 from __future__ import annotations
 
 import json
-import time
 import types
 
 import pytest
@@ -55,16 +54,72 @@ def test_nesting_depth(text, depth):
         assert _depth(json.loads(text)) == depth
 
 
-def test_a_million_levels_are_refused_before_parsing_in_well_under_a_second(monkeypatch):
+def _counting_accumulate(monkeypatch) -> list[int]:
+    """Make :func:`nesting_depth`'s one Python-level pass (``itertools.accumulate`` over the
+    brackets, or over their runs) count the items it consumes; returns the one-element counter.
+
+    Everything else :func:`nesting_depth` does is a single ``bytes`` method or regular expression
+    over the text, each linear by construction, so this count is the work whose growth the
+    tests below bound, without a clock (a busy machine cannot change it)."""
+    count = [0]
+    real = strict.accumulate
+
+    def counted(iterable, *args, **kwargs):
+        def items():
+            for item in iterable:
+                count[0] += 1
+                yield item
+
+        return real(items(), *args, **kwargs)
+
+    monkeypatch.setattr(strict, "accumulate", counted)
+    return count
+
+
+def _steps(count: list[int], text) -> int:
+    count[0] = 0
+    nesting_depth(text)
+    return count[0]
+
+
+def test_a_million_levels_are_refused_before_parsing(monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("json.loads was called on text deeper than the limit")
 
     monkeypatch.setattr(strict, "json", types.SimpleNamespace(loads=never))
+    count = _counting_accumulate(monkeypatch)
     for text in ("[" * 10**6 + "]" * 10**6, "[" * 10**6, '{"a":' * 10**6 + "1" + "}" * 10**6, b"[" * 10**6):
-        start = time.perf_counter()
-        message = _refused(text, "depth", max_depth=16)
-        assert time.perf_counter() - start < 0.8, "the depth check is not linear"
-        assert message == "nests deeper than 16 levels"
+        count[0] = 0
+        assert _refused(text, "depth", max_depth=16) == "nests deeper than 16 levels"
+        assert 1 <= count[0] <= 4, count[0]  # deep nesting: one step per run of openers or closers
+
+
+# texts of n levels or n brackets, in the shapes that take each path of nesting_depth, and their depth
+_SHAPES = {
+    "deep": (lambda n: "[" * n + "]" * n, lambda n: n),
+    "deep object": (lambda n: '{"a":' * n + "1" + "}" * n, lambda n: n),
+    "alternating": (lambda n: "[]" * n + "[" * 17, lambda n: 17),  # short runs: one step per bracket
+    "strings": (lambda n: '["\\\\", "[[", ' * n + "[]" + "]" * n, lambda n: n + 1),  # escapes, brackets in strings
+    "bytes": (lambda n: b"[{" * n + b"}]" * n, lambda n: 2 * n),
+}
+
+
+@pytest.mark.parametrize("shape", list(_SHAPES))
+def test_the_depth_count_is_linear_in_the_text(monkeypatch, shape):
+    """At most one Python-level step per character, and 10x the text takes at most 10x the steps."""
+    count = _counting_accumulate(monkeypatch)
+    make, depth = _SHAPES[shape]
+    small, large = make(10**4), make(10**5)
+    assert nesting_depth(small) == depth(10**4) and nesting_depth(large) == depth(10**5)
+    if shape not in ("alternating", "bytes"):  # valid JSON: the reference agrees
+        assert _depth(json.loads(make(50))) == depth(50)
+    steps_small, steps_large = _steps(count, small), _steps(count, large)
+    assert 1 <= steps_small <= len(small) and steps_large <= len(large), (steps_small, steps_large)
+    assert steps_large <= 10 * steps_small, (steps_small, steps_large)
+    if shape == "alternating":  # the per-bracket path: exactly one step per bracket
+        assert (steps_small, steps_large) == (2 * 10**4 + 17, 2 * 10**5 + 17)
+    with pytest.raises(StrictJSONError, match="nests deeper than 16 levels"):
+        loads_strict(large, max_depth=16)
 
 
 def test_the_depth_limit_is_inclusive():
@@ -102,14 +157,28 @@ def test_floats_are_refused_when_only_integers_are_allowed(word):
     assert loads_strict('{"shape": [2, -3, 0]}', max_depth=2, allow_floats=False) == {"shape": [2, -3, 0]}
 
 
-def test_integers_longer_than_the_limit_are_refused_quickly():
+def test_integers_longer_than_the_limit_are_refused_without_converting_them(monkeypatch):
     assert loads_strict("[" + "9" * MAX_INT_DIGITS + "]", max_depth=1) == [int("9" * MAX_INT_DIGITS)]
     assert loads_strict("-" + "9" * MAX_INT_DIGITS, max_depth=0) < 0  # the sign is not a digit
     assert f"an integer of {MAX_INT_DIGITS + 1} digits" in _refused("[" + "9" * (MAX_INT_DIGITS + 1) + "]",
                                                                     "integer")
-    start = time.perf_counter()
+    converted: list[int] = []
+
+    def counting_int(word, *args):
+        converted.append(len(word))
+        return int(word, *args)
+
+    def loads(text, **hooks):  # the parser, with int() counted while it runs (the name the hooks look up)
+        strict.int = counting_int
+        try:
+            return json.loads(text, **hooks)
+        finally:
+            del strict.int
+
+    monkeypatch.setattr(strict, "json", types.SimpleNamespace(loads=loads))
     _refused("[" + "7" * 10**6 + "]", "integer")  # never converted: int() of it would take seconds
-    assert time.perf_counter() - start < 0.5
+    assert converted == []
+    assert loads_strict("[12, 345]", max_depth=1) == [12, 345] and converted == [2, 3]
     assert loads_strict("[123456]", max_depth=1, max_int_digits=6) == [123456]
     _refused("[1234567]", "integer", max_int_digits=6)
 

@@ -12,7 +12,9 @@ Examples
     tensoradapt export-peft gpt2-lorta.safetensors served/ --rank exact # smallest rank within 1e-6
 
 Bad input (no such file, not an adapter, a rank the targets cannot have, an output path that is a
-file) exits with status 2 and one line on stderr.
+file) exits with status 2 and one line on stderr.  An SVD export of many targets draws a progress
+bar on stderr when stderr is a terminal (:func:`progress_bar`, the bar ``tensoradapt demo`` and
+``tensoradapt study`` draw too).
 """
 
 from __future__ import annotations
@@ -24,11 +26,42 @@ from typing import Any
 
 from tensoradapt.cli import OneLineParser, one_line
 
-__all__ = ["export_peft_main"]
+__all__ = ["export_peft_main", "progress_bar"]
 
 _PROG = "tensoradapt export-peft"
 #: Largest rank accepted on the command line (the library's cap, SuperLoRAConfig MAX_RANK).
 MAX_RANK = 2**24
+
+
+def progress_bar(total: int, label: str, enabled: bool, *, unit: str = "step", leave: bool = False) -> Any:
+    """A tqdm bar on stderr when stderr is a terminal, else ``None`` (also when not ``enabled`` or
+    without tqdm): the one progress bar of ``tensoradapt export-peft``, ``demo`` and ``study``.
+
+    Parameters
+    ----------
+    total : int
+        How many updates make the bar full.
+    label : str
+        Shown before the bar.
+    enabled : bool
+        ``False``: no bar (``None``).
+    unit : str
+        What one update counts.
+    leave : bool
+        Keep the finished bar on the terminal.
+
+    Returns
+    -------
+    tqdm or None
+        Call ``update(1)`` per step and ``close()`` at the end.
+    """
+    if not enabled or not sys.stderr.isatty():  # nothing in logs, pipes or captured output
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is optional
+        return None
+    return tqdm(total=total, desc=label, leave=leave, unit=unit, file=sys.stderr)
 
 
 def _rank(text: str) -> int | str:
