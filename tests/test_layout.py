@@ -168,7 +168,7 @@ def test_one_integer_check() -> None:
 #: Everything a user or an attacker supplies goes through ``tensoradapt._json.loads_strict``.
 _TRUSTED_JSON = {
     "tensoradapt/_json.py": (1, "the strict reader itself, after its depth check and with its hooks"),
-    "bindings/torch/_io.py": (1, "_canonical_header re-reads the header safetensors.save has just produced in "
+    "bindings/torch/_io.py": (1, "canonical_header re-reads the header safetensors.save has just produced in "
                                  "this process from our own tensors and metadata, before anything is written"),
     "tensoradapt/testing.py": (1, "the fuzz ledger merges the report file named by TENSORADAPT_FUZZ_REPORT, "
                                   "which only the test harness writes"),

@@ -701,6 +701,132 @@ def test_merged_and_detached_exports_warn(tmp_path):
         tat.export_peft(other, tmp_path / "plain-detached")
 
 
+# ---------------------------------------------------------------------------------- SVD export: work, threads, progress
+class Wide(nn.Module):
+    """Ten 24x16 linears: more targets than an export draws its progress bar for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.layers = nn.ModuleList(nn.Linear(16 if i == 0 else 24, 24) for i in range(10))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def test_exact_rank_search_takes_logarithmically_many_evaluations(monkeypatch):
+    """When rounding the factors keeps the written error above the tolerance past the truncation's
+    rank, the smallest rank that passes is found with O(log r) error evaluations (it took one per
+    rank), and it is the rank a scan from the truncation's rank finds."""
+    from types import SimpleNamespace
+
+    from tensoradapt.torch import peft_io
+
+    torch.manual_seed(0)
+    o, n = 96, 64
+    U = torch.linalg.qr(torch.randn(o, n, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))[0]
+    S = 0.8 ** torch.arange(n, dtype=torch.float64)
+    delta = U @ torch.diag(S) @ V.T
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    total = float(delta.norm())
+
+    def written_error(q: int) -> float:  # float16 factors: rounding dominates from rank ~37 on
+        root = s[:q].sqrt()
+        B, A = (u[:, :q] * root).half(), (root[:, None] * vh[:q]).half()
+        return float((delta - B.double() @ A.double()).norm()) / total
+
+    errors = [written_error(q) for q in range(1, n + 1)]
+    tolerance = errors[47] * (1 + 1e-9)  # rank 48 passes
+    tails = [float(s[q:].norm()) / total for q in range(1, n + 1)]
+    start = next(q for q in range(1, n + 1) if tails[q - 1] <= tolerance)
+    expected = next(q for q in range(start, n + 1) if errors[q - 1] <= tolerance)
+    assert expected - start >= 8, (start, expected)  # the case the search is for
+    monkeypatch.setattr(peft_io, "EXACT_TOLERANCE", tolerance)
+    evaluations = []
+    real_norm = torch.linalg.matrix_norm
+    monkeypatch.setattr(torch.linalg, "matrix_norm", lambda *a, **k: evaluations.append(1) or real_norm(*a, **k))
+    *_, q, error = peft_io.truncated(SimpleNamespace(layer="linear", padding_idx=None), delta, "exact",
+                                      torch.float16)
+    assert q == expected and error <= tolerance and error == pytest.approx(errors[q - 1], rel=1e-6)
+    gap = expected - start  # a scan from the truncation's rank evaluates gap + 1 ranks
+    assert len(evaluations) - 1 <= 1 + 2 * math.ceil(math.log2(gap + 1)) < gap + 1, len(evaluations)
+
+
+def test_svd_export_runs_small_svds_on_one_thread_and_restores_the_count(tmp_path, monkeypatch):
+    model = Net().eval()
+    adapter = tat.attach(model, presets.lorta(3, 2), ["a", "b", "c"])
+    perturb(adapter)
+    seen = []
+    real_svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: seen.append(torch.get_num_threads()) or real_svd(*a, **k))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = tat.export_peft(adapter, tmp_path / "e", rank="exact")
+        assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+        seen.clear()
+        monkeypatch.setattr("tensoradapt.torch.peft_io.ONE_THREAD_SVD_SIDE", 8)  # a target above it: as set
+        again = tat.export_peft(adapter, tmp_path / "e2", rank="exact")
+        assert seen == [2, 2, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    assert again.ranks == result.ranks
+    assert max(abs(again.errors[n] - result.errors[n]) for n in result.errors) <= 1e-7
+
+
+def test_svd_export_progress_bar_on_many_targets(tmp_path, monkeypatch):
+    """A bar (the demo's progress_bar) over the targets when there are many; none for a few or
+    with progress=False; and progress_bar itself draws nothing when stderr is not a terminal."""
+    import io
+
+    from tensoradapt.torch import cli
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, label, enabled, *, unit="step", leave=False):
+            self.total, self.label, self.unit, self.updates, self.closed = total, label, unit, 0, False
+            bars.append(self)
+
+        def update(self, n):
+            self.updates += n
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(cli, "progress_bar", Bar)
+    many = tat.attach(Wide().eval(), presets.lorta(3, 2), [f"layers.{i}" for i in range(10)])
+    perturb(many)
+    tat.export_peft(many, tmp_path / "many", rank=2)
+    assert [(b.total, b.label, b.unit, b.updates, b.closed) for b in bars] == [(10, "export-peft", "target", 10, True)]
+    tat.export_peft(many, tmp_path / "quiet", rank=2, progress=False)
+    few = tat.attach(Net().eval(), presets.lorta(3, 2), ["a", "b", "c"])
+    perturb(few)
+    tat.export_peft(few, tmp_path / "few", rank="exact")
+    assert len(bars) == 1
+    with pytest.raises(TypeError, match="progress must be True or False, got str 'yes'"):
+        tat.export_peft(few, tmp_path / "bad", rank=2, progress="yes")
+    monkeypatch.undo()
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert cli.progress_bar(10, "export-peft", True) is None  # a pipe, a log, captured output: nothing
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert cli.progress_bar(10, "export-peft", False) is None
+    bar = cli.progress_bar(10, "export-peft", True, unit="target")
+    pytest.importorskip("tqdm")
+    bar.update(10)
+    bar.close()
+    assert "export-peft:" in terminal.getvalue() and "/10 " in terminal.getvalue()  # drawn on the terminal
+
+
 # ---------------------------------------------------------------------------------- FSDP2 (two gloo processes)
 def _fsdp_model():
     torch.manual_seed(0)

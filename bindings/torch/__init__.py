@@ -24,14 +24,16 @@ from tensoradapt import GLoRAConfig, SuperLoRAConfig, presets
 from . import functional, glora, hf
 from ._io import FORMAT_VERSION, AdapterFileError, read_metadata
 from ._shared import AdapterContainer, BaseAdapter
-from ._targets import match_targets
+from ._targets import DIFFUSERS_DEFAULT_TARGETS, diffusers_targets, match_targets
 from .adapter import AdaptedLayer, Adapter, SuperLoRAAdapter, SuperLoRALayer, attach_superlora, load_superlora
 from .glora import GLoRAAdapter, GLoRALayer, attach_glora, load_glora
 from .hf import use_adapter_checkpoints
+from .lycoris_io import LycorisExport, export_lycoris, import_lycoris
 from .peft_io import PeftExport, export_peft, import_peft
 
 __all__ = [
     "DEFAULT_TARGETS",
+    "DIFFUSERS_DEFAULT_TARGETS",
     "FORMAT_VERSION",
     "TORCH_VERSION",
     "AdaptedLayer",
@@ -41,16 +43,20 @@ __all__ = [
     "BaseAdapter",
     "GLoRAAdapter",
     "GLoRALayer",
+    "LycorisExport",
     "PeftExport",
     "SuperLoRAAdapter",
     "SuperLoRALayer",
     "attach",
     "default_config",
     "default_targets",
+    "diffusers_targets",
+    "export_lycoris",
     "export_peft",
     "functional",
     "glora",
     "hf",
+    "import_lycoris",
     "import_peft",
     "load",
     "match_targets",
@@ -101,7 +107,13 @@ def _linear_like(module: _torch.nn.Module) -> bool:
 def default_targets(model: _torch.nn.Module) -> list[str]:
     """The module names ``attach(model)`` adapts without targets: the attention projections of a
     known architecture (:data:`DEFAULT_TARGETS`, by ``model.config.model_type``), else every
-    ``nn.Linear`` / ``Conv1D`` except the output head (the ``"all-linear"`` rule)."""
+    ``nn.Linear`` / ``Conv1D`` except the output head (the ``"all-linear"`` rule).  A diffusers
+    model gets its attention projections (:data:`DIFFUSERS_DEFAULT_TARGETS`)."""
+    from ._targets import diffusers_default_targets
+
+    diffusion = diffusers_default_targets(model)
+    if diffusion:
+        return diffusion
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     suffixes = DEFAULT_TARGETS.get(model_type) if isinstance(model_type, str) else None
     if suffixes:

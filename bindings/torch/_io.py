@@ -22,8 +22,8 @@ import tensoradapt._safetensors as safetensors_header
 from tensoradapt._json import StrictJSONError, loads_strict
 
 __all__ = ["CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "LIBRARY", "README_FILE", "AdapterFileError", "adapter_path",
-           "adapter_subfolders", "check_config_file", "check_file", "locate_adapter", "read_adapter", "read_metadata",
-           "write_adapter", "write_bytes"]
+           "adapter_subfolders", "canonical_header", "check_config_file", "check_file", "locate_adapter",
+           "read_adapter", "read_metadata", "write_adapter", "write_bytes"]
 
 FORMAT = "tensoradapt.adapter"
 FORMAT_VERSION = 1
@@ -73,10 +73,10 @@ def write_adapter(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tens
         raise FileNotFoundError(f"folder {str(path.parent)!r} does not exist")
     host = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     header = {"format": "pt", _METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)}
-    return write_bytes(path, _canonical_header(_safetensors().save(host, metadata=header)))
+    return write_bytes(path, canonical_header(_safetensors().save(host, metadata=header)))
 
 
-def _canonical_header(blob: bytes) -> bytes:
+def canonical_header(blob: bytes) -> bytes:
     """``blob`` (a safetensors file) with its header re-serialised in a fixed order: safetensors
     writes the ``__metadata__`` entries in a per-process hash order, so the same adapter saved by
     two processes (two ranks, two runs) would differ in bytes.  Tensor data offsets are relative

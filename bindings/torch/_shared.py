@@ -508,6 +508,12 @@ class BaseAdapter(nn.Module):
         return self._attached
 
     @property
+    def wrappers(self) -> tuple[nn.Module, ...]:
+        """The layers installed at the targets, in target order (a layer shared with another adapter
+        is that adapter's wrapper); empty once detached."""
+        return tuple(self._wrappers)
+
+    @property
     def is_disabled(self) -> bool:
         """Whether a :meth:`disabled` block is running."""
         return self._disabled > 0

@@ -30,12 +30,13 @@ is read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,7 +55,8 @@ from tensoradapt.superlora.plan import SplitPlan, param_name
 from ._io import LIBRARY, AdapterFileError, adapter_subfolders, check_file, parse_metadata, read_json_file, write_bytes
 from ._shared import ADAPTER_FILE, MODULES_TO_SAVE_PREFIX, BaseAdapter, forward_kind, plain_named_modules
 
-__all__ = ["EXACT_TOLERANCE", "PEFT_CONFIG_FILE", "PeftExport", "export_peft", "import_peft"]
+__all__ = ["EXACT_TOLERANCE", "ONE_THREAD_SVD_SIDE", "PEFT_CONFIG_FILE", "PROGRESS_MIN_TARGETS", "PeftExport",
+           "export_peft", "import_peft"]
 
 #: The relative Frobenius error ``rank="exact"`` allows per target.
 EXACT_TOLERANCE = 1e-6
@@ -103,7 +105,7 @@ class PeftExport:
 
 # ---------------------------------------------------------------------------------- sources
 @dataclass
-class _Target:
+class Target:
     """One target as the export sees it: the PEFT layer family and what is known of the module."""
 
     name: str
@@ -117,9 +119,11 @@ class _Target:
 
 
 @dataclass
-class _Source:
+class Source:
+    """An adapter as the exports see it (:func:`live_source`, :func:`file_source`)."""
+
     method: str  # "superlora" | "glora"
-    targets: list[_Target]
+    targets: list[Target]
     params: dict[str, torch.Tensor]  # SuperLoRA: generator name -> tensor; GLoRA: "<target>.<tensor>"
     plan: SuperLoRA | None = None
     glora: GLoRAConfig | None = None
@@ -149,7 +153,8 @@ def _adapted_model(adapter: BaseAdapter) -> nn.Module | None:
     return adapter.model if adapter.attached else None
 
 
-def _live_source(adapter: BaseAdapter) -> _Source:
+def live_source(adapter: BaseAdapter) -> Source:
+    """The export's view of a live adapter (its parameters gathered in full under FSDP2)."""
     from ._shared import gather_full  # FSDP2 (fully_shard): the full tensors (a collective)
 
     params = gather_full({name: p.detach() for name, p in adapter.named_trainable_parameters()
@@ -181,13 +186,13 @@ def _live_source(adapter: BaseAdapter) -> _Source:
         kinds = getattr(adapter, "kinds", None)  # SuperLoRA: each target's forward kind
         layer = _layer_of(kinds[i] if kinds is not None else view.kind, view.weight_shape)
         has_bias = adapter.has_bias[i] if hasattr(adapter, "has_bias") else False
-        targets.append(_Target(name, layer, tuple(view.shape), tuple(view.weight_shape),
+        targets.append(Target(name, layer, tuple(view.shape), tuple(view.weight_shape),
                                getattr(view, "padding_idx", None), module,
                                module is None or type(module) is nn.Linear, has_bias))
     common = dict(targets=targets, params=params, base_model=base, modules_to_save=tuple(adapter.modules_to_save),
                   origin=f"this {type(adapter).__name__}", model=model)
     if isinstance(getattr(adapter, "plan", None), SuperLoRA):
-        return _Source("superlora", plan=adapter.plan, **common)
+        return Source("superlora", plan=adapter.plan, **common)
     choices = adapter.inference_configs() if adapter.attached else None
     if adapter.attached and adapter.configs is None:
         warnings.warn("exporting a GLoRA supernet without fixed configs: every layer uses its largest choice (what "
@@ -196,10 +201,11 @@ def _live_source(adapter: BaseAdapter) -> _Source:
     if choices is None:
         choices = tuple(largest_choice(adapter.config, has_bias=b).resolve(adapter.config.rank)
                         for b in adapter.has_bias)
-    return _Source("glora", glora=adapter.config, choices=tuple(choices), **common)
+    return Source("glora", glora=adapter.config, choices=tuple(choices), **common)
 
 
-def _file_source(path: str | os.PathLike[str]) -> _Source:
+def file_source(path: str | os.PathLike[str]) -> Source:
+    """The export's view of one of our adapter files or folders, rebuilt from its metadata."""
     place = Path(path)
     if place.is_dir() and not (place / ADAPTER_FILE).exists():
         named = adapter_subfolders(place)
@@ -217,7 +223,7 @@ def _file_source(path: str | os.PathLike[str]) -> _Source:
     base = recorded.get("name_or_path") if isinstance(recorded, dict) else None
     if metadata["method"] == "glora":
         config: GLoRAConfig = metadata["config"]
-        targets = [_Target(r["name"], _layer_of(r["kind"], ()), tuple(r["shape"]), tuple(r["shape"]),
+        targets = [Target(r["name"], _layer_of(r["kind"], ()), tuple(r["shape"]), tuple(r["shape"]),
                            has_bias=r["has_bias"]) for r in records]
         raw = metadata.get("configs")
         try:
@@ -237,10 +243,10 @@ def _file_source(path: str | os.PathLike[str]) -> _Source:
                 expected[f"{t.name}.{k}"] = tuple(shape)
         if {k: tuple(v.shape) for k, v in params.items()} != expected:
             raise AdapterFileError(f"{where}: the stored tensors do not match the GLoRA layers its config makes")
-        return _Source("glora", targets, params, glora=config, choices=choices, base_model=base,
+        return Source("glora", targets, params, glora=config, choices=choices, base_model=base,
                        modules_to_save=saved, origin=where, file=file)
     config: SuperLoRAConfig = metadata["config"]  # type: ignore[no-redef]
-    targets = [_Target(r["name"], _layer_of(r["kind"], r["weight_shape"]), tuple(r["shape"]),
+    targets = [Target(r["name"], _layer_of(r["kind"], r["weight_shape"]), tuple(r["shape"]),
                        tuple(r["weight_shape"])) for r in records]
     try:
         try:
@@ -252,12 +258,13 @@ def _file_source(path: str | os.PathLike[str]) -> _Source:
         raise AdapterFileError(f"{where}: its config does not fit the targets ({error})") from None
     if set(expected) != set(params) or any(tuple(params[k].shape) != tuple(s) for k, s in expected.items()):
         raise AdapterFileError(f"{where}: the stored parameters do not match the plan their config makes")
-    return _Source("superlora", targets, params, plan=plan, base_model=base, modules_to_save=saved, origin=where,
+    return Source("superlora", targets, params, plan=plan, base_model=base, modules_to_save=saved, origin=where,
                    file=file)
 
 
 # ---------------------------------------------------------------------------------- export
-def _check_rank(rank: Any) -> int | str | None:
+def check_rank(rank: Any) -> int | str | None:
+    """``rank`` of an SVD export checked: None, ``"exact"`` or a positive int."""
     if rank is None or (isinstance(rank, str) and rank == "exact"):
         return rank
     if isinstance(rank, bool) or not is_int(rank):
@@ -270,7 +277,7 @@ def _check_rank(rank: Any) -> int | str | None:
 
 def export_peft(adapter_or_path: BaseAdapter | str | os.PathLike[str], folder: str | os.PathLike[str], *,
                 rank: int | Literal["exact"] | None = None, base_model_name_or_path: str | None = None,
-                device: str | torch.device | None = None) -> PeftExport:
+                device: str | torch.device | None = None, progress: bool = True) -> PeftExport:
     """Write a tensoradapt adapter as a PEFT adapter folder.
 
     Parameters
@@ -294,6 +301,10 @@ def export_peft(adapter_or_path: BaseAdapter | str | os.PathLike[str], folder: s
         Where a file's ``ΔW`` and SVDs are computed (default: CUDA when available, else CPU);
         an adapter computes on its own device.  A device this PyTorch cannot use (``"cuda"`` without
         CUDA, ``"meta"``) is a ``ValueError``.
+    progress : bool
+        Draw a progress bar over the targets of a ``rank=r`` / ``"exact"`` export on stderr when
+        stderr is a terminal and there are at least :data:`PROGRESS_MIN_TARGETS` targets
+        (``False``: never).
 
     Returns
     -------
@@ -313,6 +324,14 @@ def export_peft(adapter_or_path: BaseAdapter | str | os.PathLike[str], folder: s
     parameters, so a half-precision adapter's factors approximate its exact update (its own
     forward rounds ``ΔW`` to its dtype); they are written in float32.
 
+    The SVD export takes time proportional to its targets' SVDs (``O(o n min(o, n))`` each): the
+    28 projections of a 4-layer, 256-wide Llama take about half a second of SVDs on one CPU core,
+    about a second for the whole export.  When every
+    target has ``min(o, n) <=`` :data:`ONE_THREAD_SVD_SIDE` and the work is on the CPU, the SVDs run
+    on one torch thread (``torch.set_num_threads(1)`` for the duration of the call, restored
+    after): small SVDs gain little from more threads and, on cores shared with other processes,
+    lose many times over waiting for each other.
+
     Raises
     ------
     TypeError, ValueError
@@ -320,7 +339,9 @@ def export_peft(adapter_or_path: BaseAdapter | str | os.PathLike[str], folder: s
     AdapterFileError, FileNotFoundError
         ``adapter_or_path`` is not a readable adapter.
     """
-    rank = _check_rank(rank)
+    rank = check_rank(rank)
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {type(progress).__name__} {progress!r:.40}")
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
         raise TypeError("base_model_name_or_path must be a string or None, got "
                         f"{type(base_model_name_or_path).__name__}")
@@ -332,10 +353,10 @@ def export_peft(adapter_or_path: BaseAdapter | str | os.PathLike[str], folder: s
         mesh = _sharded_mesh(adapter_or_path)
         if mesh is None:
             _check_output(folder)  # before the work; under FSDP2 the writing rank checks (below)
-        source = _live_source(adapter_or_path)
+        source = live_source(adapter_or_path)
     elif isinstance(adapter_or_path, (str, os.PathLike)):
         _check_output(folder)
-        source = _file_source(adapter_or_path)
+        source = file_source(adapter_or_path)
         source.params = {k: v.to(target_device) for k, v in source.params.items()}
     else:
         raise TypeError("adapter_or_path must be a tensoradapt adapter or the path of an adapter file or folder, "
@@ -354,7 +375,7 @@ def export_peft(adapter_or_path: BaseAdapter | str | os.PathLike[str], folder: s
     elif rank is None:
         peft_type, config, tensors, ranks, errors = _export_exact(source)
     else:
-        peft_type, config, tensors, ranks, errors = _export_svd(source, rank)
+        peft_type, config, tensors, ranks, errors = _export_svd(source, rank, progress)
     config["base_model_name_or_path"] = base_model_name_or_path or source.base_model
     if mesh is None:
         _write_folder(out, config, tensors)
@@ -449,7 +470,7 @@ def _check_output(folder: str | os.PathLike[str]) -> Path:
     return out
 
 
-def _modules_list(source: _Source) -> str:
+def _modules_list(source: Source) -> str:
     """``target_modules``: the regular expression matching exactly the target names (PEFT
     ``re.fullmatch``-es a string; a list would select ``name`` and every ``*.name``, which from a
     file, without the model, cannot be ruled out)."""
@@ -473,14 +494,15 @@ def _most_common(values: Sequence[Any]) -> Any:
     return max(counts, key=lambda v: (counts[v], -values.index(v)))
 
 
-def _base_config(peft_type: str, source: _Source) -> dict[str, Any]:
+def _base_config(peft_type: str, source: Source) -> dict[str, Any]:
     return {"peft_type": peft_type, "task_type": None, "inference_mode": True, "revision": None,
             "target_modules": _modules_list(source), "exclude_modules": None, "modules_to_save": None,
             "layers_to_transform": None, "layers_pattern": None}
 
 
 # ---------------------------------------------------------------------------------- SuperLoRA, exact
-def _local(source: _Source, group: int, k: int, split: SplitPlan) -> dict[str, torch.Tensor]:
+def local_params(source: Source, group: int, k: int, split: SplitPlan) -> dict[str, torch.Tensor]:
+    """``{block name: tensor}`` of split ``k`` of group ``group``."""
     return {b: source.params[param_name(group, k, b)] for b in split.parameter_shapes()}
 
 
@@ -490,7 +512,7 @@ def _eye_or(split: SplitPlan, local: dict[str, torch.Tensor], m: int, ref: torch
     return local[f"factor{m}"]
 
 
-def _low_rank(split: SplitPlan, local: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def low_rank(split: SplitPlan, local: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(L (d0, q), R (q, d1))`` with ``L R`` the split's matrix (identity, CP or Tucker core)."""
     ref = next(iter(local.values()))
     U, V = _eye_or(split, local, 0, ref), _eye_or(split, local, 1, ref)
@@ -502,7 +524,7 @@ def _low_rank(split: SplitPlan, local: dict[str, torch.Tensor]) -> tuple[torch.T
     return (U, core @ V.t()) if core.shape[0] <= core.shape[1] else (U @ core, V.t())
 
 
-def _exact_form(source: _Source, i: int) -> tuple[str | None, Any]:
+def exact_form(source: Source, i: int) -> tuple[str | None, Any]:
     """``("lora" | "lokr" | "loha", (group, splits))`` when target ``i``'s ``ΔW`` is one of PEFT's
     structures on its own ``(o, n)``, else ``(None, why)``."""
     plan = source.plan
@@ -531,8 +553,8 @@ def _exact_form(source: _Source, i: int) -> tuple[str | None, Any]:
     return None, f"its structure ({' x '.join(s.kind + str(list(s.shape)) for s in splits)}) is not LoRA, LoKr or LoHa"
 
 
-def _export_exact(source: _Source) -> tuple[str, dict[str, Any], dict[str, torch.Tensor], dict, dict]:
-    forms = [_exact_form(source, i) for i in range(len(source.targets))]
+def _export_exact(source: Source) -> tuple[str, dict[str, Any], dict[str, torch.Tensor], dict, dict]:
+    forms = [exact_form(source, i) for i in range(len(source.targets))]
     kinds = {f for f, _ in forms}
     hint = ("pass a rank (rank=r, or 'exact' for lossless to 1e-6; --rank on the command line) to export it as a "
             "PEFT LoRA of each target's truncated SVD")
@@ -552,7 +574,7 @@ def _export_exact(source: _Source) -> tuple[str, dict[str, Any], dict[str, torch
     return _export_lokr(source, groups, hint)
 
 
-def _check_conv(target: _Target, method: str, hint: str, *, lora: bool) -> None:
+def _check_conv(target: Target, method: str, hint: str, *, lora: bool) -> None:
     module = target.module
     if target.layer == "conv1d" and method != "LoRA":
         raise ValueError(f"PEFT's {method} supports nn.Linear, nn.Conv1d and nn.Conv2d; target {target.name!r} is a "
@@ -575,7 +597,7 @@ def _check_conv(target: _Target, method: str, hint: str, *, lora: bool) -> None:
                          "its update; only groups=1, dilation=1 convolutions can be exported as LoRA")
 
 
-def _lora_tensors(target: _Target, B: torch.Tensor, A: torch.Tensor) -> dict[str, torch.Tensor]:
+def _lora_tensors(target: Target, B: torch.Tensor, A: torch.Tensor) -> dict[str, torch.Tensor]:
     """PEFT LoRA tensors of ``ΔW = B A`` (``B (o, r)``, ``A (r, n)``) on ``target``."""
     key = _PREFIX + target.name
     r = B.shape[1]
@@ -588,7 +610,7 @@ def _lora_tensors(target: _Target, B: torch.Tensor, A: torch.Tensor) -> dict[str
     return {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": B}
 
 
-def _zero_padding_row(target: _Target, B: torch.Tensor) -> torch.Tensor:
+def _zero_padding_row(target: Target, B: torch.Tensor) -> torch.Tensor:
     """``B`` with an embedding's padding row zeroed (tensoradapt never updates it; PEFT would)."""
     if target.layer != "embedding" or target.padding_idx is None:
         return B
@@ -597,7 +619,7 @@ def _zero_padding_row(target: _Target, B: torch.Tensor) -> torch.Tensor:
     return B
 
 
-def _lora_config(source: _Source, ranks: dict[str, int], alphas: dict[str, float]) -> dict[str, Any]:
+def _lora_config(source: Source, ranks: dict[str, int], alphas: dict[str, float]) -> dict[str, Any]:
     names = list(ranks)
     r = _most_common([ranks[n] for n in names])
     alpha = _most_common([alphas[n] for n in names if ranks[n] == r])
@@ -611,7 +633,7 @@ def _lora_config(source: _Source, ranks: dict[str, int], alphas: dict[str, float
     return config
 
 
-def _export_lora_exact(source: _Source, groups: list[Any]) -> tuple:
+def _export_lora_exact(source: Source, groups: list[Any]) -> tuple:
     plan = source.plan
     assert plan is not None
     cfg = plan.config
@@ -623,7 +645,7 @@ def _export_lora_exact(source: _Source, groups: list[Any]) -> tuple:
         _check_conv(target, "LoRA", hint, lora=True)
         split = group.splits[0]
         with torch.no_grad():
-            L, R = _low_rank(split, _local(source, group.index, 1, split))
+            L, R = low_rank(split, local_params(source, group.index, 1, split))
         q = L.shape[1]
         if cfg.alpha is not None and split.kind == "identity" and q == cfg.ranks[0]:
             alphas[target.name] = float(cfg.alpha)  # PEFT's alpha / r is then our scale, bit for bit
@@ -634,7 +656,7 @@ def _export_lora_exact(source: _Source, groups: list[Any]) -> tuple:
     return "LORA", _lora_config(source, ranks, alphas), tensors, ranks, dict.fromkeys(ranks, 0.0)
 
 
-def _export_loha(source: _Source, groups: list[Any], hint: str) -> tuple:
+def _export_loha(source: Source, groups: list[Any], hint: str) -> tuple:
     plan = source.plan
     assert plan is not None
     cfg = plan.config
@@ -644,7 +666,7 @@ def _export_loha(source: _Source, groups: list[Any], hint: str) -> tuple:
     for target, group in zip(source.targets, groups, strict=True):
         _check_conv(target, "LoHa", hint, lora=False)
         key = _PREFIX + target.name
-        pairs = [_low_rank(s, _local(source, group.index, k, s)) for k, s in enumerate(group.splits, start=1)]
+        pairs = [low_rank(s, local_params(source, group.index, k, s)) for k, s in enumerate(group.splits, start=1)]
         q = pairs[0][0].shape[1]
         for index, (L, R) in enumerate(pairs, start=1):
             tensors[f"{key}.hada_w{index}_a"] = L
@@ -669,7 +691,7 @@ def peft_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return factorization(dimension, factor)
 
 
-def _peft_lokr_layout(target: _Target, r: int, decompose_both: bool, factor: int) -> tuple:
+def _peft_lokr_layout(target: Target, r: int, decompose_both: bool, factor: int) -> tuple:
     """``((a, b), (c, e), kernel, use_w1, use_w2)`` PEFT's LoKr builds on ``target``: ``w1 (a, b)``,
     ``w2 (c, e)`` with ``e`` the flattened ``in_n · Π kernel``."""
     o = target.weight_shape[0]
@@ -687,7 +709,7 @@ def _divisors(n: int) -> list[int]:
     return small + [n // d for d in reversed(small) if d * d != n]
 
 
-def _export_lokr(source: _Source, groups: list[Any], hint: str) -> tuple:
+def _export_lokr(source: Source, groups: list[Any], hint: str) -> tuple:
     plan = source.plan
     assert plan is not None
     cfg = plan.config
@@ -741,7 +763,7 @@ def _export_lokr(source: _Source, groups: list[Any], hint: str) -> tuple:
     for target, group in zip(source.targets, groups, strict=True):
         key = _PREFIX + target.name
         for k, split in enumerate(group.splits, start=1):
-            local = _local(source, group.index, k, split)
+            local = local_params(source, group.index, k, split)
             if split.kind == "dense":
                 value = local["dense"]
                 if k == 2 and target.layer == "conv":
@@ -749,7 +771,7 @@ def _export_lokr(source: _Source, groups: list[Any], hint: str) -> tuple:
                         target, r, db, f)[0][1], *target.weight_shape[2:])
                 tensors[f"{key}.lokr_w{k}"] = value
             else:
-                L, R = _low_rank(split, local)
+                L, R = low_rank(split, local)
                 tensors[f"{key}.lokr_w{k}_a"] = L
                 tensors[f"{key}.lokr_w{k}_b"] = R
         ranks[target.name] = r
@@ -766,7 +788,43 @@ def _export_lokr(source: _Source, groups: list[Any], hint: str) -> tuple:
 
 
 # ---------------------------------------------------------------------------------- SuperLoRA, rank r
-def _export_svd(source: _Source, rank: int | str) -> tuple:
+#: Most targets an SVD export handles without a progress bar (more draw one when stderr is a terminal).
+PROGRESS_MIN_TARGETS = 8
+#: Largest ``min(o, n)`` whose CPU SVDs run on one thread.  A small SVD gains little from a second
+#: thread on a quiet machine (256x256: 11 ms on two threads, 16 ms on one) and loses a lot when the
+#: cores are shared: every step of MKL's SVD waits for the slowest thread, and with another process
+#: on the cores a 4-layer, 256-wide Llama's 28 SVDs took 4-7 s on two threads against 0.5 s on one.
+ONE_THREAD_SVD_SIDE = 512
+
+
+def _progress(total: int) -> Any:
+    """The export's progress bar over ``total`` targets (``None`` when there are few of them, or
+    when stderr is not a terminal): the one bar of the torch command lines and the demo."""
+    if total < PROGRESS_MIN_TARGETS:
+        return None
+    from .cli import progress_bar
+
+    return progress_bar(total, "export-peft", True, unit="target")
+
+
+@contextlib.contextmanager
+def svd_threads(source: Source) -> Iterator[None]:
+    """One torch thread inside the block when every target is small and the work is on the CPU
+    (see :data:`ONE_THREAD_SVD_SIDE`); the previous thread count is restored after."""
+    device = next(iter(source.params.values())).device if source.params else torch.device("cpu")
+    small = all(min(t.shape) <= ONE_THREAD_SVD_SIDE for t in source.targets)
+    previous = torch.get_num_threads()
+    if device.type != "cpu" or not small or previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _export_svd(source: Source, rank: int | str, progress: bool = True) -> tuple:
     plan = source.plan
     assert plan is not None
     for target in source.targets:
@@ -782,23 +840,31 @@ def _export_svd(source: _Source, rank: int | str) -> tuple:
     # written in the adapter's dtype, float32 for a half-precision one (PEFT loads them into its layers' dtype)
     dtype = next(iter(source.params.values())).dtype if source.params else torch.float32
     out_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    for targets, groups in plan.components():
-        params = {name: source.params[name].to(torch.float64) for name in plan.parameter_shapes(groups)}
-        with torch.no_grad():
-            deltas = plan.delta_for(params, targets)
-        del params
-        for t, delta in zip(targets, deltas, strict=True):
-            target = source.targets[t]
-            B, A, q, error = _truncated(target, delta, rank, out_dtype)
-            ranks[target.name] = q
-            errors[target.name] = error
-            tensors.update(_lora_tensors(target, B, A))
-        del deltas
+    bar = _progress(len(source.targets)) if progress else None
+    try:
+        with svd_threads(source):
+            for targets, groups in plan.components():
+                params = {name: source.params[name].to(torch.float64) for name in plan.parameter_shapes(groups)}
+                with torch.no_grad():
+                    deltas = plan.delta_for(params, targets)
+                del params
+                for t, delta in zip(targets, deltas, strict=True):
+                    target = source.targets[t]
+                    B, A, q, error = truncated(target, delta, rank, out_dtype)
+                    ranks[target.name] = q
+                    errors[target.name] = error
+                    tensors.update(_lora_tensors(target, B, A))
+                    if bar is not None:
+                        bar.update(1)
+                del deltas
+    finally:
+        if bar is not None:
+            bar.close()
     alphas = {n: float(q) for n, q in ranks.items()}  # scaling α/r = 1 on every target
     return "LORA", _lora_config(source, ranks, alphas), tensors, ranks, errors
 
 
-def _truncated(target: _Target, delta: torch.Tensor, rank: int | str,
+def truncated(target: Target, delta: torch.Tensor, rank: int | str,
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """``(B, A, r, relative error)`` of the rank-``r`` truncated SVD of ``ΔW`` (float64 on its device),
     ``B`` and ``A`` in ``dtype`` (the error is that of the factors in ``dtype``)."""
@@ -827,16 +893,34 @@ def _truncated(target: _Target, delta: torch.Tensor, rank: int | str,
         B, A, error = factors(int(rank))
         return B, A, int(rank), error
     limit = min(work.shape)
+    # the smallest q whose truncation error is within the tolerance; the factors' rounding to
+    # `dtype` can push the error of what is written above it, then q grows (doubling the step,
+    # then bisecting: O(log r) evaluations of the error, each O(o n q), not one per rank)
     q = max(1, int((tail[1:] <= EXACT_TOLERANCE * total).nonzero()[0, 0]) + 1) if limit else 1
+    best = factors(q)
+    if best[2] <= EXACT_TOLERANCE or q >= limit:
+        return best[0], best[1], q, best[2]
+    failing, step = q, 1  # the largest rank known to fail
     while True:
-        B, A, error = factors(q)
-        if error <= EXACT_TOLERANCE or q >= limit:
-            return B, A, q, error
-        q += 1
+        q = min(limit, failing + step)
+        best = factors(q)
+        if best[2] <= EXACT_TOLERANCE:
+            break
+        if q >= limit:  # nothing within the tolerance: the full rank (its error is the rounding's)
+            return best[0], best[1], q, best[2]
+        failing, step = q, 2 * step
+    while q - failing > 1:
+        middle = (failing + q) // 2
+        found = factors(middle)
+        if found[2] <= EXACT_TOLERANCE:
+            q, best = middle, found
+        else:
+            failing = middle
+    return best[0], best[1], q, best[2]
 
 
 # ---------------------------------------------------------------------------------- GLoRA
-def _export_glora(source: _Source) -> tuple:
+def _export_glora(source: Source) -> tuple:
     config, choices = source.glora, source.choices
     assert config is not None and choices is not None
     for target, choice in zip(source.targets, choices, strict=True):
