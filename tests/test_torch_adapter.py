@@ -326,12 +326,12 @@ def test_float64_model_gets_float64_parameters_and_bf16_autocast_keeps_fp32_reco
     model = _model()
     adapter = tat.attach(model, presets.with_projection(presets.lorta(3, 2), "fastfood", 0.5), ["query", "value"])
     seen = []
-    original = adapter._generate
-    adapter._generate = lambda c: seen.append(original(c)) or seen[-1]
+    original = adapter.plan.delta_for
+    adapter.plan.delta_for = lambda p, t: seen.append(original(p, t)) or seen[-1]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(_x())
     assert out.dtype == torch.bfloat16
-    assert all(d.dtype == torch.float32 for deltas in seen for d in deltas)
+    assert seen and all(d.dtype == torch.float32 for deltas in seen for d in deltas)
 
 
 def test_bf16_model_trains() -> None:

@@ -155,3 +155,164 @@ def test_the_seven_b_plan_is_within_peft_lora_memory_plus_two_gib() -> None:
     assert ours.total <= peft.total + 2 * 2**30, (str(ours), str(peft))
     assert ours.working >= 4096 * 11008 * 4  # at least one target's ΔW in fp32
     assert "predicted extra memory of an AdamW step" in adapter.summary()
+
+
+# ---------------------------------------------------------------------------------- review regressions
+def _linears(config, seed: int = 0, dtype=torch.float64, **kwargs):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)).to(dtype)
+    adapter = tat.attach(model, config, ["0", "2", "4"], seed=1, dtype=dtype, **kwargs)
+    with torch.no_grad():
+        for p in adapter.trainable_parameters():
+            p.copy_(0.3 * torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(p.numel())))
+    return model, adapter
+
+
+FASTFOOD = presets.with_projection(presets.lorta(3, 2, groups=1), "fastfood", 0.5)
+
+
+@pytest.mark.parametrize("config", [presets.lokr(2, factor=4), presets.loha(1)], ids=["lokr", "loha"])
+def test_bypass_runs_under_cpu_autocast(config) -> None:
+    model, adapter = _linears(config, dtype=torch.float32)
+    assert adapter.target_path(0) == "bypass"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(4, 16))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(p.grad is not None for p in adapter.trainable_parameters())
+
+
+@pytest.mark.parametrize("config", [FASTFOOD, presets.lorta(3, 2, groups=1)], ids=["projected", "sliced"])
+def test_a_backward_that_stops_at_the_input_leaves_nothing_for_the_next(config) -> None:
+    grads = []
+    for partial in (False, True):
+        model, adapter = _linears(config)
+        x = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+        loss = model(x).square().sum()
+        if partial:
+            torch.autograd.grad(loss, x, retain_graph=True)
+            loss.backward(inputs=[x], retain_graph=True)
+        loss.backward()
+        grads.append([p.grad.clone() for p in adapter.trainable_parameters()])
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", [FASTFOOD, presets.lorta(3, 2, groups=1)], ids=["projected", "sliced"])
+def test_an_input_gradient_penalty_equals_the_materialised_path(config, monkeypatch) -> None:
+    results = []
+    for materialise in (False, True):
+        model, adapter = _linears(config)
+        if materialise:
+            monkeypatch.setattr(adapter_module.torch.compiler, "is_compiling", lambda: True)
+        x = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+        out = model(x).square().sum()
+        (gx,) = torch.autograd.grad(out, x, create_graph=True)
+        (out + gx.square().sum()).backward()
+        monkeypatch.undo()
+        results.append([p.grad.clone() for p in adapter.trainable_parameters()])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+class _Three(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.b(torch.tanh(self.a(x))))
+        return self.c(torch.cat([h, h], -1))
+
+
+@pytest.mark.parametrize("projection", ["fastfood", "shuffle"])
+def test_a_projected_component_of_some_groups_of_the_plan(projection, monkeypatch) -> None:
+    """``grouping=4`` over weights of 256, 256 and 512 entries: the last component holds groups 2
+    and 3 of the plan's four."""
+    config = presets.with_projection(presets.lorta(2, 2, groups=4), projection)
+    results = []
+    for materialise in (False, True):
+        torch.manual_seed(0)
+        model = _Three().double()
+        adapter = tat.attach(model, config, ["a", "b", "c"], seed=1, dtype=torch.float64)
+        with torch.no_grad():
+            for p in adapter.trainable_parameters():
+                p.copy_(0.3 * torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(p.numel())))
+        assert ((2,), (2, 3)) in adapter.plan.components()
+        if materialise:
+            monkeypatch.setattr(adapter_module.torch.compiler, "is_compiling", lambda: True)
+        model(torch.ones(2, 16, dtype=torch.float64)).square().sum().backward()
+        monkeypatch.undo()
+        results.append([p.grad.clone() for p in adapter.trainable_parameters()])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_a_layer_called_outside_a_model_forward_releases_its_component(monkeypatch) -> None:
+    from tensoradapt.torch.target_forward import ComponentPass
+
+    model, adapter = _linears(FASTFOOD)
+    made: list[ComponentPass] = []
+    original = ComponentPass.__init__
+    monkeypatch.setattr(ComponentPass, "__init__", lambda self, *a, **k: made.append(self) or original(self, *a, **k))
+    x = torch.randn(2, 16, dtype=torch.float64)
+    out = model[4](torch.tanh(model[2](torch.tanh(model[0](x)))))  # the layers on their own, no model forward
+    assert len(made) == 3 and all(p.outputs is None for p in made)  # nothing held until the backward
+    out.sum().backward()
+    assert all(p.grad is not None for p in adapter.trainable_parameters())
+
+
+def test_an_in_place_change_before_an_input_gradient_raises_on_projected_targets() -> None:
+    model, adapter = _linears(FASTFOOD)
+    x = torch.randn(2, 16, dtype=torch.float64, requires_grad=True)
+    loss = model(x).sum()
+    with torch.no_grad():
+        adapter.trainable_parameters()[0].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        torch.autograd.grad(loss, x)
+
+
+def test_a_bf16_adapter_never_rounds_an_fp32_weight() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16))
+    x = torch.randn(3, 16)
+    before = model(x)
+    tat.attach(model, presets.lorta(3, 2, groups=1), ["0"], dtype=torch.bfloat16)  # ΔW = 0 at init
+    assert torch.equal(model(x), before)
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(16, 16) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        for block in self.blocks:
+            x = checkpoint(block, torch.tanh(x), use_reentrant=False)
+        return x
+
+
+def test_checkpointing_shares_the_recomputed_component_outputs() -> None:
+    """Non-reentrant checkpointing recomputes a block in the backward, which builds a second pass of
+    the component; the forward's pass then takes its outputs instead of computing its own."""
+    from tensoradapt.torch.target_forward import ComponentPass
+
+    torch.manual_seed(0)
+    model = _Checkpointed().double()
+    tat.attach(model, FASTFOOD, ["blocks.0", "blocks.1", "blocks.2"], dtype=torch.float64)
+    computed: list[int] = []
+    original = ComponentPass.output
+
+    def output(self, position):
+        if self.outputs is None and (self.find_outputs is None or self.find_outputs(self) is None):
+            computed.append(position)
+        return original(self, position)
+
+    ComponentPass.output = output
+    try:
+        model(torch.randn(2, 16, dtype=torch.float64)).sum().backward()
+    finally:
+        ComponentPass.output = original
+    assert len(computed) == 2  # the forward's pass, and the recompute's (shared by the backward)

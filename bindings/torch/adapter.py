@@ -131,11 +131,7 @@ class SuperLoRALayer(ReadsThrough, nn.Module):
                 delta = self.view.update_to_weight(o.target_delta(i)).to(weight.device)
                 total = delta if total is None else total + delta.to(total.dtype)
             assert total is not None
-            if weight.dtype == total.dtype:
-                effective = weight + total
-            else:
-                effective = (weight.to(total.dtype) + total).to(weight.dtype)
-            out = base_forward(base, self.kind, x, effective, getattr(base, "bias", None))
+            out = base_forward(base, self.kind, x, _plus(weight, total), getattr(base, "bias", None))
         else:
             out = base(x)
         for o, i in factored:
@@ -166,14 +162,19 @@ class SuperLoRALayer(ReadsThrough, nn.Module):
             return out + F.linear(x.to(delta.dtype), delta).to(out.dtype)
         weight = base.weight
         delta = self.view.update_to_weight(owner.target_delta(index)).to(weight.device)  # no-op on one device
-        if weight.dtype == delta.dtype:
-            effective = weight + delta
-        else:  # half-precision weights: add in fp32, round once
-            effective = (weight.to(delta.dtype) + delta).to(weight.dtype)
-        return base_forward(base, self.kind, x, effective, getattr(base, "bias", None))
+        return base_forward(base, self.kind, x, _plus(weight, delta), getattr(base, "bias", None))
 
     def extra_repr(self) -> str:
         return f"target={self.index}, kind={self.view.kind}, delta_shape={self.view.shape}"
+
+
+def _plus(weight: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``W + ΔW`` in ``W``'s dtype, added in the wider of the two dtypes and rounded once (a bf16
+    weight with an fp32 update; a bf16 adapter never rounds an fp32 weight)."""
+    wide = torch.promote_types(weight.dtype, update.dtype)
+    if weight.dtype == wide:
+        return weight + update.to(wide)
+    return (weight.to(wide) + update.to(wide)).to(weight.dtype)
 
 
 def _report_original_weight(module: SuperLoRALayer, state: dict[str, Any], prefix: str, local: Any) -> None:
@@ -421,12 +422,28 @@ class SuperLoRAAdapter(BaseAdapter):
         if hit is None or hit[0] != versions:  # parameters changed in place since: a new pass
             params = self._component_params(c)
             values = [params[n] for n in self._group_names[c]]
-            state = ComponentPass(self.plan, self._components[c][0], self._group_names[c], values)
+            state = ComponentPass(self.plan, self._components[c][0], self._group_names[c], values,
+                                  transient=cache is None, find_outputs=self._recomputed_outputs)
             handle = component_handle(state, values) if grad else values[0].new_empty(0)
             hit = (versions, state, handle)
             if cache is not None:
                 cache[key] = hit
         return ComponentSlot(hit[1], position), [hit[2]]
+
+    def _recomputed_outputs(self, state: ComponentPass) -> list[torch.Tensor] | None:
+        """The outputs another pass of ``state``'s component holds in the running backward pass with
+        the same parameter versions (activation checkpointing recomputing a block), else None."""
+        task = graph_task_id()
+        if task < 0:
+            return None
+        with _BACKWARD_LOCK:
+            cache = self._backward_cache.get(task)
+            entries = [] if cache is None else [e for e in cache.values() if isinstance(e[1], ComponentPass)]
+        for _, other, _ in entries:
+            if (other is not state and other.targets == state.targets and other.versions == state.versions
+                    and other.outputs is not None):
+                return other.outputs
+        return None
 
     def target_delta(self, index: int) -> torch.Tensor:
         """``ΔW`` of target ``index`` as a differentiable tensor, generated once per model forward
@@ -485,7 +502,11 @@ class SuperLoRAAdapter(BaseAdapter):
     def target_path(self, index: int) -> str:
         """How target ``index`` runs in a train step (docs/math.md §6): ``"factored"`` (LoRA-shaped),
         ``"bypass"`` (a Kronecker/Hadamard product on activations), ``"sliced"`` (its own slice,
-        regenerated in the backward) or ``"projected"`` (its component's shared pass)."""
+        regenerated in the backward), ``"projected"`` (its component's shared pass) or
+        ``"materialised"`` (a layer shared with other named adapters: ``ΔW`` added to ``W``)."""
+        wrapper = self._wrappers[index] if index < len(self._wrappers) else None
+        if len(getattr(wrapper, "contributions", ())) > 1 and index not in self.factored_targets | self.bypass_targets:
+            return "materialised"  # a layer several adapters update adds their ΔW to W as tensors
         if index in self.factored_targets:
             return "factored"
         if index in self.bypass_targets:
@@ -544,8 +565,7 @@ class SuperLoRAAdapter(BaseAdapter):
 
         def merged_weight(t: int, delta: torch.Tensor) -> torch.Tensor:
             weight = self._originals[t].weight
-            update = self.views[t].update_to_weight(delta).to(weight.device)
-            return (weight.to(update.dtype) + update).to(weight.dtype)
+            return _plus(weight, self.views[t].update_to_weight(delta).to(weight.device))
 
         merged = {}
         for t, delta in deltas:  # check everything before writing anything

@@ -97,7 +97,15 @@ def _mode_product(x: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Ten
 def apply_bypass(form: BypassForm, param: Callable[[str], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """``x ΔWᵀ`` for ``x`` of shape ``(..., n)`` → ``(..., o)``; ``param(name)`` returns a parameter."""
     dtype = x.dtype if x.is_floating_point() else param(form.splits[0][2][0][1]).dtype
-    x = x.to(dtype)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):  # one compute dtype for every product (autocast's)
+        dtype = torch.get_autocast_dtype(device)
+    with torch.autocast(device, enabled=False):
+        return _apply(form, param, x.to(dtype), dtype)
+
+
+def _apply(form: BypassForm, param: Callable[[str], torch.Tensor], x: torch.Tensor,
+           dtype: torch.dtype) -> torch.Tensor:
     factors = [_factors(kind, {b: param(name).to(dtype) for b, name in blocks}) for kind, _, blocks in form.splits]
     lead = x.shape[:-1]
     if form.unit == "hadamard":

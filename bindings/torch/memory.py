@@ -72,7 +72,7 @@ def _transform_entries(plan: Any, g: int) -> int:
 def step_memory(plan: Any, paths: Sequence[str], weight_dtypes: Sequence[torch.dtype], param_dtype: torch.dtype,
                 components: Sequence[tuple[Sequence[int], Sequence[int]]], *, tokens: int = 0) -> StepMemory:
     """The predicted extra memory of an AdamW step of a SuperLoRA adapter over ``plan`` whose target
-    ``i`` runs the path ``paths[i]`` (``"factored"``, ``"bypass"``, ``"sliced"`` or ``"projected"``,
+    ``i`` runs the path ``paths[i]`` (``"factored"``, ``"bypass"``, ``"sliced"``, ``"projected"`` or ``"materialised"``,
     docs/math.md §6) on a weight of ``weight_dtypes[i]``; ``components`` are the plan's
     ``(targets, groups)``; ``tokens`` (per step) sizes what the activation paths save."""
     param_bytes = _itemsize(param_dtype)
@@ -82,8 +82,11 @@ def step_memory(plan: Any, paths: Sequence[str], weight_dtypes: Sequence[torch.d
         o, n = shape[0], math.prod(shape[1:])
         if path == "factored":
             saved += tokens * plan.config.ranks[0] * _itemsize(dtype)
-        elif path == "bypass":
-            saved += tokens * (o + n) * _itemsize(dtype) // 2  # the mode products' intermediates (at most)
+        elif path == "bypass":  # the mode products' intermediates and their permuted copies (an estimate)
+            saved += tokens * (o + n) * _itemsize(dtype) * 5 // 4
+        elif path == "materialised":  # W + ΔW kept for the backward
+            saved += o * n * _itemsize(dtype)
+            working = max(working, _working_set(o * n, _itemsize(dtype), param_bytes))
         elif path == "sliced":
             working = max(working, _working_set(o * n, _itemsize(dtype), param_bytes))
     for targets, groups in components:

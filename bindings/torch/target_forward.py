@@ -21,7 +21,7 @@ Where ``ΔW_i`` comes from is a *source*:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +29,8 @@ from torch.autograd.function import once_differentiable
 
 from tensoradapt import SuperLoRA
 
-from ._shared import base_forward
+from ._shared import base_forward, graph_task_id
+from .functional import superlora_component_delta
 
 __all__ = ["ComponentPass", "ComponentSlot", "TargetSlice", "adapted_forward", "component_handle"]
 
@@ -58,6 +59,30 @@ class TargetSlice:
         grads = self.plan.vjp_target(dict(zip(self.names, inputs, strict=True)), self.index, cotangent)
         return tuple(grads[n] for n in self.names)
 
+    def graph_delta(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``ΔW`` as an autograd node of ``inputs`` (its backward :meth:`vjp`, once differentiable)."""
+        return _SliceDelta.apply(self, *inputs)
+
+    @property
+    def differentiates_inputs(self) -> bool:
+        """The parameters are this source's autograd inputs (their gradients are returned)."""
+        return True
+
+
+class _SliceDelta(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, source: TargetSlice, *values: torch.Tensor) -> torch.Tensor:
+        ctx.source = source
+        ctx.save_for_backward(*values)
+        with torch.autocast(values[0].device.type, enabled=False):
+            return source.delta(values)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        with torch.autocast(grad.device.type, enabled=False):
+            return (None, *ctx.source.vjp(ctx.saved_tensors, grad.to(ctx.saved_tensors[0].dtype).contiguous()))
+
 
 class ComponentPass:
     """One forward pass of a projected component: its targets' ``ΔW`` (computed on first use,
@@ -71,28 +96,45 @@ class ComponentPass:
     :meth:`~tensoradapt.SuperLoRA.vjp_for`."""
 
     def __init__(self, plan: SuperLoRA, targets: tuple[int, ...], names: tuple[str, ...],
-                 values: Sequence[torch.Tensor]) -> None:
+                 values: Sequence[torch.Tensor], *, transient: bool = False,
+                 find_outputs: Callable[[ComponentPass], list[torch.Tensor] | None] | None = None) -> None:
         self.plan, self.targets, self.names = plan, targets, names
+        self.live = tuple(values)  # the parameters (a create_graph backward differentiates through them)
         self.values = tuple(v.detach() for v in values)  # detached views share the version counters
         self.versions = tuple(v._version for v in values)
         self.outputs: list[torch.Tensor] | None = None
+        #: released after each use (a layer called outside a model forward: nothing shares the pass)
+        self.transient = transient
+        #: another pass's outputs with the same parameters in this backward (activation checkpointing
+        #: recomputing a block builds a second pass; the two then hold one copy)
+        self.find_outputs = find_outputs
         self.by_group = plan.config.layout == "fold" and not plan.global_shuffle
         self.cotangents: dict[int, torch.Tensor] = {}  # group (by_group) or position -> cotangent
+        self._clearing: set[int] = set()  # backward passes that reset the cotangents when they end
 
     def _params(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.values, strict=True))
 
     def output(self, position: int) -> torch.Tensor:
         if self.outputs is None:
-            with torch.no_grad(), torch.autocast(self.values[0].device.type, enabled=False):
-                self.outputs = self.plan.delta_for(self._params(), self.targets)
-        return self.outputs[position]
+            _check_versions(self.names, self.values, self.versions)  # a backward after an in-place change
+            shared = None if self.find_outputs is None else self.find_outputs(self)
+            if shared is not None:
+                self.outputs = shared
+            else:
+                with torch.no_grad(), torch.autocast(self.values[0].device.type, enabled=False):
+                    self.outputs = self.plan.delta_for(self._params(), self.targets)
+        out = self.outputs[position]
+        if self.transient:
+            self.outputs = None
+        return out
 
     def release(self) -> None:
         """Free the generated ``ΔW`` (the backward recomputes it once)."""
         self.outputs = None
 
     def add_cotangent(self, position: int, cotangent: torch.Tensor) -> None:
+        self._clear_when_this_backward_ends()
         ref = self.values[0]
         cotangent = cotangent.to(ref.dtype)
         if not self.by_group:
@@ -108,6 +150,21 @@ class ComponentPass:
                                                           device=ref.device)
             buffer[a:b] += flat[at:at + b - a]
             at += b - a
+
+    def _clear_when_this_backward_ends(self) -> None:
+        """A backward that does not reach the pass's handle (``autograd.grad(loss, x)``,
+        ``backward(inputs=...)``) must not leave its cotangents for the next one."""
+        task = graph_task_id()
+        if task < 0 or task in self._clearing:
+            return
+        self._clearing.add(task)
+
+        def clear() -> None:
+            self._clearing.discard(task)
+            self.cotangents = {}
+            self.outputs = None
+
+        torch.autograd.Variable._execution_engine.queue_callback(clear)
 
     def finish(self) -> tuple[torch.Tensor, ...]:
         """The component's VJP over the collected cotangents (zeros for targets without one)."""
@@ -125,7 +182,8 @@ class ComponentPass:
                 grads = {}
                 params = self._params()
                 for g in sorted(cotangents):
-                    grads.update(self.plan.vjp_group(params, g, cotangents.pop(g)))
+                    own = {n: params[n] for n in self.plan.parameter_shapes([g])}
+                    grads.update(self.plan.vjp_group(own, g, cotangents.pop(g)))
         return tuple(grads[n] if n in grads else torch.zeros_like(v) for n, v in zip(self.names, self.values,
                                                                                       strict=True))
 
@@ -163,23 +221,38 @@ class ComponentSlot:
         self.state.add_cotangent(self.position, cotangent)
         return (torch.zeros_like(inputs[0]),)
 
+    def graph_delta(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``ΔW`` differentiable in the live parameters (the component materialised: a create_graph
+        backward only)."""
+        state = self.state
+        params = dict(zip(state.names, state.live, strict=True))
+        return superlora_component_delta(state.plan, state.targets, params)[self.position]
+
+    @property
+    def differentiates_inputs(self) -> bool:
+        """The handle, not the parameters, is this source's input (their gradients go through the pass)."""
+        return False
+
 
 # ---------------------------------------------------------------------------------- the layer maths
 def _effective(layer: Any, weight: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
-    """``W + ΔW`` in the stored layout and the weight's dtype (half precision: added in the update's
-    dtype and rounded once); ``ΔW`` alone when there is no weight (a quantised base)."""
+    """``W + ΔW`` in the stored layout and the weight's dtype, added in the wider of the two dtypes
+    and rounded once (a bf16 weight with an fp32 update); ``ΔW`` alone when there is no weight (a
+    quantised base)."""
     update = layer.view.update_to_weight(delta)
     if weight is None:
         return update
     update = update.to(weight.device)
-    if weight.dtype == update.dtype:
-        return weight + update
-    return (weight.to(update.dtype) + update).to(weight.dtype)
+    wide = torch.promote_types(weight.dtype, update.dtype)  # a bf16 adapter never rounds an fp32 weight
+    if weight.dtype == wide:
+        return weight + update.to(wide)
+    return (weight.to(wide) + update.to(wide)).to(weight.dtype)
 
 
 def _layer_grads(layer: Any, x: torch.Tensor, effective: torch.Tensor, bias: torch.Tensor | None,
-                 grad: torch.Tensor, needs: tuple[bool, bool]) -> tuple[Any, torch.Tensor, Any]:
-    """``(∂L/∂x, ∂L/∂W_eff, ∂L/∂b)`` of ``y = f(x, W_eff) + b`` given ``∂L/∂y`` (``needs``: x, bias)."""
+                 grad: torch.Tensor, needs: tuple[bool, bool, bool]) -> tuple[Any, Any, Any]:
+    """``(∂L/∂x, ∂L/∂W_eff, ∂L/∂b)`` of ``y = f(x, W_eff) + b`` given ``∂L/∂y`` (``needs``: x, bias,
+    W_eff; what is not needed is None)."""
     kind = layer.kind
     if kind in ("linear", "conv1d", "quantized"):
         flat_grad = grad.reshape(-1, grad.shape[-1])
@@ -187,22 +260,22 @@ def _layer_grads(layer: Any, x: torch.Tensor, effective: torch.Tensor, bias: tor
         eff = effective.to(grad.dtype)
         if kind == "conv1d":  # y = x W_eff, W_eff stored (in, out)
             grad_x = (grad @ eff.t()) if needs[0] else None
-            grad_w = flat_x.t() @ flat_grad
+            grad_w = (flat_x.t() @ flat_grad) if needs[2] else None
         else:  # y = x W_effᵀ
             grad_x = (grad @ eff) if needs[0] else None
-            grad_w = flat_grad.t() @ flat_x
+            grad_w = (flat_grad.t() @ flat_x) if needs[2] else None
         grad_b = flat_grad.sum(0) if needs[1] else None
         return grad_x, grad_w, grad_b
     # convolutions and embeddings: the functional forward's own backward on the recomputed output
     with torch.enable_grad():
         xr = x.detach().requires_grad_(needs[0] and x.is_floating_point())
-        er = effective.detach().requires_grad_(True)
+        er = effective.detach().requires_grad_(needs[2])
         br = None if bias is None else bias.detach().requires_grad_(needs[1])
         out = base_forward(layer.base_layer, kind, xr, er, br)
         wanted = [t for t in (xr, er, br) if t is not None and t.requires_grad]
-        got = iter(torch.autograd.grad(out, wanted, grad))
+        got = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
     grad_x = next(got) if xr.requires_grad else None
-    grad_w = next(got)
+    grad_w = next(got) if er.requires_grad else None
     grad_b = next(got) if br is not None and br.requires_grad else None
     return grad_x, grad_w, grad_b
 
@@ -227,11 +300,13 @@ class _AdaptedForward(torch.autograd.Function):
         return _apply(layer, x, _effective(layer, weight, delta), bias)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: an input-gradient penalty differentiates ∂L/∂x
+            return _graph_backward(ctx, grad)
         x, weight, bias, *inputs = ctx.saved_tensors
         layer, source = ctx.layer, ctx.source
         device, autocast, dtype = ctx.autocast
+        needs_update = ctx.needs_input_grad[3] or any(ctx.needs_input_grad[5:])
         with torch.autocast(device, enabled=False):
             delta = source.delta(inputs)
         update_dtype = delta.dtype
@@ -240,17 +315,51 @@ class _AdaptedForward(torch.autograd.Function):
         with torch.autocast(device, dtype=dtype, enabled=autocast):
             if layer.kind == "quantized":
                 x = x.to(effective.dtype)
-            needs = (ctx.needs_input_grad[2], bias is not None and ctx.needs_input_grad[4])
+            needs = (ctx.needs_input_grad[2], bias is not None and ctx.needs_input_grad[4], needs_update)
             grad_x, grad_w, grad_b = _layer_grads(layer, x, effective, bias, grad, needs)
         del effective
+        if grad_x is not None:
+            grad_x = grad_x.to(ctx.x_dtype)
+        if grad_w is None:
+            return (None, None, grad_x, None, grad_b, *(None for _ in inputs))
         grad_weight = grad_w.to(weight.dtype) if weight is not None and ctx.needs_input_grad[3] else None
         update_grad = layer.view.weight_to_update(grad_w).to(update_dtype)
         del grad_w
         with torch.autocast(device, enabled=False):
             grads = source.vjp(inputs, update_grad)
-        if grad_x is not None:
-            grad_x = grad_x.to(ctx.x_dtype)
         return (None, None, grad_x, grad_weight, grad_b, *grads)
+
+
+def _graph_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The backward as a graph (``create_graph=True``): the forward recomputed with ``ΔW`` an autograd
+    node of the parameters (:meth:`TargetSlice.graph_delta`; a projected target materialises its
+    component), so ``∂L/∂x`` can be differentiated again, as in gradient penalties.  Differentiating
+    the parameters' own gradients again is refused (the generator's VJP is once differentiable)."""
+    x, weight, bias, *inputs = ctx.saved_tensors
+    layer, source = ctx.layer, ctx.source
+    device, autocast, dtype = ctx.autocast
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(ctx.needs_input_grad[2])
+        with torch.autocast(device, enabled=False):
+            delta = source.graph_delta(inputs)
+        with torch.autocast(device, dtype=dtype, enabled=autocast):
+            out = _apply(layer, xr, _effective(layer, weight, delta), bias)
+        wanted = [(2, xr), (3, weight), (4, bias)]
+        if source.differentiates_inputs:
+            wanted += list(enumerate(inputs, start=5))
+        wanted = [(i, t) for i, t in wanted if t is not None and ctx.needs_input_grad[i] and t.requires_grad]
+        got = torch.autograd.grad(out, [t for _, t in wanted], grad, create_graph=True, allow_unused=True)
+    result: list[torch.Tensor | None] = [None] * (5 + len(inputs))
+    for (i, _), g in zip(wanted, got, strict=True):
+        result[i] = g
+    if not source.differentiates_inputs and any(ctx.needs_input_grad[5:]):  # the pass collects ∂L/∂ΔW
+        with torch.no_grad():
+            eff = _effective(layer, weight, delta.detach())
+            _, grad_w, _ = _layer_grads(layer, x, eff, bias, grad.detach(), (False, False, True))
+            result[5:] = source.vjp(inputs, layer.view.weight_to_update(grad_w).to(delta.dtype))
+    if result[2] is not None:
+        result[2] = result[2].to(ctx.x_dtype)
+    return tuple(result)
 
 
 def adapted_forward(layer: Any, source: Any, x: torch.Tensor, weight: torch.Tensor | None,
