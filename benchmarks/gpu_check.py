@@ -870,7 +870,7 @@ def markdown_summary(summary: dict[str, Any]) -> str:
         for m, row in methods.items():
             speed = row.get("ours_speedup")
             lines.append(f"fwht {size:<16} {m:<40} {row['median_s'] * 1e3:9.4f} ms  {row['vs_copy']:7.2f}x copy"
-                         + (f"  ours {speed:.2f}x faster" if speed else ""))
+                         + (f"  ours {speed:.2f}x its speed" if speed else ""))
     for kind, rows in summary["train"].items():
         for config, row in rows.items():
             mem = row["peak_extra_vs_peft"]

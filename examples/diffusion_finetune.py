@@ -10,6 +10,7 @@ LyCORIS and diffusers' ``load_lora_weights`` read.  The file is read back with
 ``tat.import_lycoris`` onto the pre-trained UNet to check it reproduces the fine-tuned outputs.
 Under half a minute on one CPU core (25 s measured on a busy 2-core machine).
 
+    pip install "torch==2.13.0" && pip install -e ".[diffusion]"      # diffusers (and LyCORIS for its loaders)
     python examples/diffusion_finetune.py [--steps 40] [--algo lora|lokr|loha|lorta] [--out FILE]
 
 ``--algo lorta`` (a Tucker tensor over every target at once) has no LyCORIS form: it goes out as
@@ -96,6 +97,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="the .safetensors file (default: a temporary one)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a model this small runs best on one)")
     args = parser.parse_args()
+    if min(args.steps, args.pretrain) < 0 or args.threads < 1:
+        parser.error(f"--steps and --pretrain must be >= 0 and --threads >= 1, got {args.steps}, {args.pretrain}, "
+                     f"{args.threads}")
+    if args.out is not None and args.out.suffix != ".safetensors":
+        parser.error(f"--out must end in .safetensors, got {str(args.out)!r}")  # checked before any training
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     x, y = digits()

@@ -316,3 +316,23 @@ def test_checkpointing_shares_the_recomputed_component_outputs() -> None:
     finally:
         ComponentPass.output = original
     assert len(computed) == 2  # the forward's pass, and the recompute's (shared by the backward)
+
+
+def test_a_small_model_wide_delta_is_kept_and_gives_the_same_step(monkeypatch) -> None:
+    """Below ``keep_delta_bytes`` (64 MiB by default) ΔW is generated once per forward and kept for the
+    backward (the fastest path); above it never.  Both give the same outputs and gradients."""
+    results = []
+    for keep in (adapter_module.KEEP_DELTA_BYTES, 64 << 20):
+        monkeypatch.setattr(adapter_module, "KEEP_DELTA_BYTES", keep)
+        model, adapter = _linears(FASTFOOD)
+        assert adapter.keeps_delta == (keep > 0)
+        assert {adapter.target_path(i) for i in range(3)} == ({"materialised"} if keep else {"projected"})
+        x = torch.randn(4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        out = model(x)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in adapter.trainable_parameters()]))
+        adapter.keep_delta_bytes = 0  # the attribute decides, per adapter
+        assert not adapter.keeps_delta
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    for got, want in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -13,6 +13,7 @@ the forward ends).  No step holds the ``ΔW`` of every target.
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tensoradapt import SuperLoRA, SuperLoRAConfig, buffers
+from tensoradapt._validate import check_int
 from tensoradapt._version import __version__
 from tensoradapt.superlora.plan import param_name
 
@@ -48,6 +50,10 @@ from .target_forward import ComponentPass, ComponentSlot, TargetSlice, adapted_f
 __all__ = ["ADAPTER_ATTRIBUTE", "AdaptedLayer", "Adapter", "SuperLoRAAdapter", "SuperLoRALayer",
            "attach_superlora", "check_targets", "load_superlora"]
 
+
+#: Default :attr:`SuperLoRAAdapter.keep_delta_bytes`: a model-wide ΔW up to this size is generated once
+#: per forward and kept for the backward (fastest); a larger one is never formed (docs/math.md §6.5).
+KEEP_DELTA_BYTES = 64 << 20
 
 _BACKWARD_LOCK = threading.Lock()  # guards every adapter's backward-pass ΔW caches (short critical sections)
 
@@ -149,13 +155,14 @@ class SuperLoRALayer(ReadsThrough, nn.Module):
             out = self.base_layer(x)
             return out + owner.bypass_update(index, x.to(out.device)).to(out.dtype)
         base = self.base_layer
-        if not torch.compiler.is_compiling():  # ΔW generated here and regenerated in the backward
+        if not (torch.compiler.is_compiling() or owner.keeps_delta):  # ΔW made here, again in the backward
             source, inputs = owner.target_source(index)
             if self.kind == "quantized":  # never touch the quantised weight: base(x) + x ΔWᵀ
                 out = base(x)
                 return out + adapted_forward(self, source, x.to(out.device), None, None, inputs).to(out.dtype)
             return adapted_forward(self, source, x, base.weight, getattr(base, "bias", None), inputs)
-        # torch.compile: the component's ΔW is one custom operator (no graph break), added to W
+        # a small model-wide ΔW (kept for the backward), or torch.compile (the component's ΔW is one
+        # custom operator, no graph break): ΔW generated once per forward and added to W
         if self.kind == "quantized":
             out = base(x)
             delta = owner.target_delta(index).to(out.device)
@@ -255,6 +262,8 @@ class SuperLoRAAdapter(BaseAdapter):
         }
         self._merged_weights: list[torch.Tensor] | None = None
         self._slices: dict[int, TargetSlice] = {}  # the sliceable targets' sources, made on first use
+        #: largest model-wide ΔW kept from the forward for the backward (:attr:`keeps_delta`); 0: never
+        self.keep_delta_bytes = KEEP_DELTA_BYTES
         self._state = ThreadState(_ForwardState)
         # ΔW recomputed inside backward passes (activation checkpointing): {graph task id: cache}
         self._backward_cache: dict[int, dict[tuple[int, bool], Any]] = {}
@@ -503,7 +512,11 @@ class SuperLoRAAdapter(BaseAdapter):
         """How target ``index`` runs in a train step (docs/math.md §6): ``"factored"`` (LoRA-shaped),
         ``"bypass"`` (a Kronecker/Hadamard product on activations), ``"sliced"`` (its own slice,
         regenerated in the backward), ``"projected"`` (its component's shared pass) or
-        ``"materialised"`` (a layer shared with other named adapters: ``ΔW`` added to ``W``)."""
+        ``"materialised"`` (``ΔW`` generated once per forward and added to ``W``: a small model-wide
+        ``ΔW``, see :attr:`keeps_delta`, or a layer shared with other named adapters)."""
+        index = check_int("index", index, minimum=0)
+        if index >= len(self.target_names):
+            raise ValueError(f"index must be a target index below {len(self.target_names)}, got {index}")
         wrapper = self._wrappers[index] if index < len(self._wrappers) else None
         if len(getattr(wrapper, "contributions", ())) > 1 and index not in self.factored_targets | self.bypass_targets:
             return "materialised"  # a layer several adapters update adds their ΔW to W as tensors
@@ -511,12 +524,27 @@ class SuperLoRAAdapter(BaseAdapter):
             return "factored"
         if index in self.bypass_targets:
             return "bypass"
+        if self.keeps_delta:
+            return "materialised"
         return "sliced" if self.plan.sliceable(index) else "projected"
+
+    @property
+    def keeps_delta(self) -> bool:
+        """Whether the layers without a factored or bypass form keep their ``ΔW`` from the forward for
+        the backward (docs/math.md §6.5): True while the model-wide ``ΔW`` of those layers, in the
+        parameters' dtype, is at most :attr:`keep_delta_bytes` (default 64 MiB).  Generating once
+        per forward is then the fastest path and costs little; above it each layer regenerates its
+        own ``ΔW`` in its backward and no step holds the model-wide ``ΔW``."""
+        size = next(iter(self.params.values())).element_size()
+        rest = sum(math.prod(self.plan.shapes[i]) for i in range(len(self.plan.shapes))
+                   if i not in self.factored_targets and i not in self.bypass_targets)
+        return rest * size <= self.keep_delta_bytes
 
     def step_memory(self, tokens: int = 0) -> StepMemory:
         """The predicted extra memory of one AdamW train step (:mod:`.memory`): trainable tensors
         with gradients and moments, activations the adapter saves for ``tokens`` tokens, and the
         largest working set.  Shapes only, so it works on a model built on the ``meta`` device."""
+        tokens = check_int("tokens", tokens, minimum=0)
         dtypes = [getattr(m, "weight", None) for m in self._originals]
         dtypes = [w.dtype if isinstance(w, torch.Tensor) else torch.float32 for w in dtypes]
         paths = [self.target_path(i) for i in range(len(self.target_names))]

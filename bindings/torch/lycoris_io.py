@@ -386,7 +386,8 @@ def _check_targets(source: Source, rank: int | str | None) -> None:
             if rank > min(target.shape):
                 smallest = min(min(t.shape) for t in source.targets)
                 raise ValueError(f"rank={rank} exceeds min(o, n) = {min(target.shape)} of target {target.name!r} "
-                                 f"(o, n) = {target.shape}; pass a rank <= {smallest} or 'exact'")
+                                 f"(o, n) = {target.shape}; pass a rank <= {smallest} (the smallest min(o, n) "
+                                 "of all targets) or 'exact'")
     if source.modules_to_save:
         raise ValueError(f"{source.origin} trains modules_to_save {list(source.modules_to_save)[:3]} in full; a "
                          "kohya file holds the targets' updates only and would drop them: attach without "

@@ -832,7 +832,8 @@ def _export_svd(source: Source, rank: int | str, progress: bool = True) -> tuple
         if isinstance(rank, int) and rank > min(target.shape):
             smallest = min(min(t.shape) for t in source.targets)
             raise ValueError(f"rank={rank} exceeds min(o, n) = {min(target.shape)} of target {target.name!r} "
-                             f"(o, n) = {target.shape}; pass a rank <= {smallest} or 'exact'")
+                             f"(o, n) = {target.shape}; pass a rank <= {smallest} (the smallest min(o, n) "
+                             "of all targets) or 'exact'")
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
