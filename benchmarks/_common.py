@@ -209,6 +209,28 @@ def git_state() -> dict[str, Any]:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def rss_mib() -> float:
+    """This process's resident memory now, MiB (``/proc/self/statm``)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def timed_steps(step: Callable[[], float], steps: int, warmup: int) -> dict[str, Any]:
+    """Run ``warmup`` untimed then ``steps`` timed calls of ``step`` (one train step returning its
+    loss): the median and every time, the losses, RSS before the first call and the process's peak
+    RSS after the last (``ru_maxrss``, MiB)."""
+    rss_before = rss_mib()
+    times, losses = [], []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        losses.append(step())
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"median_s": statistics.median(times), "times_s": times, "losses": losses,
+            "rss_before_mib": rss_before, "peak_rss_mib": peak}
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` as indented JSON, creating the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +41,7 @@ from _common import (
     end_run,
     machine_info,
     markdown_table,
+    timed_steps,
     write_json,
 )
 
@@ -76,11 +75,6 @@ def _configs() -> dict[str, Any]:
         "ours fastfood rho=0.1 dense G=1": presets.with_projection(presets.dense(1), "fastfood", 0.1),
         "ours fastfood rho=0.01 dense G=1": presets.with_projection(presets.dense(1), "fastfood", 0.01),
     }
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _use_tree(tree: str) -> None:
@@ -140,19 +134,11 @@ def _worker(name: str, size: str, steps: int) -> dict[str, Any]:
         opt.step()
         return float(loss)
 
-    rss_before = _rss_mib()
-    times, losses = [], []
-    for i in range(1 + steps):
-        start = time.perf_counter()
-        losses.append(step())
-        if i >= 1:
-            times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    record = timed_steps(step, steps, 1)
     targeted = sum(m.weight.numel() for n, m in model.named_modules()
                    if n.rsplit(".", 1)[-1] in TARGETS and hasattr(m, "weight") and m.weight is not None)
-    return {"name": name, "module": tat.__file__ if name != BASELINE else "", "trainable": trainable,
-            "median_s": statistics.median(times), "times_s": times,
-            "rss_before_mib": rss_before, "peak_rss_mib": peak, "extra_mib": peak - rss_before, "losses": losses,
+    return {"name": name, "module": tat.__file__ if name != BASELINE else "", "trainable": trainable, **record,
+            "extra_mib": record["peak_rss_mib"] - record["rss_before_mib"],
             "targeted_weight_mib": targeted * 4 / 2**20, "torch_threads": torch.get_num_threads()}
 
 

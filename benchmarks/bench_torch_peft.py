@@ -25,16 +25,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS_DIR, ForeignLoad, command_line, disturbance_line, end_run, machine_info, write_json
+from _common import (
+    RESULTS_DIR,
+    ForeignLoad,
+    command_line,
+    disturbance_line,
+    end_run,
+    machine_info,
+    timed_steps,
+    write_json,
+)
 
 MODEL = {"n_layer": 6, "n_embd": 512, "n_head": 8, "vocab_size": 8192, "n_positions": 128}
 BATCH, TOKENS, RANK = 8, 128, 8
@@ -52,11 +58,6 @@ def _configs() -> dict[str, Any]:
         "ours fastfood rho=0.1 lorta M=3 r=32 G=1": presets.with_projection(presets.lorta(3, 32, 1), "fastfood", 0.1),
         "ours fastfood rho=0.01 lorta M=3 r=16 G=1": presets.with_projection(presets.lorta(3, 16, 1), "fastfood", 0.01),
     }
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _quantise_c_attn(model: Any) -> None:
@@ -106,16 +107,7 @@ def _worker(name: str, steps: int, warmup: int) -> dict[str, Any]:
         opt.step()
         return float(loss)
 
-    rss_before = _rss_mib()
-    times, losses = [], []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        losses.append(step())
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"name": name, "trainable": trainable, "median_s": statistics.median(times), "times_s": times,
-            "rss_before_mib": rss_before, "peak_rss_mib": peak, "losses": losses,
+    return {"name": name, "trainable": trainable, **timed_steps(step, steps, warmup),
             "torch_threads": torch.get_num_threads()}
 
 
