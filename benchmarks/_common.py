@@ -215,6 +215,24 @@ def rss_mib() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def lm_train_step(model: Any, ids: Any, params: list[Any]) -> Callable[[], float]:
+    """One AdamW step (lr 1e-4) of a causal language model on ``ids`` (labels = inputs) over
+    ``params``, as a callable returning the loss; the model is put in train mode."""
+    import torch
+
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+
+    def step() -> float:
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    return step
+
+
 def timed_steps(step: Callable[[], float], steps: int, warmup: int) -> dict[str, Any]:
     """Run ``warmup`` untimed then ``steps`` timed calls of ``step`` (one train step returning its
     loss): the median and every time, the losses, RSS before the first call and the process's peak

@@ -39,6 +39,7 @@ from _common import (
     command_line,
     disturbance_line,
     end_run,
+    lm_train_step,
     machine_info,
     markdown_table,
     timed_steps,
@@ -124,16 +125,7 @@ def _worker(name: str, size: str, steps: int) -> dict[str, Any]:
         adapter = tat.attach(model, _configs()[name], TARGETS)
         params = adapter.trainable_parameters()
     trainable = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    model.train()
-
-    def step() -> float:
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return float(loss)
-
+    step = lm_train_step(model, ids, params)
     record = timed_steps(step, steps, 1)
     targeted = sum(m.weight.numel() for n, m in model.named_modules()
                    if n.rsplit(".", 1)[-1] in TARGETS and hasattr(m, "weight") and m.weight is not None)

@@ -37,6 +37,7 @@ from _common import (
     command_line,
     disturbance_line,
     end_run,
+    lm_train_step,
     machine_info,
     timed_steps,
     write_json,
@@ -97,16 +98,7 @@ def _worker(name: str, steps: int, warmup: int) -> dict[str, Any]:
         adapter = tat.attach(model, _configs()[name], ["c_attn"])
         params = adapter.trainable_parameters()
     trainable = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    model.train()
-
-    def step() -> float:
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return float(loss)
-
+    step = lm_train_step(model, ids, params)
     return {"name": name, "trainable": trainable, **timed_steps(step, steps, warmup),
             "torch_threads": torch.get_num_threads()}
 
