@@ -3,12 +3,14 @@
 Each targeted module is wrapped by a :class:`SuperLoRALayer` that runs the module's own forward
 functionally with the weight ``W + ΔW`` (the module's parameters are never swapped or mutated);
 the :class:`SuperLoRAAdapter` (registered on the model as ``model.tensoradapt``) owns every
-trainable tensor.  A layer takes one of four paths (docs/math.md §6, :meth:`SuperLoRAAdapter.target_path`):
-LoRA-shaped targets add ``s (x V) Uᵀ``; weight-shaped Kronecker/Hadamard products apply their
-factors to ``x`` (:mod:`.bypass`); every other target generates its ``ΔW`` inside its forward and
-again inside its backward (:mod:`.target_forward`), from its own slice of its group or, under a
-projection, from its component's pass (computed once per model forward, per thread, released when
-the forward ends).  No step holds the ``ΔW`` of every target.
+trainable tensor.  A layer takes one of the paths of docs/math.md §6
+(:meth:`SuperLoRAAdapter.target_path`): LoRA-shaped targets add ``s (x V) Uᵀ``; weight-shaped
+Kronecker/Hadamard products apply their factors to ``x`` (:mod:`.bypass`); every other target
+generates its ``ΔW`` inside its forward and again inside its backward (:mod:`.target_forward`),
+from its own slice of its group or, under a projection, from its component's pass (computed once
+per model forward, per thread, released when the forward ends), so no step holds the ``ΔW`` of
+every target — except where that model-wide ``ΔW`` is small (:attr:`SuperLoRAAdapter.keeps_delta`)
+or under ``torch.compile``: then it is generated once per forward and added to ``W``.
 """
 
 from __future__ import annotations
@@ -260,6 +262,9 @@ class SuperLoRAAdapter(BaseAdapter):
         self.bypass_targets = {
             i: f for i, f in ((i, self._bypass_form(i, m)) for i, (_, m) in enumerate(found)) if f
         }
+        # entries of the ΔW the layers without a factored or bypass form would keep (keeps_delta)
+        self._delta_entries = sum(math.prod(shape) for i, shape in enumerate(self.plan.shapes)
+                                  if i not in self.factored_targets and i not in self.bypass_targets)
         self._merged_weights: list[torch.Tensor] | None = None
         self._slices: dict[int, TargetSlice] = {}  # the sliceable targets' sources, made on first use
         #: largest model-wide ΔW kept from the forward for the backward (:attr:`keeps_delta`); 0: never
@@ -535,10 +540,7 @@ class SuperLoRAAdapter(BaseAdapter):
         parameters' dtype, is at most :attr:`keep_delta_bytes` (default 64 MiB).  Generating once
         per forward is then the fastest path and costs little; above it each layer regenerates its
         own ``ΔW`` in its backward and no step holds the model-wide ``ΔW``."""
-        size = next(iter(self.params.values())).element_size()
-        rest = sum(math.prod(self.plan.shapes[i]) for i in range(len(self.plan.shapes))
-                   if i not in self.factored_targets and i not in self.bypass_targets)
-        return rest * size <= self.keep_delta_bytes
+        return self._delta_entries * next(iter(self.params.values())).element_size() <= self.keep_delta_bytes
 
     def step_memory(self, tokens: int = 0) -> StepMemory:
         """The predicted extra memory of one AdamW train step (:mod:`.memory`): trainable tensors
