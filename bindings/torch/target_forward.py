@@ -281,8 +281,8 @@ def _layer_grads(layer: Any, x: torch.Tensor, effective: torch.Tensor, bias: tor
 
 
 def _apply(layer: Any, x: torch.Tensor, effective: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if layer.kind == "quantized":  # the adapter's part only: x ΔWᵀ in the update's dtype
-        return torch.nn.functional.linear(x.to(effective.dtype), effective)
+    if layer.kind == "quantized":  # the adapter's part only: x ΔWᵀ in the update's dtype, on x's device
+        return torch.nn.functional.linear(x.to(effective.dtype), effective.to(x.device))
     return base_forward(layer.base_layer, layer.kind, x, effective, bias)
 
 
@@ -309,12 +309,13 @@ class _AdaptedForward(torch.autograd.Function):
         needs_update = ctx.needs_input_grad[3] or any(ctx.needs_input_grad[5:])
         with torch.autocast(device, enabled=False):
             delta = source.delta(inputs)
-        update_dtype = delta.dtype
+        update_dtype, update_device = delta.dtype, delta.device
         effective = _effective(layer, weight, delta)
         del delta
         with torch.autocast(device, dtype=dtype, enabled=autocast):
             if layer.kind == "quantized":
                 x = x.to(effective.dtype)
+                effective = effective.to(x.device)
             needs = (ctx.needs_input_grad[2], bias is not None and ctx.needs_input_grad[4], needs_update)
             grad_x, grad_w, grad_b = _layer_grads(layer, x, effective, bias, grad, needs)
         del effective
@@ -323,7 +324,7 @@ class _AdaptedForward(torch.autograd.Function):
         if grad_w is None:
             return (None, None, grad_x, None, grad_b, *(None for _ in inputs))
         grad_weight = grad_w.to(weight.dtype) if weight is not None and ctx.needs_input_grad[3] else None
-        update_grad = layer.view.weight_to_update(grad_w).to(update_dtype)
+        update_grad = layer.view.weight_to_update(grad_w).to(update_device, update_dtype)  # the factors' device
         del grad_w
         with torch.autocast(device, enabled=False):
             grads = source.vjp(inputs, update_grad)
