@@ -47,7 +47,14 @@ from ._targets import TargetSpec, WeightView, match_targets, weight_view
 from .bypass import BypassForm, apply_bypass, bypass_form
 from .functional import component_key, superlora_component_delta
 from .memory import StepMemory, lora_step_memory, step_memory
-from .target_forward import ComponentPass, ComponentSlot, TargetSlice, adapted_forward, component_handle
+from .target_forward import (
+    ComponentPass,
+    ComponentSlot,
+    TargetSlice,
+    adapted_forward,
+    add_update,
+    component_handle,
+)
 
 __all__ = ["ADAPTER_ATTRIBUTE", "AdaptedLayer", "Adapter", "SuperLoRAAdapter", "SuperLoRALayer",
            "attach_superlora", "check_targets", "load_superlora"]
@@ -139,7 +146,7 @@ class SuperLoRALayer(ReadsThrough, nn.Module):
                 delta = self.view.update_to_weight(o.target_delta(i)).to(weight.device)
                 total = delta if total is None else total + delta.to(total.dtype)
             assert total is not None
-            out = base_forward(base, self.kind, x, _plus(weight, total), getattr(base, "bias", None))
+            out = base_forward(base, self.kind, x, add_update(weight, total), getattr(base, "bias", None))
         else:
             out = base(x)
         for o, i in factored:
@@ -171,19 +178,10 @@ class SuperLoRALayer(ReadsThrough, nn.Module):
             return out + F.linear(x.to(delta.dtype), delta).to(out.dtype)
         weight = base.weight
         delta = self.view.update_to_weight(owner.target_delta(index)).to(weight.device)  # no-op on one device
-        return base_forward(base, self.kind, x, _plus(weight, delta), getattr(base, "bias", None))
+        return base_forward(base, self.kind, x, add_update(weight, delta), getattr(base, "bias", None))
 
     def extra_repr(self) -> str:
         return f"target={self.index}, kind={self.view.kind}, delta_shape={self.view.shape}"
-
-
-def _plus(weight: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """``W + ΔW`` in ``W``'s dtype, added in the wider of the two dtypes and rounded once (a bf16
-    weight with an fp32 update; a bf16 adapter never rounds an fp32 weight)."""
-    wide = torch.promote_types(weight.dtype, update.dtype)
-    if weight.dtype == wide:
-        return weight + update.to(wide)
-    return (weight.to(wide) + update.to(wide)).to(weight.dtype)
 
 
 def _report_original_weight(module: SuperLoRALayer, state: dict[str, Any], prefix: str, local: Any) -> None:
@@ -595,7 +593,7 @@ class SuperLoRAAdapter(BaseAdapter):
 
         def merged_weight(t: int, delta: torch.Tensor) -> torch.Tensor:
             weight = self._originals[t].weight
-            return _plus(weight, self.views[t].update_to_weight(delta).to(weight.device))
+            return add_update(weight, self.views[t].update_to_weight(delta).to(weight.device))
 
         merged = {}
         for t, delta in deltas:  # check everything before writing anything

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from tensoradapt.ops import Fastfood
+
 __all__ = ["StepMemory", "lora_step_memory", "step_memory"]
 
 #: Tensors per trainable entry in an AdamW step: the parameter, its gradient and two moments.
@@ -65,7 +67,7 @@ def _transform_entries(plan: Any, g: int) -> int:
     (docs/math.md §3.8), a Shuffle's ``N_g``; computed from the sizes, no operator built."""
     group = plan.groups[g]
     if plan.config.projection == "fastfood":
-        return 1 << (max(group.n, group.size) - 1).bit_length()
+        return Fastfood.length_for(group.n, group.size)
     return group.size
 
 

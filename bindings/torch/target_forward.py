@@ -32,7 +32,7 @@ from tensoradapt import SuperLoRA
 from ._shared import base_forward, graph_task_id
 from .functional import superlora_component_delta
 
-__all__ = ["ComponentPass", "ComponentSlot", "TargetSlice", "adapted_forward", "component_handle"]
+__all__ = ["ComponentPass", "ComponentSlot", "TargetSlice", "adapted_forward", "add_update", "component_handle"]
 
 
 def _check_versions(names: Sequence[str], values: Sequence[torch.Tensor], versions: Sequence[int]) -> None:
@@ -242,8 +242,13 @@ def _effective(layer: Any, weight: torch.Tensor | None, delta: torch.Tensor) -> 
     update = layer.view.update_to_weight(delta)
     if weight is None:
         return update
-    update = update.to(weight.device)
-    wide = torch.promote_types(weight.dtype, update.dtype)  # a bf16 adapter never rounds an fp32 weight
+    return add_update(weight, update.to(weight.device))
+
+
+def add_update(weight: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``W + ΔW`` in ``W``'s dtype, added in the wider of the two dtypes and rounded once (a bf16
+    weight with an fp32 update; a bf16 adapter never rounds an fp32 weight)."""
+    wide = torch.promote_types(weight.dtype, update.dtype)
     if weight.dtype == wide:
         return weight + update.to(wide)
     return (weight.to(wide) + update.to(wide)).to(weight.dtype)

@@ -44,7 +44,7 @@ def kron_shape(shapes: Sequence[Sequence[int]]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _interleaved_shape(shapes: Sequence[tuple[int, ...]], k: int) -> tuple[int, ...]:
+def interleaved_shape(shapes: Sequence[tuple[int, ...]], k: int) -> tuple[int, ...]:
     """Shape of split ``k`` placed on the (mode-major, split-minor) axes of the K·M grid."""
     n_splits, order = len(shapes), len(shapes[0])
     grid = [1] * (n_splits * order)
@@ -75,7 +75,7 @@ def kron(tensors: Sequence[Any]) -> Any:
     xp, shapes = _validate(tensors)
     out = None
     for k, t in enumerate(tensors):
-        view = xp.reshape(t, _interleaved_shape(shapes, k))
+        view = xp.reshape(t, interleaved_shape(shapes, k))
         out = view if out is None else out * view
     return xp.reshape(out, kron_shape(shapes))
 

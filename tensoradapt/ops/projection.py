@@ -332,7 +332,13 @@ class Fastfood(Frozen):
                 f"rho = n_in / n_out = {n_in / n_out:.4g} must be <= 1 (pass allow_shrink=True "
                 "to project to fewer entries)"
             )
-        return n_in, n_out, 1 << (max(n_in, n_out) - 1).bit_length()
+        return n_in, n_out, Fastfood.length_for(n_in, n_out)
+
+    @staticmethod
+    def length_for(n_in: int, n_out: int) -> int:
+        """``L = 2^⌈log2 max(n_in, n_out)⌉``, the length every transform of the operator works in
+        (docs/math.md §3.8), from the sizes alone."""
+        return 1 << (max(n_in, n_out) - 1).bit_length()
 
     def _init(self, n_in: int, n_out: int, order: str, signs: Any, perm: Any, gauss: Any,
               seed: int | None, group: int | None) -> None:
@@ -417,7 +423,7 @@ class Fastfood(Frozen):
     def state_bytes_for(n_in: int, n_out: int, generator: str | None = None) -> int:
         """:attr:`state_bytes` of ``Fastfood(n_in, n_out, ..., generator=generator)`` without
         building it (``SuperLoRA.describe`` prints it per group)."""
-        length = 1 << (max(n_in, n_out) - 1).bit_length()
+        length = Fastfood.length_for(n_in, n_out)
         if buffers.check_generator(generator) == buffers.GENERATOR_V2:
             return 3 * 8 * 4
         return length * (1 + 8 + 8 + 4)

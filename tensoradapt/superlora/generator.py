@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import buffers
 from .._backend import check_floating, compat_namespace, device_of, from_host, indexed, namespace
-from ..ops import Fastfood, Shuffle, cp_to_tensor, cp_vjp, kron, kron_vjp, tucker_to_tensor, tucker_vjp
+from ..ops import Fastfood, Shuffle, cp_to_tensor, kron, kron_vjp, tucker_to_tensor
 from . import slices
 from .plan import GroupPlan, Plan, SplitPlan, param_name, param_prefix
 
@@ -378,19 +378,8 @@ class SuperLoRA(Plan):
         return grads
 
     def _split_vjp(self, xp: Any, split: SplitPlan, p: Mapping[str, Any], cot: Any) -> dict[str, Any]:
-        if split.kind == "dense":
-            return {"dense": cot}
-        factors = self._factors(xp, split, p)
-        if split.kind == "tucker":
-            core_grad, factor_grads = tucker_vjp(p["core"], factors, cot)
-            out = {"core": core_grad}
-        else:
-            weights_grad, factor_grads = cp_vjp(p["weights"] if split.kind == "cp" else None, factors, cot)
-            out = {"weights": weights_grad} if split.kind == "cp" else {}
-        for m, grad in enumerate(factor_grads):
-            if m not in split.fixed_modes:
-                out[f"factor{m}"] = grad
-        return out
+        """A whole split's VJP: the slab VJP over all of mode 0 (:func:`.slices.split_slab_vjp`)."""
+        return slices.split_slab_vjp(xp, split, p, 0, 0, split.shape[0], cot)
 
     # ------------------------------------------------------------------ one target (docs/math.md §3.2.3)
     def sliceable(self, index: int) -> bool:

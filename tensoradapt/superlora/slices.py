@@ -31,6 +31,7 @@ import numpy as np
 from .._backend import device_of, from_host
 from ..ops import cp_to_tensor, cp_vjp, tucker_to_tensor, tucker_vjp
 from ..ops._multilinear import mode_product
+from ..ops.kron import interleaved_shape
 from .plan import GroupPlan, Plan, SplitPlan, param_name
 
 __all__ = [
@@ -162,7 +163,8 @@ def split_slab(xp: Any, split: SplitPlan, local: Mapping[str, Any], mode: int, l
     return cp_to_tensor(local["weights"] if split.kind == "cp" else None, factors)
 
 
-def _tucker_slab_vjp(xp: Any, core: Any, factors: list[Any], mode: int, cot: Any) -> tuple[Any, list[Any]]:
+def _tucker_slab_vjp(xp: Any, core: Any, factors: list[Any], mode: int, cot: Any,
+                     whole: bool) -> tuple[Any, list[Any]]:
     """:func:`tucker_vjp` of a slab whose factor ``mode`` has ``h`` rows, with that factor folded
     into the core first: ``C' = C ×_mode A_s`` (``h`` on ``mode``), the VJP of ``C' ×_{m≠mode} A_m``
     with an identity on ``mode``, then ``C̄ = C̄' ×_mode A_sᵀ`` and
@@ -170,7 +172,7 @@ def _tucker_slab_vjp(xp: Any, core: Any, factors: list[Any], mode: int, cot: Any
     intermediate at the slab's size (projecting the slab's cotangent on ``A_sᵀ`` would grow that
     mode from ``h`` to the rank)."""
     rows = factors[mode]
-    if rows.shape[0] >= core.shape[mode]:
+    if whole or rows.shape[0] >= core.shape[mode]:  # a whole split: tucker_vjp itself
         return tucker_vjp(core, factors, cot)
     folded = mode_product(xp, core, mode, rows)
     eye = xp.eye(rows.shape[0], dtype=rows.dtype, device=device_of(rows))
@@ -189,7 +191,8 @@ def split_slab_vjp(xp: Any, split: SplitPlan, local: Mapping[str, Any], mode: in
         return {"dense": _embed(xp, cot, mode, lo, split.shape[mode])}
     factors = _slab_factors(xp, split, local, mode, lo, hi)
     if split.kind == "tucker":
-        core_grad, factor_grads = _tucker_slab_vjp(xp, local["core"], factors, mode, cot)
+        whole = (lo, hi) == (0, split.shape[mode])
+        core_grad, factor_grads = _tucker_slab_vjp(xp, local["core"], factors, mode, cot, whole)
         out = {"core": core_grad}
     else:
         weights_grad, factor_grads = cp_vjp(local["weights"] if split.kind == "cp" else None, factors, cot)
@@ -201,15 +204,6 @@ def split_slab_vjp(xp: Any, split: SplitPlan, local: Mapping[str, Any], mode: in
 
 
 # ---------------------------------------------------------------------------------- batched Kronecker rows
-def _grid(rests: Sequence[tuple[int, ...]], k: int) -> tuple[int, ...]:
-    """Split ``k``'s rows ``(h, e_{k2}, …, e_{kM})`` on the (mode-major, split-minor) axes."""
-    count, order = len(rests), len(rests[0])
-    grid = [1] * (count * order)
-    for m in range(order):
-        grid[m * count + k] = rests[k][m]
-    return tuple(grid)
-
-
 def _rests(rows: Sequence[Any]) -> list[tuple[int, ...]]:
     """Every split's row shape, lower orders promoted with trailing ones (as :func:`~tensoradapt.ops.kron`)."""
     order = max(r.ndim for r in rows) - 1
@@ -232,7 +226,7 @@ def kron_rows(xp: Any, rows: Sequence[Any]) -> Any:
     h = rows[0].shape[0]
     out = None
     for k, r in enumerate(rows):
-        view = xp.reshape(r, (h, *_grid(rests, k)))
+        view = xp.reshape(r, (h, *interleaved_shape(rests, k)))
         out = view if out is None else out * view
     sizes = tuple(math.prod(rest[m] for rest in rests) for m in range(len(rests[0])))
     return xp.reshape(out, (h, *sizes))
@@ -243,7 +237,7 @@ def kron_rows_vjp(xp: Any, rows: Sequence[Any], cot: Any) -> list[Any]:
     the other splits' rows ``j`` over their digits; nothing larger than ``cot`` is formed."""
     rests = _rests(rows)
     h, count = rows[0].shape[0], len(rows)
-    views = [xp.reshape(r, (h, *_grid(rests, k))) for k, r in enumerate(rows)]
+    views = [xp.reshape(r, (h, *interleaved_shape(rests, k))) for k, r in enumerate(rows)]
     full = xp.reshape(cot, (h, *(rest[m] for m in range(len(rests[0])) for rest in rests)))
     grads = []
     for k in range(count):
