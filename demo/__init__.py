@@ -59,10 +59,10 @@ with ``tensoradapt study``):
 the gain over LoRA measured; its modules are imported on request, not re-exported here:
 
 * :mod:`~tensoradapt.demo.study` — the runner (resumable, per-run store), report, plots and ``main``;
-* :mod:`~tensoradapt.demo.study_points` — the sweeps: every configuration of every family;
-* :mod:`~tensoradapt.demo.study_flow` — the second task (conditional flow matching with Conv2d
+* :mod:`~tensoradapt.demo.study.points` — the sweeps: every configuration of every family;
+* :mod:`~tensoradapt.demo.study.flow` — the second task (conditional flow matching with Conv2d
   layers on the digits, scored by a frozen digit classifier on samples);
-* :mod:`~tensoradapt.demo.study_gain` — the gain estimator (monotone envelopes, bootstrap over seeds).
+* :mod:`~tensoradapt.demo.study.gain` — the gain estimator (monotone envelopes, bootstrap over seeds).
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-from tensoradapt.demo import study, study_gain
-from tensoradapt.demo.study_points import FAMILIES, LR_REPRESENTATIVE, points
+from tensoradapt.demo import study
+from tensoradapt.demo.study import gain as study_gain
+from tensoradapt.demo.study.points import FAMILIES, LR_REPRESENTATIVE, points
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,8 +36,8 @@ from torch import nn
 
 import tensoradapt.torch as tat
 
-from .data import NUM_CLASSES, Split, shift
-from .train import schedule_factor
+from ..data import NUM_CLASSES, Split, shift
+from ..train import schedule_factor
 
 __all__ = [
     "FLOW_TARGETS",

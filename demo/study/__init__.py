@@ -5,10 +5,10 @@ Two tasks, both on scikit-learn's 8×8 digits (nothing is downloaded):
 * ``digits`` — the demo's transfer: the TinyViT pretrained on digits 0–4, adapted to 5–9 with
   adapters on ``query``/``value`` of every block (:mod:`tensoradapt.demo.train`); score: test accuracy.
 * ``flow`` — a class-conditional flow-matching model with Conv2d layers pretrained on 0–4 and
-  adapted to 5–9 on its four inner convolutions (:mod:`tensoradapt.demo.study_flow`); score: the
+  adapted to 5–9 on its four inner convolutions (:mod:`tensoradapt.demo.study.flow`); score: the
   accuracy of a frozen digit classifier on class-conditional samples.
 
-Every point of :func:`tensoradapt.demo.study_points.points` runs with ``repeats`` seeds (3; the
+Every point of :func:`tensoradapt.demo.study.points.points` runs with ``repeats`` seeds (3; the
 seeds of :func:`~tensoradapt.demo.train.repeat_seeds`).  Learning rates: one per learning-rate group
 (a family), chosen from :attr:`StudySettings.lr_grid` on a validation split carved from the target
 *training* images (25%, stratified): validation accuracy (digits) or validation flow-matching loss
@@ -18,7 +18,7 @@ used to choose anything.
 Every finished run (and learning-rate trial) is stored as one JSON file under ``OUT/runs/`` with a
 fingerprint of everything it depends on; a rerun with the same ``--out`` loads those and runs only
 the rest (pretrained models are cached in ``OUT/cache/``).  Results are deterministic for a seed
-and a thread count.  The gains are computed by :mod:`tensoradapt.demo.study_gain`.
+and a thread count.  The gains are computed by :mod:`tensoradapt.demo.study.gain`.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ import numpy as np
 
 from tensoradapt.cli import OneLineParser, non_negative_int, positive_int
 
-from .cli import missing_packages, usable_folder
-from .runner import progress_bar
-from .study_gain import bootstrap_gain, levels_from
-from .study_points import FAMILIES, GAIN_FAMILIES, LR_REPRESENTATIVE, SUPERLORA_UNION, Point, points
+from ..cli import missing_packages, usable_folder
+from ..runner import progress_bar
+from .gain import bootstrap_gain, levels_from
+from .points import FAMILIES, GAIN_FAMILIES, LR_REPRESENTATIVE, SUPERLORA_UNION, Point, points
 
 __all__ = ["TASKS", "StudySettings", "main", "run_study", "summarise", "write_report"]
 
@@ -119,7 +119,7 @@ def _validation_split(split: Any, fraction: float, seed: int) -> Any:
     import torch
     from sklearn.model_selection import train_test_split
 
-    from .data import Split
+    from ..data import Split
 
     index = np.arange(split.y_train.shape[0])
     fit_i, val_i = train_test_split(index, test_size=fraction, random_state=seed, stratify=split.y_train.numpy())
@@ -152,8 +152,8 @@ class _Digits(_Task):
     name = "digits"
 
     def __init__(self, settings: StudySettings, seed: int, out: Path, emit: Log) -> None:
-        from .data import load_tasks
-        from .train import DemoSettings
+        from ..data import load_tasks
+        from ..train import DemoSettings
 
         super().__init__(settings, seed, out, emit)
         self.demo = replace(DemoSettings(), **settings.digits)
@@ -167,7 +167,7 @@ class _Digits(_Task):
     def _backbone(self) -> Any:
         import torch
 
-        from .train import build_model, pretrain
+        from ..train import build_model, pretrain
 
         path = self.cache("backbone")
         if path.is_file():
@@ -190,8 +190,8 @@ class _Digits(_Task):
         return model
 
     def run(self, point: Point, lr: float, repeat: int, validation: bool) -> dict[str, Any]:
-        from .catalog import Method
-        from .train import transfer
+        from ..catalog import Method
+        from ..train import transfer
 
         method = Method(point.name, point.family, point.name, point.config, lr)
         split = self.val_split if validation else self.target
@@ -205,8 +205,8 @@ class _Flow(_Task):
     higher_is_better_lr = False  # validation flow-matching loss
 
     def __init__(self, settings: StudySettings, seed: int, out: Path, emit: Log) -> None:
-        from .data import load_tasks
-        from .study_flow import FlowSettings
+        from ..data import load_tasks
+        from .flow import FlowSettings
 
         super().__init__(settings, seed, out, emit)
         self.flow = replace(FlowSettings(), **settings.flow)
@@ -220,7 +220,7 @@ class _Flow(_Task):
     def _models(self) -> tuple[Any, Any]:
         import torch
 
-        from .study_flow import DigitCNN, FlowNet, pretrain_flow, sample_accuracy, train_classifier
+        from .flow import DigitCNN, FlowNet, pretrain_flow, sample_accuracy, train_classifier
 
         path = self.cache("models")
         if path.is_file():
@@ -257,8 +257,8 @@ class _Flow(_Task):
         return backbone, judge
 
     def run(self, point: Point, lr: float, repeat: int, validation: bool) -> dict[str, Any]:
-        from .study_flow import adapt_flow
-        from .train import repeat_seeds
+        from ..train import repeat_seeds
+        from .flow import adapt_flow
 
         seeds = repeat_seeds(self.seed, repeat)
         if validation:
@@ -524,7 +524,7 @@ def _plot_grid(section: dict[str, Any], task: str, families: Sequence[str], path
 def _draw_family(ax: Any, section: dict[str, Any], task: str, family: str, small: bool = False) -> None:
     from matplotlib.ticker import NullFormatter
 
-    from .study_gain import envelope
+    from .gain import envelope
 
     for fam, color, marker in (("lora", "tab:blue", "o"), (family, "tab:red", "s")):
         entries = [p for p in section["points"] if p["family"] == fam and p["adapter_params"] > 0]
