@@ -14,6 +14,9 @@ budget
     :func:`count_params` and :func:`budget` from shapes alone.
 factorize
     LyCORIS's ``factorization`` rule and the Kronecker split sizing rule.
+forms
+    Whether a target's ``ΔW`` is exactly LoRA, LoHa or LoKr, and from which blocks
+    (:func:`~tensoradapt.superlora.forms.exact_form`).
 """
 
 from . import presets
