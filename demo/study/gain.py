@@ -1,4 +1,29 @@
-"""The measured parameter-efficiency gain of a family over LoRA, with a bootstrap interval over seeds.
+"""The measured parameter-efficiency gain of a family over LoRA.
+
+Two estimators live here.
+
+**The study's estimator** (:func:`summarise_task`, docs/study-method.md) works on run records
+(one per point and seed, with the validation score, the test score and the 0/1 correctness of
+every test item):
+
+* Each curve's envelope is *chosen on validation, read on test*: for a budget of ``x``
+  parameters the point with the best mean validation score among the points with at most ``x``
+  parameters is picked (:func:`selected_envelope`); the mean test scores of the picked points,
+  made non-decreasing by isotonic regression, are the curve.  Picking on test would take the
+  best of many noisy test scores, a gain that identical curves would also show.
+* The parameters a curve needs for a score level are interpolated linearly in
+  ``(log parameters, score)`` (:func:`needed`); the gain is LoRA's need over the family's.
+* Levels: 25/50/75 % of LoRA's range and ``lora_r1``, LoRA r = 1's mean test score (the
+  paper's comparison point; LoRA's need there is LoRA r = 1's parameter count by definition).
+* A paired bootstrap resamples seed indices *and* test items, the same draw for every point of
+  every curve (:func:`paired_resample_means`), and gives 95 % percentile intervals.
+* The identical-curve null (:func:`null_band`): families on LoRA's own curve, with the measured
+  noise, through the same estimator: the "gain" that selection alone produces.
+
+**The plain estimator** (:func:`envelope`, :func:`params_at`, :func:`gain_at`,
+:func:`bootstrap_gain`, :func:`levels_from`) works on curves of ``(parameters, [score of each
+seed])`` with the envelope taken on the same scores it reports; it is kept for curves without
+validation scores.
 
 A *curve* is a list of points ``(parameters, [score of each seed])``.  The parameters a curve needs
 to reach a score level ``a`` are read off its **monotone envelope**: the points sorted by parameter
@@ -20,12 +45,16 @@ with the fraction of resamples in which it was defined.  Pure NumPy, determinist
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-__all__ = ["Gain", "bootstrap_gain", "envelope", "gain_at", "levels_from", "params_at"]
+__all__ = ["CEILING_FAMILIES", "LEVEL_FRACTIONS", "Gain", "Noise", "bootstrap_gain", "envelope", "gain_at",
+           "isotonic", "level_key", "levels_from", "needed", "null_band", "paired_resample_means", "params_at",
+           "selected_envelope", "summarise_task"]
 
 Curve = Sequence[tuple[float, Sequence[float]]]
 """``(parameters, seed scores)`` per point."""
@@ -140,3 +169,667 @@ def levels_from(lora: Curve, fractions: Sequence[float] = (0.25, 0.5, 0.75), dig
     _, means = _means(lora)
     lo, hi = min(means), max(means)
     return [round(lo + f * (hi - lo), digits) for f in fractions]
+
+
+# ---------------------------------------------------------------------------------------------
+# the study's estimator: envelopes chosen on validation and read on test, a paired bootstrap over
+# seeds and test items, the identical-curve null
+# ---------------------------------------------------------------------------------------------
+LEVEL_FRACTIONS: tuple[float, ...] = (0.25, 0.5, 0.75)
+"""Fractions of LoRA's range at which gains are read (beside ``lora_r1``)."""
+
+CEILING_FAMILIES: tuple[str, ...] = ("2d-reshape",)
+"""Families that reshape groups of square weights: their gains carry the ceiling ``sqrt(L / G)``."""
+
+_CHUNK = 4_000_000  # floats per block of the bootstrap's item products
+
+
+def level_key(fraction: float) -> str:
+    """The name of the level at ``fraction`` of LoRA's range: ``level_key(0.25) == "25%"``."""
+    return f"{100 * fraction:g}%"
+
+
+def isotonic(y: Sequence[float]) -> np.ndarray:
+    """The least-squares non-decreasing fit of ``y`` (pool adjacent violators, equal weights).
+
+    Shape ``(n,) -> (n,)``; each run of pooled entries takes the mean of its values.
+
+    >>> isotonic([1.0, 3.0, 2.0, 4.0])
+    array([1. , 2.5, 2.5, 4. ])
+    """
+    means: list[float] = []
+    sizes: list[int] = []
+    for v in np.asarray(y, dtype=float).ravel().tolist():
+        means.append(v)
+        sizes.append(1)
+        while len(means) > 1 and means[-2] > means[-1]:
+            n = sizes[-2] + sizes[-1]
+            m = (means[-2] * sizes[-2] + means[-1] * sizes[-1]) / n
+            means.pop()
+            sizes.pop()
+            means[-1], sizes[-1] = m, n
+    return np.repeat(np.asarray(means, dtype=float), sizes)
+
+
+def selected_envelope(params: Sequence[float], val: Sequence[float],
+                      test: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The envelope chosen on validation and read on test.
+
+    For a budget of ``x`` parameters the point with the best validation score among the points
+    with at most ``x`` parameters is picked; the picked points (the validation records in
+    parameter order; of equal counts the best) are returned with their test scores made
+    non-decreasing by :func:`isotonic`.  Points whose ``val`` or ``test`` is NaN are absent.
+
+    Parameters
+    ----------
+    params, val, test : shape (n,)
+        Parameter count (> 0), mean validation and mean test score of each point.
+
+    Returns
+    -------
+    p_env, s_env, picked : shape (m,)
+        Parameter counts (strictly increasing), envelope scores (non-decreasing), and the
+        indices into the inputs of the picked points; ``m = 0`` when no point is present.
+
+    >>> p, s, i = selected_envelope([10, 20, 40], [0.5, 0.7, 0.6], [0.52, 0.66, 0.9])
+    >>> p.tolist(), s.tolist(), i.tolist()     # 40 is worse on validation: not picked
+    ([10.0, 20.0], [0.52, 0.66], [0, 1])
+    """
+    p = np.asarray(params, dtype=float)
+    v = np.asarray(val, dtype=float)
+    t = np.asarray(test, dtype=float)
+    if p.ndim != 1 or v.shape != p.shape or t.shape != p.shape:
+        raise ValueError(f"params, val and test must be 1-D of one length, got shapes {p.shape}, {v.shape}, {t.shape}")
+    if np.any(~(p > 0)):
+        raise ValueError(f"parameter counts must be positive, got {p[~(p > 0)][:3].tolist()}")
+    present = np.isfinite(v) & np.isfinite(t)
+    picked: list[int] = []
+    best = -math.inf
+    pl, vl = p.tolist(), v.tolist()
+    for i in np.argsort(p, kind="stable").tolist():
+        if not present[i] or vl[i] <= best:
+            continue
+        best = vl[i]
+        if picked and pl[picked[-1]] == pl[i]:
+            picked[-1] = i
+        else:
+            picked.append(i)
+    idx = np.asarray(picked, dtype=int)
+    return p[idx], isotonic(t[idx]), idx
+
+
+def needed(p_env: np.ndarray, s_env: np.ndarray, levels: float | Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Parameters an envelope needs for each score level, and whether that is its smallest point.
+
+    Linear interpolation in ``(log parameters, score)`` between the last envelope point below the
+    level and the first at or above it.  A level above the envelope's best (or NaN) needs NaN; a
+    level at or below its first score needs the first count, flagged ``bounded`` (fewer
+    parameters might do as well).
+
+    Parameters
+    ----------
+    p_env, s_env : shape (m,)
+        An envelope (:func:`selected_envelope`): counts increasing, scores non-decreasing.
+    levels : float or shape (k,)
+
+    Returns
+    -------
+    need, bounded : shape (k,)
+
+    >>> needed(np.array([10.0, 1000.0]), np.array([0.5, 0.7]), [0.6, 0.4, 0.8])[0].round(6).tolist()
+    [100.0, 10.0, nan]
+    """
+    lv = np.atleast_1d(np.asarray(levels, dtype=float))
+    need = np.full(lv.shape, np.nan)
+    bounded = np.zeros(lv.shape, dtype=bool)
+    if len(p_env) == 0:
+        return need, bounded
+    i = np.searchsorted(s_env, lv, side="left")  # first envelope score >= level
+    reached = (i < len(s_env)) & ~np.isnan(lv)
+    first = reached & (i == 0)
+    need[first] = p_env[0]
+    bounded[first] = True
+    mid = reached & (i > 0)
+    j = i[mid]
+    lo, hi = s_env[j - 1], s_env[j]
+    frac = (lv[mid] - lo) / (hi - lo)
+    lp = np.log(p_env)
+    need[mid] = np.exp(lp[j - 1] + frac * (lp[j] - lp[j - 1]))
+    return need, bounded
+
+
+def paired_resample_means(val: np.ndarray, test: np.ndarray, present: np.ndarray, items: np.ndarray | None,
+                          resamples: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Mean validation and test score of every point in ``resamples`` paired bootstrap resamples.
+
+    Each resample draws ``S`` seed indices and ``N`` test items with replacement, *once*, and
+    applies the draw to every point: a point's resampled mean is the mean, over the drawn seeds
+    it has, of its runs' scores on the drawn items.  Drawing items is done on the distinct item
+    columns (items answered identically by every run are one column, drawn with its multiplicity):
+    the same distribution as drawing item indices.
+
+    Parameters
+    ----------
+    val, test : shape (P, S)
+        Per point and seed index: the run's validation and test score (any value where absent).
+    present : shape (P, S), bool
+        Whether the run of that point and seed exists.
+    items : shape (P, S, N) of 0/1, or None
+        Per run, the correctness of each test item (same item order in every run); ``None``:
+        resample seeds only, with the runs' ``test`` scores.
+    resamples : int
+    rng : numpy Generator
+
+    Returns
+    -------
+    val_b, test_b : shape (P, B)
+        NaN where none of the drawn seeds of a point has a run.
+    """
+    n_points, n_seeds = val.shape
+    mask = present.astype(float)
+    seeds = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=resamples).astype(float)  # (B, S)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        den = mask @ seeds.T  # (P, B)
+        val_b = (np.where(present, val, 0.0) @ seeds.T) / den
+        if items is None:
+            test_b = (np.where(present, test, 0.0) @ seeds.T) / den
+        else:
+            n_items = items.shape[2]
+            flat = np.where(present[..., None], items, 0).reshape(n_points * n_seeds, n_items).astype(np.uint8)
+            cols, counts = np.unique(flat, axis=1, return_counts=True)
+            cols = cols.astype(float)
+            prob = counts / n_items
+            test_b = np.empty((n_points, resamples))
+            step = max(1, _CHUNK // max(1, cols.size))
+            for start in range(0, resamples, step):
+                stop = min(resamples, start + step)
+                draw = rng.multinomial(n_items, prob, size=stop - start).astype(float)  # (b, U)
+                run_scores = (cols @ draw.T / n_items).reshape(n_points, n_seeds, stop - start)
+                num = np.einsum("psb,ps,bs->pb", run_scores, mask, seeds[start:stop])
+                test_b[:, start:stop] = num / den[:, start:stop]
+    return val_b, test_b
+
+
+@dataclass(frozen=True)
+class Noise:
+    """The noise of a point's mean scores, matched to the measurements for the null simulation.
+
+    ``se_val`` and ``se_test``: standard errors of a point's mean validation and test score (the
+    median over the task's points); ``corr``: their correlation (the seed part they share).
+    """
+
+    se_val: float
+    se_test: float
+    corr: float
+
+    def to_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+def _estimate_noise(val: np.ndarray, test: np.ndarray, present: np.ndarray, items: np.ndarray | None) -> Noise:
+    """Per point with n seeds: se_test^2 = var_seeds(test)/n + var_items(seed-mean item score)/N,
+    se_val^2 = var_seeds(val)/n, covariance over seeds / n; medians over points."""
+    se_v, se_t, covs = [], [], []
+    for p in range(val.shape[0]):
+        k = present[p]
+        n = int(k.sum())
+        if n == 0:
+            continue
+        v, t = val[p, k], test[p, k]
+        item_var = 0.0
+        if items is not None:
+            z = items[p, k].mean(axis=0)
+            item_var = float(z.var()) / items.shape[2]
+        if n >= 2:
+            vv, tv = float(v.var(ddof=1)), float(t.var(ddof=1))
+            cv = float(np.cov(v, t)[0, 1])
+            se_v.append(math.sqrt(vv / n))
+            se_t.append(math.sqrt(tv / n + item_var))
+            denom = math.sqrt((vv / n) * (tv / n + item_var))
+            covs.append(cv / n / denom if denom > 0 else 0.0)
+        else:
+            se_t.append(math.sqrt(item_var))
+    st = float(np.median(se_t)) if se_t else 0.0
+    sv = float(np.median(se_v)) if se_v and float(np.median(se_v)) > 0 else st
+    corr = float(np.clip(np.median(covs), -1.0, 1.0)) if covs else 0.0
+    return Noise(sv, st, corr)
+
+
+def _true_curve(p_env: np.ndarray, s_env: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """LoRA's envelope as a function of parameters: linear in log parameters, extended past its
+    ends with the end segments' slopes, clipped to [0, 1]."""
+    x = np.log(np.asarray(params, dtype=float))
+    lp = np.log(p_env)
+    if len(lp) == 1:
+        return np.clip(np.full(x.shape, s_env[0]), 0.0, 1.0)
+    y = np.interp(x, lp, s_env)
+    lo, hi = x < lp[0], x > lp[-1]
+    y[lo] = s_env[0] + (x[lo] - lp[0]) * (s_env[1] - s_env[0]) / (lp[1] - lp[0])
+    y[hi] = s_env[-1] + (x[hi] - lp[-1]) * (s_env[-1] - s_env[-2]) / (lp[-1] - lp[-2])
+    return np.clip(y, 0.0, 1.0)
+
+
+def _band(gains: np.ndarray, draws: int) -> dict[str, float | None]:
+    ok = gains[np.isfinite(gains)]
+    if not len(ok):
+        return {"median": None, "p95": None, "defined": 0.0}
+    return {"median": float(np.median(ok)), "p95": float(np.percentile(ok, 95)), "defined": len(ok) / draws}
+
+
+def null_band(lora_params: Sequence[float], family_params: Sequence[float], curve: tuple[Sequence[float],
+              Sequence[float]], levels: Sequence[float], *, noise: Noise, draws: int = 1000, seed: int = 0,
+              r1: bool = True) -> list[dict[str, float | None]]:
+    """The identical-curve null: the "gain" the estimator reports when the family's true curve is
+    LoRA's.
+
+    In each of ``draws`` draws every LoRA point and every family point (at their own parameter
+    counts) scores ``f(params)`` plus noise, ``f`` being ``curve`` (LoRA's envelope, linear in log
+    parameters, extended with its end slopes, clipped to [0, 1]); the noise of a point's mean
+    validation and test score is normal with standard deviations ``noise.se_val``,
+    ``noise.se_test`` and correlation ``noise.corr``, independent between points.  The gain at each
+    level is computed as in :func:`summarise_task` (envelopes chosen on validation, read on test).
+
+    Parameters
+    ----------
+    lora_params, family_params : shape (n_lora,), (n_family,)
+        Parameter counts (> 0) of the points.
+    curve : (params, scores)
+        The true curve's points, counts increasing, scores non-decreasing.
+    levels : shape (k,)
+        Fixed score levels.
+    noise : Noise
+    draws : int
+    seed : int
+    r1 : bool
+        Also the ``lora_r1`` level (appended last): the drawn test score of LoRA's smallest point,
+        at which LoRA needs that point's parameters.
+
+    Returns
+    -------
+    One dict per level: ``median`` and ``p95`` (95th percentile) of the defined null gains and
+    ``defined``, the share of draws in which the gain is defined.
+    """
+    lp_all = np.asarray(lora_params, dtype=float)
+    fp_all = np.asarray(family_params, dtype=float)
+    if not len(lp_all) or not len(fp_all) or np.any(~(lp_all > 0)) or np.any(~(fp_all > 0)):
+        raise ValueError("lora_params and family_params must be non-empty and positive")
+    if not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be a positive int, got {draws!r}")
+    cp, cs = (np.asarray(c, dtype=float) for c in curve)
+    fixed = np.asarray(levels, dtype=float)
+    rng = np.random.default_rng(seed)
+    mu_l, mu_f = _true_curve(cp, cs, lp_all), _true_curve(cp, cs, fp_all)
+    n_l, n_f = len(lp_all), len(fp_all)
+    z = rng.standard_normal((draws, 2, n_l + n_f))
+    c = noise.corr
+    e_val = noise.se_val * z[:, 0]
+    e_test = noise.se_test * (c * z[:, 0] + math.sqrt(max(0.0, 1.0 - c * c)) * z[:, 1])
+    mu = np.r_[mu_l, mu_f]
+    val_d, test_d = mu + e_val, mu + e_test
+    smallest = int(np.argmin(lp_all))
+    k = len(fixed) + (1 if r1 else 0)
+    gains = np.full((draws, k), np.nan)
+    for d in range(draws):
+        le = selected_envelope(lp_all, val_d[d, :n_l], test_d[d, :n_l])
+        fe = selected_envelope(fp_all, val_d[d, n_l:], test_d[d, n_l:])
+        lv = fixed if not r1 else np.r_[fixed, test_d[d, smallest]]
+        ln, _ = needed(le[0], le[1], lv)
+        if r1:
+            ln[-1] = lp_all[smallest]
+        fn, _ = needed(fe[0], fe[1], lv)
+        gains[d] = ln / fn
+    return [_band(gains[:, j], draws) for j in range(k)]
+
+
+# --- the records of a task --------------------------------------------------------------------
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class _Table:
+    task: str
+    labels: list[str]
+    families: list[str]
+    params: np.ndarray            # (P,)
+    groups: list[int | None]
+    seeds: list[int]              # the seed indices, ascending
+    val: np.ndarray               # (P, S)
+    test: np.ndarray              # (P, S)
+    present: np.ndarray           # (P, S) bool
+    items: np.ndarray | None      # (P, S, N) uint8
+    fid: list[float | None]
+    settings: list[dict[str, Any] | None]
+
+    @classmethod
+    def from_records(cls, records: Sequence[Mapping[str, Any]]) -> _Table:
+        if isinstance(records, (str, bytes)) or not isinstance(records, Sequence) or not records:
+            raise ValueError("records must be a non-empty list of run records (dicts)")
+        need = ("task", "family", "point", "params", "groups", "seed", "val", "test")
+        meta: dict[str, tuple[str, int, int | None]] = {}
+        order: list[str] = []
+        runs: dict[tuple[str, int], Mapping[str, Any]] = {}
+        n_items: int | None = None
+        with_items: bool | None = None
+        task = None
+        for k, r in enumerate(records):
+            if not isinstance(r, Mapping):
+                raise ValueError(f"record {k} is a {type(r).__name__}, not a dict")
+            missing = [key for key in need if key not in r]
+            if missing:
+                raise ValueError(f"record {k} lacks {missing}")
+            if task is None:
+                task = r["task"]
+            if r["task"] != task:
+                raise ValueError(f"record {k} is of task {r['task']!r}, the others of {task!r}: one task at a time")
+            name, fam = r["point"], r["family"]
+            if not isinstance(name, str) or not name or not isinstance(fam, str) or not fam:
+                raise ValueError(f"record {k}: family and point must be non-empty strings")
+            if not _is_int(r["params"]) or r["params"] < 0:
+                raise ValueError(f"record {k} ({name}): params must be an int >= 0, got {r['params']!r}")
+            if r["groups"] is not None and (not _is_int(r["groups"]) or r["groups"] < 1):
+                raise ValueError(f"record {k} ({name}): groups must be None or an int >= 1, got {r['groups']!r}")
+            if not _is_int(r["seed"]) or r["seed"] < 0:
+                raise ValueError(f"record {k} ({name}): seed must be an int >= 0, got {r['seed']!r}")
+            for key in ("val", "test"):
+                if not _is_real(r[key]):
+                    raise ValueError(f"record {k} ({name}): {key} must be a finite number, got {r[key]!r}")
+            fid = r.get("fid")
+            if fid is not None and not _is_real(fid):
+                raise ValueError(f"record {k} ({name}): fid must be None or a finite number, got {fid!r}")
+            ti = r.get("test_items")
+            has = ti is not None
+            if with_items is None:
+                with_items = has
+            if has != with_items:
+                raise ValueError(f"record {k} ({name}): test_items given in some records and not in others")
+            if has:
+                arr = np.asarray(ti)
+                if arr.ndim != 1 or not len(arr) or not np.all((arr == 0) | (arr == 1)):
+                    raise ValueError(f"record {k} ({name}): test_items must be a non-empty list of 0/1")
+                if n_items is None:
+                    n_items = len(arr)
+                if len(arr) != n_items:
+                    raise ValueError(f"record {k} ({name}): {len(arr)} test items, other runs have {n_items}")
+                if abs(float(arr.mean()) - float(r["test"])) > 1e-6:
+                    raise ValueError(f"record {k} ({name}): test = {r['test']!r} is not mean(test_items) = "
+                                     f"{float(arr.mean())!r}")
+            m = (fam, int(r["params"]), None if r["groups"] is None else int(r["groups"]))
+            if name in meta and meta[name] != m:
+                raise ValueError(f"point {name!r}: family/params/groups differ between its runs: {meta[name]} vs {m}")
+            if name not in meta:
+                meta[name] = m
+                order.append(name)
+            key = (name, int(r["seed"]))
+            if key in runs:
+                raise ValueError(f"point {name!r} has two runs of seed {key[1]}")
+            runs[key] = r
+        seeds = sorted({s for _, s in runs})
+        col = {s: j for j, s in enumerate(seeds)}
+        n_p, n_s = len(order), len(seeds)
+        row = {name: i for i, name in enumerate(order)}
+        val = np.zeros((n_p, n_s))
+        test = np.zeros((n_p, n_s))
+        present = np.zeros((n_p, n_s), dtype=bool)
+        items = np.zeros((n_p, n_s, n_items), dtype=np.uint8) if with_items and n_items else None
+        fids: dict[str, list[float]] = {}
+        sett: dict[str, dict[str, Any] | None] = {}
+        for (name, s), r in runs.items():
+            i, j = row[name], col[s]
+            val[i, j], test[i, j], present[i, j] = float(r["val"]), float(r["test"]), True
+            if items is not None:
+                items[i, j] = np.asarray(r["test_items"], dtype=np.uint8)
+            if r.get("fid") is not None:
+                fids.setdefault(name, []).append(float(r["fid"]))
+            if isinstance(r.get("settings"), Mapping):
+                sett[name] = dict(r["settings"])
+        return cls(str(task), order, [meta[n][0] for n in order], np.array([meta[n][1] for n in order], dtype=float),
+                   [meta[n][2] for n in order], seeds, val, test, present, items,
+                   [float(np.mean(fids[n])) if n in fids else None for n in order], [sett.get(n) for n in order])
+
+
+# --- the curves compared with LoRA ------------------------------------------------------------
+@dataclass
+class _Entry:
+    name: str
+    kind: str                     # "lora", "family", "union" or "groups"
+    members: list[str]
+    groups: int | None
+    ceiling: float | None
+    idx: np.ndarray               # indices of its points (params > 0) in the table
+
+
+def _entries(t: _Table, lora_family: str, union: Mapping[str, Sequence[str]] | None, L: int,
+             ceiling_families: Sequence[str]) -> list[_Entry]:
+    def pts(fams: Sequence[str], g: int | None = None) -> np.ndarray:
+        return np.array([i for i, f in enumerate(t.families) if f in fams and t.params[i] > 0
+                         and (g is None or t.groups[i] == g)], dtype=int)
+
+    lora = pts([lora_family])
+    if not len(lora):
+        raise ValueError(f"no run of the LoRA family {lora_family!r} with params > 0 (families: "
+                         f"{sorted(set(t.families))})")
+    out = [_Entry(lora_family, "lora", [lora_family], None, None, lora)]
+    fams = list(dict.fromkeys(f for f in t.families if f != lora_family))
+    for f in fams:
+        idx = pts([f])
+        if not len(idx):
+            continue
+        gs = sorted({t.groups[i] for i in idx if t.groups[i] is not None})
+        ceiling = math.sqrt(L / gs[0]) if f in ceiling_families and gs else None
+        out.append(_Entry(f, "family", [f], None, ceiling, idx))
+        if len(gs) >= 2:
+            for g in gs:
+                ceil_g = math.sqrt(L / g) if f in ceiling_families else None
+                out.append(_Entry(f"{f} G={g}", "groups", [f], g, ceil_g, pts([f], g)))
+    for name, members in (union or {}).items():
+        present = [m for m in members if m in fams]
+        idx = pts(present)
+        if len(idx):
+            out.append(_Entry(name, "union", present, None, None, idx))
+    return out
+
+
+def _percentiles(x: np.ndarray, confidence: float, log: bool) -> tuple[float | None, float | None]:
+    ok = x[np.isfinite(x)]
+    if not len(ok):
+        return None, None
+    tail = 100 * (1 - confidence) / 2
+    if log:
+        lo, hi = np.percentile(np.log(ok), [tail, 100 - tail])
+        return math.exp(lo), math.exp(hi)
+    lo, hi = np.percentile(ok, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def _fin(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family: str = "lora",
+                   union: Mapping[str, Sequence[str]] | None = None, resamples: int = 1000, seed: int = 0,
+                   null_draws: int | None = None, fractions: Sequence[float] = LEVEL_FRACTIONS,
+                   ceiling_families: Sequence[str] = CEILING_FAMILIES, confidence: float = 0.95) -> dict[str, Any]:
+    """The gains of every family of one task over LoRA, JSON-ready (docs/study-method.md).
+
+    Parameters
+    ----------
+    records : list of run records
+        One per point and seed: ``task, family, point, params, groups, seed, val, test`` and
+        ``test_items`` (0/1 per test item, same order in every run; ``None`` or absent in every
+        record: the bootstrap resamples seeds only), optionally ``fid`` and ``settings`` (a dict,
+        passed through to the point's summary).  Points with ``params == 0`` (head only) are
+        summarised but are on no curve.
+    L : int
+        The number of adapted square weights: the ceiling of a grouped reshape over ``G`` groups
+        is ``sqrt(L / G)``.
+    lora_family : str
+        The reference family; its smallest point is "LoRA r = 1".
+    union : dict name -> families, optional
+        Extra curves made of all the points of several families (members absent from the records
+        are left out; a union with none is skipped).
+    resamples : int
+        Paired bootstrap resamples (seed indices and test items drawn once per resample, the same
+        draw for every point); 0: no intervals.
+    seed : int
+        Seeds the bootstrap and the null draws: the result is a function of the records and the
+        arguments.
+    null_draws : int, optional
+        Draws of the identical-curve null per curve (default ``max(resamples, 200)``).
+    fractions : the levels' fractions of LoRA's range
+    ceiling_families : families whose gains carry the ceiling ``sqrt(L / G)``
+    confidence : the intervals' coverage
+
+    Returns
+    -------
+    dict
+        ``task``, ``L``, ``resamples``, ``confidence``, ``seeds`` (indices), ``test_items`` (N or
+        None), ``noise`` (:class:`Noise`), ``lora_r1`` (``point``, ``params``, ``test``),
+        ``levels`` (``[{key, value}]``: ``"25%"``, ``"50%"``, ``"75%"``, ``"lora_r1"``), ``lora``
+        (LoRA's envelope), ``families`` (name -> curve: ``kind`` in family / groups / union,
+        ``members``, ``groups``, ``ceiling``, ``min_params``, ``envelope``, and ``gains``: one dict
+        per level with ``key, level, gain, lora_params, family_params, bounded, low, high,
+        defined, bounded_share, cap, ceiling, null, beyond_null``), ``group_order`` (family ->
+        gains of fewer over more groups), ``contrasts`` (test-score differences of point pairs,
+        :func:`~tensoradapt.demo.study.claims.contrast_pairs`) and ``points`` (per point means).
+    """
+    from .claims import contrast_pairs
+
+    if not _is_int(L) or L < 1:
+        raise ValueError(f"L must be an int >= 1, got {L!r}")
+    if not _is_int(resamples) or resamples < 0:
+        raise ValueError(f"resamples must be an int >= 0, got {resamples!r}")
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if null_draws is not None and (not _is_int(null_draws) or null_draws < 0):
+        raise ValueError(f"null_draws must be None or an int >= 0, got {null_draws!r}")
+    if not all(_is_real(f) and 0 <= f <= 1 for f in fractions):
+        raise ValueError(f"fractions must lie in [0, 1], got {list(fractions)!r}")
+    if not (_is_real(confidence) and 0 < confidence < 1):
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    t = _Table.from_records(records)
+    if union is not None:
+        if not isinstance(union, Mapping):
+            raise ValueError(f"union must be a dict name -> families, got {type(union).__name__}")
+        for name, members in union.items():
+            if name in t.families or name == lora_family:
+                raise ValueError(f"union name {name!r} is also a family name")
+            if isinstance(members, str) or not all(isinstance(m, str) for m in members):
+                raise ValueError(f"union {name!r}: members must be a list of family names, got {members!r}")
+    entries = _entries(t, lora_family, union, L, ceiling_families)
+    draws = max(resamples, 200) if null_draws is None else null_draws
+    n_items = None if t.items is None else t.items.shape[2]
+    with np.errstate(invalid="ignore"):
+        val_m = np.where(t.present, t.val, 0).sum(1) / t.present.sum(1)
+        if t.items is None:
+            test_m = np.where(t.present, t.test, 0).sum(1) / t.present.sum(1)
+        else:
+            test_m = np.where(t.present[..., None], t.items, 0).mean(2).sum(1) / t.present.sum(1)
+
+    lora = entries[0]
+    r1 = int(lora.idx[np.argmin(t.params[lora.idx])])
+    lora_env = selected_envelope(t.params[lora.idx], val_m[lora.idx], test_m[lora.idx])
+    lo, hi = float(test_m[lora.idx].min()), float(lora_env[1][-1])
+    keys = [level_key(f) for f in fractions] + ["lora_r1"]
+    fixed = np.array([lo + f * (hi - lo) for f in fractions])
+
+    def needs(vm: np.ndarray, tm: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, ...]]]:
+        """need (E, K) and bounded (E, K) for one set of point means; the envelopes."""
+        lv = np.r_[fixed, tm[r1]]
+        need = np.full((len(entries), len(keys)), np.nan)
+        bound = np.zeros((len(entries), len(keys)), dtype=bool)
+        envs = []
+        for e, ent in enumerate(entries):
+            env = selected_envelope(t.params[ent.idx], vm[ent.idx], tm[ent.idx])
+            envs.append(env)
+            need[e], bound[e] = needed(env[0], env[1], lv)
+        need[0, -1], bound[0, -1] = t.params[r1], False  # LoRA at LoRA r = 1's score: r = 1's count
+        return need, bound, envs
+
+    need0, bound0, envs0 = needs(val_m, test_m)
+    rng = np.random.default_rng(seed)
+    if resamples:
+        val_b, test_b = paired_resample_means(t.val, t.test, t.present, t.items, resamples, rng)
+        boot = [needs(val_b[:, b], test_b[:, b])[:2] for b in range(resamples)]
+        need_b = np.stack([b[0] for b in boot], axis=-1)  # (E, K, B)
+        bound_b = np.stack([b[1] for b in boot], axis=-1)
+    else:
+        test_b = np.zeros((len(t.labels), 0))
+        need_b = np.zeros((len(entries), len(keys), 0))
+        bound_b = np.zeros((len(entries), len(keys), 0), dtype=bool)
+    noise = _estimate_noise(t.val, t.test, t.present, t.items)
+
+    def env_dict(ent: _Entry, env: tuple[np.ndarray, ...]) -> dict[str, Any]:
+        return {"points": [t.labels[int(ent.idx[i])] for i in env[2]], "params": env[0].tolist(),
+                "test": env[1].tolist()}
+
+    families: dict[str, Any] = {}
+    for e, ent in enumerate(entries[1:], start=1):
+        band: list[dict[str, Any]] | None = None
+        if draws:
+            band = null_band(t.params[lora.idx], t.params[ent.idx], (lora_env[0], lora_env[1]), fixed,
+                             noise=noise, draws=draws, seed=zlib.crc32(f"{seed}:{ent.name}".encode()))
+        gains = []
+        min_p = float(t.params[ent.idx].min())
+        for k, key in enumerate(keys):
+            g0 = need0[0, k] / need0[e, k]
+            gb = need_b[0, k] / need_b[e, k] if resamples else np.zeros(0)
+            ok = np.isfinite(gb)
+            defined = float(ok.mean()) if resamples else 0.0
+            low = high = None
+            if resamples and defined >= 0.5:
+                low, high = _percentiles(gb, confidence, log=True)
+            null = band[k] if band is not None else None
+            p95 = None if null is None else null["p95"]
+            gains.append({
+                "key": key, "level": float(np.r_[fixed, test_m[r1]][k]), "gain": _fin(g0),
+                "lora_params": _fin(need0[0, k]), "family_params": _fin(need0[e, k]),
+                "bounded": bool(bound0[e, k] and math.isfinite(g0)), "low": low, "high": high,
+                "defined": defined, "bounded_share": float(bound_b[e, k][ok].mean()) if ok.any() else 0.0,
+                "cap": _fin(need0[0, k] / min_p), "ceiling": ent.ceiling, "null": null,
+                "beyond_null": None if p95 is None or not math.isfinite(g0) else bool(g0 > p95)})
+        families[ent.name] = {"kind": ent.kind, "members": ent.members, "groups": ent.groups,
+                              "ceiling": ent.ceiling, "min_params": min_p, "envelope": env_dict(ent, envs0[e]),
+                              "gains": gains}
+
+    group_order: dict[str, list[dict[str, Any]]] = {}
+    for parent in dict.fromkeys(ent.members[0] for ent in entries if ent.kind == "groups"):
+        subs = sorted(((ent.groups, e) for e, ent in enumerate(entries)
+                       if ent.kind == "groups" and ent.members[0] == parent), key=lambda x: x[0])
+        rows = []
+        for a in range(len(subs)):
+            for b in range(a + 1, len(subs)):
+                (ga, ea), (gb_, eb) = subs[a], subs[b]
+                for k, key in enumerate(keys):
+                    r0 = need0[eb, k] / need0[ea, k]
+                    rb = need_b[eb, k] / need_b[ea, k] if resamples else np.zeros(0)
+                    defined = float(np.isfinite(rb).mean()) if resamples else 0.0
+                    low, high = _percentiles(rb, confidence, log=True) if defined >= 0.5 else (None, None)
+                    rows.append({"small": ga, "large": gb_, "key": key, "ratio": _fin(r0), "low": low, "high": high,
+                                 "defined": defined})
+        group_order[parent] = rows
+
+    points = []
+    for i, name in enumerate(t.labels):
+        lo_i, hi_i = _percentiles(test_b[i], confidence, log=False) if resamples else (None, None)
+        points.append({"family": t.families[i], "point": name, "params": int(t.params[i]), "groups": t.groups[i],
+                       "seeds": int(t.present[i].sum()), "val": float(val_m[i]), "test": float(test_m[i]),
+                       "test_low": lo_i, "test_high": hi_i, "fid": t.fid[i], "settings": t.settings[i]})
+
+    row = {name: i for i, name in enumerate(t.labels)}
+    contrasts = []
+    for c in contrast_pairs(points):
+        a, b = row[c["a"]], row[c["b"]]
+        low, high = _percentiles(test_b[a] - test_b[b], confidence, log=False) if resamples else (None, None)
+        contrasts.append({**c, "diff": float(test_m[a] - test_m[b]), "low": low, "high": high})
+
+    return {"task": t.task, "L": L, "resamples": resamples, "null_draws": draws, "confidence": confidence,
+            "seeds": t.seeds, "test_items": n_items, "noise": noise.to_dict(),
+            "lora_r1": {"point": t.labels[r1], "params": int(t.params[r1]), "test": float(test_m[r1])},
+            "levels": [{"key": k, "value": float(v)} for k, v in zip(keys, np.r_[fixed, test_m[r1]], strict=True)],
+            "lora": {"envelope": env_dict(lora, envs0[0])}, "families": families, "group_order": group_order,
+            "contrasts": contrasts, "points": points}
