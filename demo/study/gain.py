@@ -14,7 +14,9 @@ every test item):
 * The parameters a curve needs for a score level are interpolated linearly in
   ``(log parameters, score)`` (:func:`needed`); the gain is LoRA's need over the family's.
 * Levels: 25/50/75 % of LoRA's range and ``lora_r1``, LoRA r = 1's mean test score (the
-  paper's comparison point; LoRA's need there is LoRA r = 1's parameter count by definition).
+  paper's comparison point).  Every curve, LoRA's included, is read off its envelope at every
+  level by the same rule, so LoRA needs r = 1's count at ``lora_r1`` unless its envelope pools
+  r = 1 with a larger rank that scored lower.
 * A paired bootstrap resamples seed indices *and* test items, the same draw for every point of
   every curve (:func:`paired_resample_means`), and gives 95 % percentile intervals.
 * The identical-curve null (:func:`null_band`): families on LoRA's own curve, with the measured
@@ -441,8 +443,7 @@ def null_band(lora_params: Sequence[float], family_params: Sequence[float], curv
     draws : int
     seed : int
     r1 : bool
-        Also the ``lora_r1`` level (appended last): the drawn test score of LoRA's smallest point,
-        at which LoRA needs that point's parameters.
+        Also the ``lora_r1`` level (appended last): the drawn test score of LoRA's smallest point.
 
     Returns
     -------
@@ -474,8 +475,6 @@ def null_band(lora_params: Sequence[float], family_params: Sequence[float], curv
         fe = selected_envelope(fp_all, val_d[d, n_l:], test_d[d, n_l:])
         lv = fixed if not r1 else np.r_[fixed, test_d[d, smallest]]
         ln, _ = needed(le[0], le[1], lv)
-        if r1:
-            ln[-1] = lp_all[smallest]
         fn, _ = needed(fe[0], fe[1], lv)
         gains[d] = ln / fn
     return [_band(gains[:, j], draws) for j in range(k)]
@@ -747,7 +746,6 @@ def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family:
             env = selected_envelope(t.params[ent.idx], vm[ent.idx], tm[ent.idx])
             envs.append(env)
             need[e], bound[e] = needed(env[0], env[1], lv)
-        need[0, -1], bound[0, -1] = t.params[r1], False  # LoRA at LoRA r = 1's score: r = 1's count
         return need, bound, envs
 
     need0, bound0, envs0 = needs(val_m, test_m)
