@@ -24,7 +24,7 @@ from torch import nn  # noqa: E402
 import tensoradapt.torch as tat  # noqa: E402
 from tensoradapt import GLoRAConfig, LayerChoice, SuperLoRAConfig, presets  # noqa: E402
 from tensoradapt.torch import AdapterFileError  # noqa: E402
-from tensoradapt.torch.peft_io import peft_factorization  # noqa: E402
+from tensoradapt.torch.peft.lokr import peft_factorization  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -722,7 +722,7 @@ def test_exact_rank_search_takes_logarithmically_many_evaluations(monkeypatch):
     rank), and it is the rank a scan from the truncation's rank finds."""
     from types import SimpleNamespace
 
-    from tensoradapt.torch import peft_io
+    from tensoradapt.torch.peft import svd
 
     torch.manual_seed(0)
     o, n = 96, 64
@@ -744,12 +744,12 @@ def test_exact_rank_search_takes_logarithmically_many_evaluations(monkeypatch):
     start = next(q for q in range(1, n + 1) if tails[q - 1] <= tolerance)
     expected = next(q for q in range(start, n + 1) if errors[q - 1] <= tolerance)
     assert expected - start >= 8, (start, expected)  # the case the search is for
-    monkeypatch.setattr(peft_io, "EXACT_TOLERANCE", tolerance)
+    monkeypatch.setattr(svd, "EXACT_TOLERANCE", tolerance)
     evaluations = []
     real_norm = torch.linalg.matrix_norm
     monkeypatch.setattr(torch.linalg, "matrix_norm", lambda *a, **k: evaluations.append(1) or real_norm(*a, **k))
-    *_, q, error = peft_io.truncated(SimpleNamespace(layer="linear", padding_idx=None), delta, "exact",
-                                      torch.float16)
+    *_, q, error = svd.truncated(SimpleNamespace(layer="linear", padding_idx=None), delta, "exact",
+                                  torch.float16)
     assert q == expected and error <= tolerance and error == pytest.approx(errors[q - 1], rel=1e-6)
     gap = expected - start  # a scan from the truncation's rank evaluates gap + 1 ranks
     assert len(evaluations) - 1 <= 1 + 2 * math.ceil(math.log2(gap + 1)) < gap + 1, len(evaluations)
@@ -768,7 +768,7 @@ def test_svd_export_runs_small_svds_on_one_thread_and_restores_the_count(tmp_pat
         result = tat.export_peft(adapter, tmp_path / "e", rank="exact")
         assert seen == [1, 1, 1] and torch.get_num_threads() == 2
         seen.clear()
-        monkeypatch.setattr("tensoradapt.torch.peft_io.ONE_THREAD_SVD_SIDE", 8)  # a target above it: as set
+        monkeypatch.setattr("tensoradapt.torch.peft.svd.ONE_THREAD_SVD_SIDE", 8)  # a target above it: as set
         again = tat.export_peft(adapter, tmp_path / "e2", rank="exact")
         assert seen == [2, 2, 2] and torch.get_num_threads() == 2
     finally:
@@ -840,7 +840,7 @@ def _fsdp_worker(rank: int, world: int, store: str, folder: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    import tensoradapt.torch.peft_io as peft_io
+    from tensoradapt.torch.peft import folder as peft_folder
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
@@ -852,8 +852,8 @@ def _fsdp_worker(rank: int, world: int, store: str, folder: str) -> None:
             fully_shard(block)
         fully_shard(model)
         writes = []
-        original = peft_io._write_folder
-        peft_io._write_folder = lambda *a, **k: (writes.append(a[0]), original(*a, **k))
+        original = peft_folder.write_folder
+        peft_folder.write_folder = lambda *a, **k: (writes.append(a[0]), original(*a, **k))
         results = {}
         for rank_arg in (2, "exact"):
             out = tat.export_peft(adapter, os.path.join(folder, f"out-{rank_arg}"), rank=rank_arg)
