@@ -134,6 +134,6 @@ def _layers_regenerate_delta(monkeypatch: pytest.MonkeyPatch) -> None:
     """Test models are small enough that an adapter would keep its model-wide ΔW from the forward for
     the backward (``SuperLoRAAdapter.keep_delta_bytes``); the suite runs the path every larger model
     takes instead (ΔW regenerated per layer).  Tests of the kept path raise the limit themselves."""
-    module = sys.modules.get("tensoradapt.torch.adapter")
+    module = sys.modules.get("tensoradapt.torch.superlora.adapter")
     if module is not None:
         monkeypatch.setattr(module, "KEEP_DELTA_BYTES", 0)

@@ -21,7 +21,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import tensoradapt.torch as tat  # noqa: E402
 from tensoradapt import GLoRAConfig, buffers  # noqa: E402
-from tensoradapt.torch._io import read_adapter  # noqa: E402
+from tensoradapt.torch.files.read import read_adapter  # noqa: E402
 
 from .data.make_v1_fixtures import Tiny, build, configs  # noqa: E402
 

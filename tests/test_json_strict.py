@@ -273,7 +273,8 @@ def test_count_on_a_1e5_deep_json_file_exits_2_with_one_line(tmp_path, capfd):
 
 def test_the_torch_readers_wrap_the_reason_with_their_subject(tmp_path):
     pytest.importorskip("torch")
-    from tensoradapt.torch._io import MAX_METADATA_DEPTH, AdapterFileError, parse_metadata
+    from tensoradapt.torch.files.layout import MAX_METADATA_DEPTH, AdapterFileError
+    from tensoradapt.torch.files.read import parse_metadata
     from tensoradapt.torch.hf import holds_adapter
 
     deep = "[" * (MAX_METADATA_DEPTH + 1) + "]" * (MAX_METADATA_DEPTH + 1)

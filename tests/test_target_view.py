@@ -18,7 +18,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import tensoradapt.torch as tat  # noqa: E402
-from tensoradapt.torch import _targets as torch_targets  # noqa: E402
+from tensoradapt.torch import modules as torch_modules  # noqa: E402
+from tensoradapt.torch import targets as torch_targets  # noqa: E402
 
 CONFIGS = {
     "dense": presets.dense(),
@@ -101,9 +102,12 @@ def test_gpt2_conv1d_shapes_are_out_by_in() -> None:
 
 def test_views_and_selection_come_from_the_core(monkeypatch) -> None:
     """The torch bindings use the core's rule (no copy): patching it changes what attach sees."""
-    assert issubclass(torch_targets.WeightView, _targets.TargetView)
+    assert issubclass(torch_modules.WeightView, _targets.TargetView)
     assert torch_targets.target_view is _targets.target_view and torch_targets.select_targets is _targets.select_targets
-    source = inspect.getsource(torch_targets)
+    assert torch_modules.target_view is _targets.target_view
+    # the torch-side view and matching (what bindings/torch/_targets.py held before issue 23)
+    source = inspect.getsource(torch_modules) + "".join(inspect.getsource(f) for f in (
+        torch_targets.match_targets, torch_targets.diffusers_targets, torch_targets.diffusers_default_targets))
     assert "math.prod" not in source and "fullmatch" not in source and "endswith" not in source
     calls = {"view": 0, "select": 0}
     view, select = _targets.target_view, _targets.select_targets
@@ -117,6 +121,7 @@ def test_views_and_selection_come_from_the_core(monkeypatch) -> None:
         return select(*args, **kwargs)
 
     monkeypatch.setattr(torch_targets, "target_view", counting_view)
+    monkeypatch.setattr(torch_modules, "target_view", counting_view)
     monkeypatch.setattr(torch_targets, "select_targets", counting_select)
     monkeypatch.setattr(_targets, "target_view", counting_view)
     monkeypatch.setattr(_targets, "select_targets", counting_select)
@@ -144,7 +149,7 @@ def test_core_view_is_duck_typed() -> None:
     with pytest.raises(TypeError, match="no `weight` tensor"):
         _targets.target_view("r", nn.ReLU())
     with pytest.raises(TypeError, match="no `weight` tensor"):
-        torch_targets.weight_view("x", type("M", (), {"weight": torch.zeros(2, 2).numpy()})())
+        torch_modules.weight_view("x", type("M", (), {"weight": torch.zeros(2, 2).numpy()})())
     with pytest.raises(ValueError, match="not a valid regular expression"):
         _targets.target_matcher("(")
     with pytest.raises(TypeError, match="non-empty list"):

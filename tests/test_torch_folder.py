@@ -15,7 +15,7 @@ from torch import nn  # noqa: E402
 import tensoradapt.torch as tat  # noqa: E402
 from tensoradapt import GLoRAConfig, presets  # noqa: E402
 from tensoradapt.glora import LayerChoice  # noqa: E402
-from tensoradapt.torch import _io  # noqa: E402
+from tensoradapt.torch.files import read as files_read  # noqa: E402
 
 
 class Net(nn.Module):
@@ -152,7 +152,7 @@ def test_hostile_or_foreign_adapter_config(folder, text, match) -> None:
 def test_adapter_config_that_is_not_a_file_or_too_big(folder, monkeypatch) -> None:
     path, _ = folder
     config = path / "adapter_config.json"
-    monkeypatch.setattr(_io, "MAX_CONFIG_BYTES", 64)
+    monkeypatch.setattr(files_read, "MAX_CONFIG_BYTES", 64)
     with pytest.raises(tat.AdapterFileError, match=r"adapter_config.json' is corrupted: .* bytes, over the limit"):
         tat.load(_net(), path)
     monkeypatch.undo()
@@ -176,7 +176,7 @@ def test_base_model_is_recorded_and_checked(tmp_path) -> None:
     assert _config(tmp_path)["base_model"] == metadata["base_model"]
     card = (tmp_path / "README.md").read_text()
     assert 'base_model: "org/base-model"' in card.split("\n---", 1)[0] and "0123abcd" in card
-    tensors, meta = _io.read_adapter(tmp_path)
+    tensors, meta = files_read.read_adapter(tmp_path)
     meta["base_model"] = {"name_or_path": 3}
     (tmp_path / "adapter_config.json").unlink()
     (tmp_path / "adapter_model.safetensors").write_bytes(
@@ -302,7 +302,7 @@ def test_save_pretrained_from_a_state_dict(tmp_path) -> None:
     assert set(keys.values()) <= set(state)
     changed = {k: (v + 1 if k.startswith("tensoradapt.") else v) for k, v in state.items()}
     adapter.save_pretrained(tmp_path, state_dict=changed)
-    tensors, _ = _io.read_adapter(tmp_path)
+    tensors, _ = files_read.read_adapter(tmp_path)
     for name, key in keys.items():
         assert torch.equal(tensors[name], changed[key]), name
     with pytest.raises(ValueError, match=r"state_dict lacks the tensors of adapter 'default'"):

@@ -268,7 +268,7 @@ def test_fsdp2_deltas_and_disabled_match_one_process(fsdp_run, case: str) -> Non
 
 def test_refusals_need_fsdp() -> None:
     """Without FSDP2 the same calls work (the refusal is not a blanket one)."""
-    from tensoradapt.torch._shared import fsdp_sharded, gather_full
+    from tensoradapt.torch.distributed import fsdp_sharded, gather_full
 
     model, adapter = _setup("lorta_shared")
     assert not fsdp_sharded(model)

@@ -15,7 +15,7 @@ from torch import nn  # noqa: E402
 
 import tensoradapt.torch as tat  # noqa: E402
 from tensoradapt import presets  # noqa: E402
-from tensoradapt.torch._io import read_adapter  # noqa: E402
+from tensoradapt.torch.files.read import read_adapter  # noqa: E402
 
 
 def _model(width: int = 8) -> nn.Module:

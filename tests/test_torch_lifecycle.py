@@ -311,7 +311,7 @@ def _saved(tmp_path, name: str):
 
 
 def _rewrite(path, text: str | None = None, update=None, tensors=None) -> None:
-    from tensoradapt.torch._io import read_adapter
+    from tensoradapt.torch.files.read import read_adapter
 
     loaded, meta = read_adapter(path)
     for key, value in (update or {}).items():
@@ -384,7 +384,7 @@ def test_failed_loads_raise_adapter_file_error_and_leave_the_model_unchanged(nam
         assert type(model.query) is nn.Linear and all(p.requires_grad for p in model.parameters()), label
     # a tensor that disagrees with the config's plan
     good.write_bytes(original)
-    from tensoradapt.torch._io import read_adapter
+    from tensoradapt.torch.files.read import read_adapter
 
     tensors, meta = read_adapter(good)
     key = next(k for k in tensors if not k.startswith("modules_to_save."))

@@ -13,7 +13,7 @@ from torch import nn  # noqa: E402
 
 import tensoradapt.torch as tat  # noqa: E402
 from tensoradapt import presets  # noqa: E402
-from tensoradapt.torch import adapter as adapter_module  # noqa: E402
+from tensoradapt.torch.superlora import adapter as adapter_module  # noqa: E402
 from tensoradapt.torch.memory import lora_step_memory  # noqa: E402
 
 CONFIGS = {

@@ -26,42 +26,13 @@ from typing import Any
 
 from tensoradapt.cli import OneLineParser, one_line
 
+from .progress import progress_bar
+
 __all__ = ["export_peft_main", "progress_bar"]
 
 _PROG = "tensoradapt export-peft"
 #: Largest rank accepted on the command line (the library's cap, SuperLoRAConfig MAX_RANK).
 MAX_RANK = 2**24
-
-
-def progress_bar(total: int, label: str, enabled: bool, *, unit: str = "step", leave: bool = False) -> Any:
-    """A tqdm bar on stderr when stderr is a terminal, else ``None`` (also when not ``enabled`` or
-    without tqdm): the one progress bar of ``tensoradapt export-peft``, ``demo`` and ``study``.
-
-    Parameters
-    ----------
-    total : int
-        How many updates make the bar full.
-    label : str
-        Shown before the bar.
-    enabled : bool
-        ``False``: no bar (``None``).
-    unit : str
-        What one update counts.
-    leave : bool
-        Keep the finished bar on the terminal.
-
-    Returns
-    -------
-    tqdm or None
-        Call ``update(1)`` per step and ``close()`` at the end.
-    """
-    if not enabled or not sys.stderr.isatty():  # nothing in logs, pipes or captured output
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is optional
-        return None
-    return tqdm(total=total, desc=label, leave=leave, unit=unit, file=sys.stderr)
 
 
 def _rank(text: str) -> int | str:
@@ -112,7 +83,8 @@ def export_peft_main(argv: list[str] | None = None) -> int:
         return _error(f"no adapter file or folder at {str(source)!r}")
     if out.exists() and not out.is_dir():
         return _error(f"OUT {str(out)!r} exists and is not a folder")
-    from . import AdapterFileError, export_peft
+    from .files.layout import AdapterFileError
+    from .peft_io import export_peft
 
     try:
         result: Any = export_peft(source, out, rank=args.rank, base_model_name_or_path=args.base_model)

@@ -3,7 +3,8 @@ device, no copies) and the backward calls the core's analytic VJP.
 
 Each Function saves only its inputs; intermediates are recomputed in backward.  Use these to
 compose your own adapters; :func:`superlora_delta` runs a whole :class:`tensoradapt.SuperLoRA`
-generator as one Function.
+generator as one Function; :func:`glora_weight_bias` is GLoRA's ``(W', b')`` with the core's VJP as
+its backward.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import functools
 import itertools
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from tensoradapt import ops
+from tensoradapt.glora import algebra as glora_algebra
+from tensoradapt.glora.config import LayerChoice
 from tensoradapt.superlora import SuperLoRA
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "cut",
     "fastfood",
     "fwht",
+    "glora_weight_bias",
     "kron",
     "pad",
     "shuffle",
@@ -403,3 +407,55 @@ def superlora_delta(plan: SuperLoRA, params: dict[str, torch.Tensor]) -> list[to
         raise TypeError(f"plan must be a tensoradapt.SuperLoRA, got {type(plan).__name__}")
     names = tuple(sorted(params))
     return list(_SuperLoRADelta.apply(plan, names, *(params[n] for n in names)))
+
+
+# ---------------------------------------------------------------------------------- GLoRA
+#: GLoRA's stored tensors, in the order the Function takes them.
+GLORA_TENSOR_NAMES = ("A_d", "A_u", "B_d", "B_u", "C_d", "C_u", "D", "E")
+
+
+class _GLoRAWeightBias(torch.autograd.Function):
+    """``(W', b') = tensoradapt.glora.weight_bias(W0, b0, params, choice)``; backward = the core VJP."""
+
+    @staticmethod
+    def forward(ctx: Any, choice: LayerChoice, W0: torch.Tensor, b0: torch.Tensor | None,
+                *params: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        named = {k: p for k, p in zip(GLORA_TENSOR_NAMES, params, strict=True) if p is not None}
+        W, b = glora_algebra.weight_bias(W0, b0, named, choice)
+        ctx.choice = choice
+        ctx.save_for_backward(W0, b0, *params)
+        return W, b
+
+    @staticmethod
+    def backward(ctx: Any, W_bar: torch.Tensor, b_bar: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        W0, b0, *params = ctx.saved_tensors
+        named = {k: p for k, p in zip(GLORA_TENSOR_NAMES, params, strict=True) if p is not None}
+        wants_base = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        grads = glora_algebra.vjp(W0, b0, named, ctx.choice, W_bar.contiguous(), b_bar, include_base=wants_base)
+        return (None, grads.get("W0"), grads.get("b0"),
+                *(grads[k] if p is not None else None for k, p in zip(GLORA_TENSOR_NAMES, params, strict=True)))
+
+
+def glora_weight_bias(W0: torch.Tensor, b0: torch.Tensor | None, params: Mapping[str, torch.Tensor],
+                choice: LayerChoice | Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Differentiable :func:`tensoradapt.glora.weight_bias` on torch tensors.
+
+    Parameters
+    ----------
+    W0 : Tensor, shape (o, n)
+    b0 : Tensor of shape (o,), or None
+    params : mapping of str to Tensor
+        ``A_d (o, r)``, ``A_u (r, n)``, ``B_d (o, r)``, ``B_u (r, n)``, ``C_d (n, r)``,
+        ``C_u (r, 1)``, ``D (o,)`` (with a bias), ``E (o,)``.
+    choice : LayerChoice
+
+    Returns
+    -------
+    W' : Tensor, shape (o, n)
+    b' : Tensor of shape (o,), or None
+
+    The backward pass calls :func:`tensoradapt.glora.vjp` (gradients reach ``W0``/``b0``
+    too when they require grad).
+    """
+    choice = LayerChoice.from_dict(choice)
+    return _GLoRAWeightBias.apply(choice, W0, b0, *(params.get(k) for k in GLORA_TENSOR_NAMES))

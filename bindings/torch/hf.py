@@ -24,98 +24,13 @@ from torch import nn
 
 import tensoradapt._safetensors as header
 
-from ._io import CONFIG_FILE, LIBRARY, AdapterFileError, adapter_subfolders, check_file, parse_metadata
-from ._shared import ADAPTER_FILE, container_of, fsdp_sharded
-from .glora import GLoRAAdapter
+from .container import container_of, install_save_hook, is_transformers_model, remove_save_hook, save_pretrained
+from .files.layout import ADAPTER_FILE, CONFIG_FILE, LIBRARY, AdapterFileError, adapter_subfolders
+from .files.read import parse_metadata
+from .methods import check_file, of_adapter
 
-__all__ = ["is_transformers_model", "load_checkpoint", "save_pretrained", "use_adapter_checkpoints"]
-
-#: ``transformers.PreTrainedModel.save_pretrained`` keywords accepted (and what they may be) by the hook.
-_ACCEPTED = {"max_shard_size", "token", "save_peft_format", "save_original_format", "variant",
-             "distributed_checkpoint", "commit_message", "repo_id", "create_pr", "private"}
-
-
-def is_transformers_model(model: Any) -> bool:
-    """Whether ``model`` is a transformers ``PreTrainedModel`` (by its class hierarchy; transformers
-    is not imported)."""
-    return any(cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers.")
-               for cls in type(model).__mro__)
-
-
-class _SavePretrained:
-    """The ``save_pretrained`` instance attribute of an adapted transformers model (a plain object
-    holding the model, so ``copy.deepcopy`` and pickling carry it over to the copy)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __call__(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> None:
-        return save_pretrained(self.model, save_directory, *args, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"<tensoradapt save_pretrained of {type(self.model).__name__}: writes the adapter folder only>"
-
-
-def install_save_hook(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` write the adapter folder (transformers models only; an
-    instance attribute the user set is left alone)."""
-    if is_transformers_model(model) and "save_pretrained" not in model.__dict__:
-        object.__setattr__(model, "save_pretrained", _SavePretrained(model))
-
-
-def remove_save_hook(model: nn.Module) -> None:
-    """Remove what :func:`install_save_hook` installed: ``model.save_pretrained`` is the class's again."""
-    if isinstance(model.__dict__.get("save_pretrained"), _SavePretrained):
-        del model.__dict__["save_pretrained"]
-
-
-def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str], is_main_process: bool = True,
-                    state_dict: Any = None, push_to_hub: bool = False, safe_serialization: bool | None = None,
-                    **kwargs: Any) -> None:
-    """``model.save_pretrained(...)`` of a model with adapters: every attached adapter's folder
-    (``adapter.save_pretrained``), the adapter ``"default"`` in ``save_directory`` and any other in
-    ``save_directory/<name>/``; nothing of the base model.
-
-    Takes ``transformers.PreTrainedModel.save_pretrained``'s arguments as ``Trainer`` passes them:
-    ``is_main_process=False`` writes nothing (on a model sharded by FSDP2 without ``state_dict``
-    every rank still joins the gathering save, and the rank at mesh coordinate 0 writes);
-    ``state_dict`` (a full ``model.state_dict()``, e.g. gathered under DeepSpeed / FSDP) supplies
-    the adapter's tensors; ``safe_serialization`` must not be False (safetensors only).
-    ``push_to_hub``, a ``variant`` and ``distributed_checkpoint`` are refused (``ValueError``);
-    sharding options do not apply and are ignored.  Without an adapter attached, the class's own
-    ``save_pretrained`` runs.
-    """
-    unknown = sorted(set(kwargs) - _ACCEPTED)
-    if unknown:
-        raise TypeError(f"save_pretrained() got unexpected keyword arguments {unknown}")
-    container = container_of(model)
-    if container is None:  # the hook outlived its adapters (it should not): behave like the class
-        return type(model).save_pretrained(model, save_directory, is_main_process=is_main_process,
-                                           state_dict=state_dict, push_to_hub=push_to_hub, **kwargs)
-    if push_to_hub:
-        raise ValueError("push_to_hub is not supported for an adapted model: save the folder, then upload it "
-                         "(huggingface_hub.upload_folder)")
-    if safe_serialization is False:
-        raise ValueError("safe_serialization=False asks for pickle files; tensoradapt writes safetensors only")
-    if kwargs.get("variant") is not None:
-        raise ValueError(f"variant={kwargs['variant']!r}: adapter folders have no variants")
-    if kwargs.get("distributed_checkpoint"):
-        raise ValueError("distributed_checkpoint=True is not supported for an adapted model (the adapter's "
-                         "tensors are small: save them whole)")
-    if not isinstance(is_main_process, bool):
-        raise TypeError(f"is_main_process must be True or False, got {is_main_process!r:.40}")
-    sharded = state_dict is None and fsdp_sharded(model)
-    if not is_main_process and not sharded:
-        return None
-    folder = Path(save_directory)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"save_pretrained writes a folder, and {str(folder)!r} is a file")
-    # Under FSDP2 without a gathered state_dict every rank joins the adapters' save (a collective that
-    # gathers the full tensors; the rank at mesh coordinate 0 writes), is_main_process or not.
-    for adapter in container.adapters():
-        name = adapter.adapter_name
-        adapter.save_pretrained(folder if name == "default" else folder / name, state_dict=state_dict)
-    return None
+__all__ = ["holds_adapter", "install_save_hook", "is_transformers_model", "load_checkpoint", "remove_save_hook",
+           "save_pretrained", "use_adapter_checkpoints"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -184,17 +99,18 @@ def load_checkpoint(model: nn.Module, folder: str | os.PathLike[str]) -> tuple[s
         if differ:
             raise AdapterFileError(f"{str(file)!r} does not fit the attached adapter {name!r}: they differ in "
                                    f"{differ} (attach the adapter the checkpoint was trained with)")
-        plans.append((adapter, tensors, metadata.get("configs") if isinstance(adapter, GLoRAAdapter) else None))
-    previous = [(adapter, adapter.configs) for adapter, _, _ in plans if isinstance(adapter, GLoRAAdapter)]
-    try:  # GLoRA's per-layer configs first: validated by set_configs, undone if one is refused
-        for adapter, _, configs in plans:
-            if isinstance(adapter, GLoRAAdapter):
-                adapter.set_configs(configs)
+        method = of_adapter(adapter)
+        plans.append((adapter, tensors, None if method.file_state is None else method.file_state(metadata)))
+    stateful = [(adapter, of_adapter(adapter), state) for adapter, _, state in plans
+                if of_adapter(adapter).restore_state is not None]
+    previous = [(adapter, method, method.state(adapter)) for adapter, method, _ in stateful]
+    try:  # a method's extra state first (GLoRA's per-layer configs): validated, undone if one is refused
+        for adapter, method, state in stateful:
+            method.restore_state(adapter, state)
     except (TypeError, ValueError, KeyError) as error:
-        for adapter, configs in previous:
-            adapter.set_configs(configs)
-        raise AdapterFileError(f"{str(folder)!r}: the per-layer configs of a GLoRA adapter are invalid "
-                               f"({error})") from None
+        for adapter, method_, state in previous:
+            method_.restore_state(adapter, state)
+        raise AdapterFileError(f"{str(folder)!r}: the {method.state_label} are invalid ({error})") from None
     for adapter, tensors, _ in plans:
         adapter.copy_tensors(tensors)
     return names

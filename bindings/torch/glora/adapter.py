@@ -1,6 +1,6 @@
-r"""GLoRA on a live PyTorch model: supernet training, evolutionary search, structural merge.
+"""GLoRA on a live PyTorch model: supernet training, evolutionary search, structural merge.
 
-``attach_glora(model, GLoRAConfig(...), targets)`` (also reached through
+``attach_glora(model, GLoRAConfig(...), targets)`` (:mod:`.method`; also reached through
 :func:`tensoradapt.torch.attach`) wraps each targeted ``nn.Linear`` or transformers ``Conv1D`` in a
 :class:`GLoRALayer` and registers a :class:`GLoRAAdapter` on the model as ``model.tensoradapt``;
 the adapter owns every trainable tensor.  Each wrapped layer computes (docs/math.md §7.1)::
@@ -11,7 +11,7 @@ with the support tensors chosen per layer by a :class:`tensoradapt.glora.LayerCh
 
 * ``model.train()`` and no fixed configs: every call of every adapted layer draws a choice
   uniformly from its search space (the supernet; seeded, reproducible);
-* fixed configs (:meth:`GLoRAAdapter.set_configs`, or :func:`search`): those, in any mode;
+* fixed configs (:meth:`GLoRAAdapter.set_configs`, or :func:`.search.search`): those, in any mode;
 * ``model.eval()`` and no fixed configs: the **largest** choice of each layer's space (the full
   supernet: A, B, C LoRA at the largest rank, D, E vector), deterministic.
 
@@ -25,10 +25,9 @@ re-parameterisation: every wrapper is replaced by a fresh module of the original
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,85 +39,26 @@ from tensoradapt import buffers
 from tensoradapt._version import __version__
 from tensoradapt.glora import algebra
 from tensoradapt.glora.config import TENSORS, GLoRAConfig, LayerChoice, check_bias, largest_choice, search_space
-from tensoradapt.glora.search import SearchRecord, SearchResult, evolve
 
-from ._io import FORMAT, FORMAT_VERSION, AdapterFileError, check_model_targets
-from ._shared import (
-    BaseAdapter,
+from ..api import load
+from ..files.layout import FORMAT, FORMAT_VERSION, AdapterFileError
+from ..functional import glora_weight_bias
+from ..lifecycle import BaseAdapter
+from ..modules import (
     ReadsThrough,
+    WeightView,
     accept_base_keys,
-    check_targets,
     forward_kind,
     graph_task_id,
     report_base_keys,
+    weight_view,
 )
-from ._targets import TargetSpec, WeightView, match_targets, weight_view
 
-__all__ = [
-    "GLoRAAdapter",
-    "GLoRALayer",
-    "SearchRecord",
-    "SearchResult",
-    "attach_glora",
-    "load_glora",
-    "search",
-    "weight_bias",
-]
+__all__ = ["GLoRAAdapter", "GLoRALayer"]
 
-_NAMES = ("A_d", "A_u", "B_d", "B_u", "C_d", "C_u", "D", "E")
 _SAMPLE_STREAM = 0x676C6F7261  # "glora": the SeedSequence entropy word of the supernet sampler (the core
-# search draws from the stream (seed, "glora", 1), see tensoradapt.glora.search)
 
 
-# ---------------------------------------------------------------------------------- autograd
-class _GLoRAWeightBias(torch.autograd.Function):
-    """``(W', b') = tensoradapt.glora.weight_bias(W0, b0, params, choice)``; backward = the core VJP."""
-
-    @staticmethod
-    def forward(ctx: Any, choice: LayerChoice, W0: torch.Tensor, b0: torch.Tensor | None,
-                *params: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        named = {k: p for k, p in zip(_NAMES, params, strict=True) if p is not None}
-        W, b = algebra.weight_bias(W0, b0, named, choice)
-        ctx.choice = choice
-        ctx.save_for_backward(W0, b0, *params)
-        return W, b
-
-    @staticmethod
-    def backward(ctx: Any, W_bar: torch.Tensor, b_bar: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        W0, b0, *params = ctx.saved_tensors
-        named = {k: p for k, p in zip(_NAMES, params, strict=True) if p is not None}
-        wants_base = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        grads = algebra.vjp(W0, b0, named, ctx.choice, W_bar.contiguous(), b_bar, include_base=wants_base)
-        return (None, grads.get("W0"), grads.get("b0"),
-                *(grads[k] if p is not None else None for k, p in zip(_NAMES, params, strict=True)))
-
-
-def weight_bias(W0: torch.Tensor, b0: torch.Tensor | None, params: Mapping[str, torch.Tensor],
-                choice: LayerChoice | Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Differentiable :func:`tensoradapt.glora.weight_bias` on torch tensors.
-
-    Parameters
-    ----------
-    W0 : Tensor, shape (o, n)
-    b0 : Tensor of shape (o,), or None
-    params : mapping of str to Tensor
-        ``A_d (o, r)``, ``A_u (r, n)``, ``B_d (o, r)``, ``B_u (r, n)``, ``C_d (n, r)``,
-        ``C_u (r, 1)``, ``D (o,)`` (with a bias), ``E (o,)``.
-    choice : LayerChoice
-
-    Returns
-    -------
-    W' : Tensor, shape (o, n)
-    b' : Tensor of shape (o,), or None
-
-    The backward pass calls :func:`tensoradapt.glora.vjp` (gradients reach ``W0``/``b0``
-    too when they require grad).
-    """
-    choice = LayerChoice.from_dict(choice)
-    return _GLoRAWeightBias.apply(choice, W0, b0, *(params.get(k) for k in _NAMES))
-
-
-# ---------------------------------------------------------------------------------- layers
 class GLoRALayer(ReadsThrough, nn.Module):
     """A targeted ``nn.Linear`` or ``Conv1D`` with GLoRA: ``y = x W'ᵀ + b'``.
 
@@ -182,7 +122,7 @@ class GLoRALayer(ReadsThrough, nn.Module):
         params = owner._layer_params(self.index)
         dtype = params["A_d"].dtype
         W0, b0 = self.base_weight_bias()
-        return weight_bias(W0.to(dtype), None if b0 is None else b0.to(dtype), params, choice)
+        return glora_weight_bias(W0.to(dtype), None if b0 is None else b0.to(dtype), params, choice)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         owner: GLoRAAdapter = self._owner
@@ -477,8 +417,6 @@ class GLoRAAdapter(BaseAdapter):
     @classmethod
     def load(cls, model: nn.Module, path: str | os.PathLike[str], *, freeze_base: bool = True) -> GLoRAAdapter:
         """Attach the GLoRA adapter saved at ``path`` to ``model`` (same as :func:`tensoradapt.torch.load`)."""
-        from . import load
-
         adapter = load(model, path, freeze_base=freeze_base)
         if not isinstance(adapter, GLoRAAdapter):
             adapter.detach()
@@ -504,185 +442,3 @@ def _rebuilt(base: nn.Module, view: WeightView, W: torch.Tensor, b: torch.Tensor
     if new_bias is not None and bias is None:
         module.bias = new_bias  # a bias-free layer gains the bias that C and E make
     return module
-
-
-def attach_glora(model: nn.Module, config: GLoRAConfig, targets: TargetSpec, *, freeze_base: bool = True,
-                 dtype: torch.dtype | None = None, modules_to_save: Any = (), name: str = "default") -> GLoRAAdapter:
-    """Attach a GLoRA supernet to ``model``.
-
-    Parameters
-    ----------
-    model : nn.Module
-    config : GLoRAConfig
-    targets : list of str, str or callable
-        Module-name suffixes, a regular expression on the whole name, or ``callable(name, module)``
-        (see :func:`tensoradapt.torch.match_targets`); every match must be an ``nn.Linear`` or a
-        transformers ``Conv1D`` (``TypeError`` otherwise).
-    freeze_base : bool
-        ``requires_grad=False`` on every base parameter (restored by ``detach()``).
-    dtype : torch.dtype, optional
-        Dtype of the trainable tensors (default float32; float64 for a float64 model).  ``W'`` and
-        ``b'`` are computed in it and cast to the input's dtype.
-    modules_to_save : list of str, optional
-        Modules trained in full (copies), saved in the adapter file.
-
-    Returns
-    -------
-    GLoRAAdapter
-        Registered on the model as ``model.tensoradapt``.
-    """
-    if not isinstance(config, GLoRAConfig):
-        raise TypeError(f"config must be a GLoRAConfig, got {type(config).__name__}")
-    found = check_targets(model, match_targets(model, targets) if not isinstance(targets, list)
-                          or not targets or not isinstance(targets[0], tuple) else targets)
-    adapter = GLoRAAdapter(model, config, found, freeze_base=freeze_base, dtype=dtype)
-    adapter.install(modules_to_save, name=name)
-    return adapter
-
-
-def load_glora(model: nn.Module, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], *,
-               path: str = "the adapter file", freeze_base: bool = True) -> GLoRAAdapter:
-    """Build a saved GLoRA adapter for ``model`` from a checked file (``_io.check_file``): same
-    targets (checked by name, kind, ``(o, n)`` and bias), the stored tensors checked against the
-    shapes the config makes *before* anything is allocated, the saved per-layer configs checked.
-    The adapter is returned uninstalled (the caller installs it).
-
-    Raises
-    ------
-    AdapterFileError
-        Anything in the file does not fit the model; the model is not touched.
-    """
-    config = metadata["config"]
-    records = metadata["targets"]
-    found = check_model_targets(model, dict(metadata), path)
-    problems = []
-    for (name, module), record in zip(found, records, strict=True):
-        try:
-            forward_kind(name, module)
-            view = weight_view(name, module)
-        except TypeError as error:
-            raise AdapterFileError(f"{path}: {error}") from None
-        if view.kind not in ("linear", "conv1d"):
-            problems.append(f"{name}: a {type(module).__name__}, which GLoRA does not adapt")
-        elif (view.kind, view.shape) != (record["kind"], tuple(record["shape"])):
-            problems.append(f"{name}: file {record['kind']} {tuple(record['shape'])} vs model {view.kind} {view.shape}")
-        elif (getattr(module, "bias", None) is not None) != record["has_bias"]:
-            problems.append(f"{name}: file has_bias={record['has_bias']} vs model has_bias={not record['has_bias']}")
-    if problems:
-        raise AdapterFileError(f"{path} does not fit this model: " + "; ".join(problems[:5]))
-    expected = {}
-    for record in records:
-        o, n = record["shape"]
-        for k, shape in algebra.parameter_shapes(o, n, config.rank, has_bias=record["has_bias"]).items():
-            expected[f"{record['name']}.{k}"] = tuple(shape)
-    stored = {k: tuple(v.shape) for k, v in tensors.items() if k in metadata["parameters"]}
-    if stored != expected:
-        raise AdapterFileError(f"{path}: the stored tensors do not match the GLoRA layers its config makes "
-                               f"(rank {config.rank})")
-    saved = metadata.get("configs")
-    choices = None
-    if saved is not None:
-        if not isinstance(saved, list) or len(saved) != len(records):
-            raise AdapterFileError(f"{path}: configs must be null or one per target, got {saved!r:.80}")
-        choices = []
-        for record, data in zip(records, saved, strict=True):
-            try:
-                if not isinstance(data, dict):
-                    raise TypeError(f"a layer choice must be an object, got {data!r:.40}")
-                choice = LayerChoice.from_dict(data)
-                check_bias(choice, record["has_bias"])
-                if choice.rank is not None and (type(choice.rank) is not int or not 0 < choice.rank <= config.rank):
-                    raise ValueError(f"rank {choice.rank!r:.40} is not in 1..{config.rank}")
-                choices.append(choice.resolve(config.rank))
-            except (TypeError, ValueError, KeyError) as error:
-                raise AdapterFileError(f"{path}: the saved config of layer {record['name']!r} is invalid "
-                                       f"({error})") from None
-    dtype = getattr(torch, metadata["param_dtype"])
-    adapter = GLoRAAdapter(model, config, found, freeze_base=freeze_base, dtype=dtype)
-    with torch.no_grad():
-        for name, layer in zip(adapter.target_names, adapter.layers, strict=True):
-            for k, p in layer.items():
-                p.copy_(tensors[f"{name}.{k}"])
-    adapter.pending_configs = None if choices is None else tuple(choices)
-    return adapter
-
-
-# ---------------------------------------------------------------------------------- search
-def search(adapter: GLoRAAdapter, evaluate: Callable[[], float], max_params: int, *, min_params: int = 0,
-           population: int = 50, top_k: int = 10, mutation_prob: float = 0.2, iterations: int = 20,
-           mutations: int | None = None, crossovers: int | None = None, seed: int = 0,
-           progress: bool = True) -> SearchResult:
-    """Evolutionary search of per-layer GLoRA configurations of ``adapter`` under a parameter budget.
-
-    The search itself is the core's :func:`tensoradapt.glora.evolve` (docs/math.md §7.3: the algorithm,
-    the official settings, the seeding) over :meth:`GLoRAAdapter.search_spaces` with the docs/math.md §7.2
-    counts; this wrapper fixes every new individual on the adapter
-    (:meth:`GLoRAAdapter.set_configs`) before calling ``evaluate()``.  An individual is *feasible*
-    when ``min_params <= adapter.active_params(individual) <= max_params``; infeasible individuals
-    are never evaluated, and no individual is evaluated twice.
-
-    Parameters
-    ----------
-    adapter : GLoRAAdapter
-        A trained supernet (not merged).
-    evaluate : callable () -> float
-        The user's validation: runs the model (in eval mode, usually under ``torch.no_grad()``)
-        with the currently fixed configs and returns a score, **higher is better** (return
-        ``-loss`` for a loss).  NaN counts as the worst score.
-    max_params, min_params : int
-        The budget on active parameters.
-    population, top_k, mutation_prob, iterations
-        Official settings: 50, 10, 0.2, 20 (5 for language models).
-    mutations, crossovers : int, optional
-        Children per generation; default ``population // 2`` each (25 and 25).
-    seed : int
-        Seeds every random draw of the search: the same seed, adapter and (deterministic)
-        ``evaluate`` give the same result.
-    progress : bool
-        Show a tqdm progress bar (a stderr line per generation without tqdm).
-
-    Returns
-    -------
-    SearchResult
-        The best configs (left fixed on the adapter, ranks resolved), score, parameter count and
-        history, with the adapter's ``target_names``.  If ``evaluate`` raises, the adapter's
-        previous configs are restored and the error propagates.
-
-    Raises
-    ------
-    TypeError
-        ``adapter`` is not a :class:`GLoRAAdapter`, ``evaluate`` is not callable, or a count or
-        setting is not an integer.
-    ValueError
-        A setting out of range, or a budget no configuration meets.
-    RuntimeError
-        The adapter is detached or merged.
-    """
-    if not isinstance(adapter, GLoRAAdapter):
-        raise TypeError(f"adapter must be a GLoRAAdapter, got {type(adapter).__name__}")
-    if not callable(evaluate):
-        raise TypeError(f"evaluate must be a callable returning a score, got {type(evaluate).__name__}")
-    if not adapter.attached:
-        raise RuntimeError("this GLoRAAdapter was detached from its model")
-    if adapter.merged:
-        raise RuntimeError("the adapter is merged; call unmerge() before searching")
-    rank = adapter.config.rank
-    spaces = adapter.search_spaces()
-    counts = [[algebra.count_params(o, n, c, has_bias=bias, r=rank) for c in space]
-              for space, (o, n), bias in zip(spaces, adapter.shapes, adapter.has_bias, strict=True)]
-
-    def score(configs: tuple[LayerChoice, ...]) -> float:
-        adapter.set_configs(configs)
-        return evaluate()
-
-    previous = adapter.configs
-    try:
-        result = evolve(spaces, counts, score, max_params, min_params=min_params, population=population,
-                        top_k=top_k, mutation_prob=mutation_prob, iterations=iterations, mutations=mutations,
-                        crossovers=crossovers, seed=seed, progress=progress, target_names=adapter.target_names)
-    except BaseException:
-        adapter.set_configs(previous)  # leave the adapter as it was when evaluate() fails
-        raise
-    configs = tuple(c.resolve(rank) for c in result.configs)
-    adapter.set_configs(configs)
-    return dataclasses.replace(result, configs=configs)
