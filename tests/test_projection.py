@@ -184,3 +184,45 @@ def test_fastfood_errors() -> None:
         ops.Fastfood(2, 5, 0).apply(np.ones(2, dtype=np.int64))
     with pytest.raises(ValueError, match="seed must be >= 0"):
         ops.Fastfood(2, 5, -1)
+
+
+@pytest.mark.parametrize("generator", buffers.GENERATORS)
+def test_fastfood_is_one_constructor_over_two_implementations(generator: str) -> None:
+    """``Fastfood(...)`` returns the implementation of its generator id (generator 1: stored
+    host buffers, generator 2: counter maps); a copy or pickle keeps its class and its bits."""
+    import pickle
+
+    from tensoradapt.ops.projection import CounterFastfood, StoredFastfood
+
+    expected = StoredFastfood if generator == buffers.GENERATOR_V1 else CounterFastfood
+    f = ops.Fastfood(7, 100, seed=4, group=1, order="paper", generator=generator)
+    assert type(f) is expected and isinstance(f, ops.Fastfood) and f.generator == generator
+    assert ops.Fastfood.implementation(generator) is expected
+    assert f.state_bytes == ops.Fastfood.state_bytes_for(7, 100, generator)
+    z = np.random.default_rng(0).standard_normal((2, 7))
+    y = np.random.default_rng(1).standard_normal((2, 100))
+    direct = expected(7, 100, seed=4, group=1, order="paper", generator=generator)
+    for other in (direct, pickle.loads(pickle.dumps(f))):
+        assert type(other) is expected and repr(other) == repr(f)
+        np.testing.assert_array_equal(other.apply(z), f.apply(z))
+        np.testing.assert_array_equal(other.adjoint(y), f.adjoint(y))
+    wrong = next(g for g in buffers.GENERATORS if g != generator)
+    with pytest.raises(ValueError, match=f"{expected.__name__} implements generator"):
+        expected(7, 100, seed=4, generator=wrong)
+    assert type(ops.Fastfood.from_buffers(3, 5, SPEC_B, SPEC_PI, SPEC_G)) is StoredFastfood
+
+
+def test_a_fastfood_unpickled_under_the_public_class_takes_its_generators_class() -> None:
+    """Pickles made when Fastfood was one class name ``Fastfood``: restoring one picks the
+    implementation its recorded generator id names."""
+    for generator in buffers.GENERATORS:
+        f = ops.Fastfood(5, 12, seed=2, generator=generator)
+        state = f.__reduce_ex__(2)[2]
+        restored = ops.Fastfood.__new__(ops.Fastfood)
+        restored.__setstate__(state)
+        assert type(restored) is type(f)
+        np.testing.assert_array_equal(restored.apply(np.ones(5)), f.apply(np.ones(5)))
+    with pytest.raises(TypeError, match="generator must be a generator id string"):
+        ops.Fastfood(2, 5, 0, generator=3)
+    with pytest.raises(ValueError, match="generator must be one of"):
+        ops.Fastfood(2, 5, 0, generator="tensoradapt.buffers/9")

@@ -23,6 +23,7 @@ import numpy as np
 from .. import buffers
 from .._backend import check_floating, compat_namespace, device_of, from_host, indexed, namespace
 from ..ops import Fastfood, Shuffle, cp_to_tensor, kron, kron_vjp, tucker_to_tensor
+from ..ops.projection import CounterFastfood
 from . import slices
 from .plan import GroupPlan, Plan, SplitPlan, param_name, param_prefix
 
@@ -31,7 +32,7 @@ __all__ = ["GroupPlan", "SplitPlan", "SuperLoRA"]
 
 def _counter_fastfood(op: Any) -> bool:
     """Whether ``op`` is a generator-2 Fastfood (its ``compact`` / padded ``overwrite`` paths)."""
-    return isinstance(op, Fastfood) and op.generator == buffers.GENERATOR_V2
+    return isinstance(op, CounterFastfood)
 
 
 def _format_bytes(count: int) -> str:
