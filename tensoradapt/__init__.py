@@ -36,7 +36,7 @@ from . import (
 )
 from ._version import __version__
 from .glora import GLoRAConfig, LayerChoice
-from .ops.fold import fold_shape, fold_side
+from .ops.fold import cubic_fold_shape, fold_shape, fold_side
 from .superlora import BudgetEntry, SuperLoRA, SuperLoRAConfig, budget, count_params, factorization, presets
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "budget",
     "buffers",
     "count_params",
+    "cubic_fold_shape",
     "factorization",
     "fold_shape",
     "fold_side",

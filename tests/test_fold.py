@@ -1,11 +1,12 @@
-"""fold_side, Cut and its adjoint Pad."""
+"""fold_side, cubic_fold_shape, Cut and its adjoint Pad; the two former fold_shape names warn."""
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tensoradapt import fold_shape, fold_side, ops
+from tensoradapt import SuperLoRAConfig, cubic_fold_shape, fold_side, ops
+from tensoradapt.superlora import plan
 
 from .conftest import inner, np_
 
@@ -18,7 +19,7 @@ from .conftest import inner, np_
 )
 def test_spec_vectors(n: int, order: int, side: int) -> None:
     assert fold_side(n, order) == side
-    assert fold_shape(n, order) == (side,) * order
+    assert cubic_fold_shape(n, order) == (side,) * order
 
 
 @given(n=st.integers(1, 10**30), order=st.integers(1, 12))
@@ -40,7 +41,7 @@ def test_fold_side_errors() -> None:
 @given(n=st.integers(1, 60), order=st.integers(1, 4), seed=st.integers(0, 2**32 - 1))
 def test_cut_pad_identity_and_adjoint(n: int, order: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    shape = fold_shape(n, order)
+    shape = cubic_fold_shape(n, order)
     v, x = rng.standard_normal(n), rng.standard_normal(shape)
     padded = ops.pad(v, shape)
     assert padded.shape == shape
@@ -68,3 +69,20 @@ def test_cut_pad_errors() -> None:
         ops.pad(np.ones(2), (2, 0))
     with pytest.raises(TypeError, match="real floating"):
         ops.cut(np.ones(3, dtype=np.int32), 2)
+
+
+def test_the_former_fold_shape_names_warn_and_give_the_same_result() -> None:
+    """``fold_shape`` named two functions: ``ops.fold.cubic_fold_shape(n, M)`` (the cube holding n
+    entries) and ``plan.group_fold_shape(config, grouping, g, n)`` (the shape group g is generated
+    in); the old names still work, with a DeprecationWarning naming the new one."""
+    import tensoradapt
+
+    for old in (tensoradapt.fold_shape, ops.fold_shape, ops.fold.fold_shape):
+        with pytest.warns(DeprecationWarning, match=r"ops\.fold\.fold_shape is deprecated; use "
+                                                    r"tensoradapt\.ops\.fold\.cubic_fold_shape"):
+            assert old(10, 3) == cubic_fold_shape(10, 3) == (3, 3, 3)
+    config, grouping = SuperLoRAConfig(rank=2, order=3), ops.Grouping([(8, 6)], "weight")
+    with pytest.warns(DeprecationWarning, match=r"plan\.fold_shape is deprecated; use .*plan\.group_fold_shape"):
+        assert plan.fold_shape(config, grouping, 0, 48) == plan.group_fold_shape(config, grouping, 0, 48) == (4, 4, 4)
+    with pytest.raises(ValueError, match="order must be >= 1, got 0"), pytest.warns(DeprecationWarning):
+        ops.fold_shape(10, 0)

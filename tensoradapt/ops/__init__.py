@@ -19,7 +19,7 @@ forward                                adjoint / VJP
 """
 
 from .cp import cp_to_tensor, cp_vjp
-from .fold import cut, cut_vjp, fold_shape, fold_side, pad
+from .fold import cubic_fold_shape, cut, cut_vjp, fold_shape, fold_side, pad
 from .fwht import fwht
 from .grouping import Grouping, concat_targets, split_targets
 from .kron import kron, kron_shape, kron_vjp
@@ -33,6 +33,7 @@ __all__ = [
     "concat_targets",
     "cp_to_tensor",
     "cp_vjp",
+    "cubic_fold_shape",
     "cut",
     "cut_vjp",
     "fold_shape",

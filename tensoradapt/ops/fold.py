@@ -14,9 +14,10 @@ import math
 from typing import Any
 
 from .._backend import check_floating, device_of, namespace
+from .._deprecation import renamed
 from .._validate import check_int, check_shape
 
-__all__ = ["cut", "cut_vjp", "fold_shape", "fold_side", "pad"]
+__all__ = ["cubic_fold_shape", "cut", "cut_vjp", "fold_shape", "fold_side", "pad"]
 
 
 def fold_side(n: int, order: int) -> int:
@@ -52,9 +53,18 @@ def fold_side(n: int, order: int) -> int:
     return d
 
 
-def fold_shape(n: int, order: int) -> tuple[int, ...]:
-    """The hyper-cubic fold shape ``(d,)*order`` with ``d = fold_side(n, order)``."""
+def cubic_fold_shape(n: int, order: int) -> tuple[int, ...]:
+    """The hyper-cubic fold shape ``(d,)*order`` with ``d = fold_side(n, order)``: the smallest
+    ``order``-way cube holding ``n`` entries.
+
+    >>> cubic_fold_shape(10, 2)
+    (4, 4)
+    """
     return (fold_side(n, order),) * check_int("order", order, minimum=1)
+
+
+#: Deprecated name of :func:`cubic_fold_shape` (``plan.group_fold_shape`` is a group's fold).
+fold_shape = renamed(cubic_fold_shape, "fold_shape", "tensoradapt.ops.fold")
 
 
 def cut(x: Any, n: int) -> Any:

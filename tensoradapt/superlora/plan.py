@@ -4,7 +4,7 @@ A :class:`Plan` is built from shapes only (nothing is materialised), so paramete
 7B-model configurations are instant.  For each group ``g`` (docs/math.md §2) it fixes
 
 * ``N_g`` (the entries of ``ΔW_all`` the group produces) and ``n_g = max(1, ⌈ρ·N_g⌉)``;
-* the fold: the shape ``X_g`` is generated in (:func:`fold_shape`);
+* the fold: the shape ``X_g`` is generated in (:func:`group_fold_shape`);
 * the Kronecker (or Hadamard) splits ``X_{g,1}, …, X_{g,K}`` with their kinds and ranks
   (:func:`plan_splits`);
 * the fixed projection ``F_g`` (:meth:`Plan.projection`).
@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import buffers
+from .._deprecation import renamed
 from ..ops import Fastfood, Grouping, Shuffle, kron_shape
-from ..ops.fold import fold_side
+from ..ops.fold import cubic_fold_shape
 from .config import SuperLoRAConfig
 from .factorize import factorization, split_side
 
@@ -37,6 +38,7 @@ __all__ = [
     "Plan",
     "SplitPlan",
     "fold_shape",
+    "group_fold_shape",
     "layer_groups",
     "param_name",
     "param_prefix",
@@ -167,17 +169,18 @@ def layer_groups(names: Sequence[str]) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------------------------- folds
-def fold_shape(config: SuperLoRAConfig, grouping: Grouping, g: int, n: int) -> tuple[int, ...]:
+def group_fold_shape(config: SuperLoRAConfig, grouping: Grouping, g: int, n: int) -> tuple[int, ...]:
     """The shape group ``g`` is generated in, before the cut to its ``n = n_g`` entries.
 
-    ``layout="stack"``: the group's own ``(o, Σn)``; ``fold="cubic"``: ``(d,)*M`` with
-    ``d = fold_side(n, M)``; ``fold="matrix"`` / ``"layers"``: the weight's ``(o, n)`` / the
-    ``(S, o, n)`` stack (:func:`_weight_fold`); an explicit shape as given (``Π ≥ n``).
+    ``layout="stack"``: the group's own ``(o, Σn)``; ``fold="cubic"``: the cube
+    :func:`~tensoradapt.ops.fold.cubic_fold_shape` ``(n, M)``; ``fold="matrix"`` / ``"layers"``:
+    the weight's ``(o, n)`` / the ``(S, o, n)`` stack (:func:`_weight_fold`); an explicit shape as
+    given (``Π ≥ n``).
     """
     if config.layout == "stack":
         return grouping.group_shape(g)
     if config.fold == "cubic":
-        return (fold_side(n, config.order),) * config.order
+        return cubic_fold_shape(n, config.order)
     if config.fold in ("matrix", "layers"):
         return _weight_fold(config, grouping, g, n)
     shape = tuple(config.fold)
@@ -185,6 +188,10 @@ def fold_shape(config: SuperLoRAConfig, grouping: Grouping, g: int, n: int) -> t
         raise ValueError(f"fold shape {shape} holds {math.prod(shape)} entries, fewer than the "
                          f"n_g = {n} entries of group {g}")
     return shape
+
+
+#: Deprecated name of :func:`group_fold_shape` (``ops.fold.cubic_fold_shape`` is the cube of ``n``).
+fold_shape = renamed(group_fold_shape, "fold_shape", "tensoradapt.superlora.plan")
 
 
 def _weight_fold(config: SuperLoRAConfig, grouping: Grouping, g: int, n: int) -> tuple[int, ...]:
@@ -209,9 +216,9 @@ def _weight_fold(config: SuperLoRAConfig, grouping: Grouping, g: int, n: int) ->
                          "grouping lists of equal-shape targets)")
     reduced = n < grouping.sizes[g]
     if fold == "matrix":
-        return (fold_side(n, 2),) * 2 if reduced else mats[0]
+        return cubic_fold_shape(n, 2) if reduced else mats[0]
     count = len(members)
-    return (count, *(fold_side(-(-n // count), 2),) * 2) if reduced else (count, *mats[0])
+    return (count, *cubic_fold_shape(-(-n // count), 2)) if reduced else (count, *mats[0])
 
 
 # ---------------------------------------------------------------------------------- splits
@@ -224,7 +231,7 @@ def plan_group(config: SuperLoRAConfig, grouping: Grouping, g: int) -> GroupPlan
     """
     size = grouping.sizes[g]
     n = size if config.layout == "stack" else config.projected_size(size)
-    shape = fold_shape(config, grouping, g, n)
+    shape = group_fold_shape(config, grouping, g, n)
     _check_fixed_modes(config, shape, g)
     _check_generated(config, "generates", math.prod(shape), n, g)
     splits, scale = plan_splits(config, shape)
