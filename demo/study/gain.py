@@ -46,6 +46,7 @@ with the fraction of resamples in which it was defined.  Pure NumPy, determinist
 
 from __future__ import annotations
 
+import bisect
 import math
 import zlib
 from collections.abc import Mapping, Sequence
@@ -191,17 +192,11 @@ def level_key(fraction: float) -> str:
     return f"{100 * fraction:g}%"
 
 
-def isotonic(y: Sequence[float]) -> np.ndarray:
-    """The least-squares non-decreasing fit of ``y`` (pool adjacent violators, equal weights).
-
-    Shape ``(n,) -> (n,)``; each run of pooled entries takes the mean of its values.
-
-    >>> isotonic([1.0, 3.0, 2.0, 4.0])
-    array([1. , 2.5, 2.5, 4. ])
-    """
+def _pava(y: list[float]) -> list[float]:
+    """Pool adjacent violators on a list (the one implementation of :func:`isotonic`)."""
     means: list[float] = []
     sizes: list[int] = []
-    for v in np.asarray(y, dtype=float).ravel().tolist():
+    for v in y:
         means.append(v)
         sizes.append(1)
         while len(means) > 1 and means[-2] > means[-1]:
@@ -210,7 +205,37 @@ def isotonic(y: Sequence[float]) -> np.ndarray:
             means.pop()
             sizes.pop()
             means[-1], sizes[-1] = m, n
-    return np.repeat(np.asarray(means, dtype=float), sizes)
+    out: list[float] = []
+    for m, n in zip(means, sizes, strict=True):
+        out += [m] * n
+    return out
+
+
+def isotonic(y: Sequence[float]) -> np.ndarray:
+    """The least-squares non-decreasing fit of ``y`` (pool adjacent violators, equal weights).
+
+    Shape ``(n,) -> (n,)``; each run of pooled entries takes the mean of its values.
+
+    >>> isotonic([1.0, 3.0, 2.0, 4.0])
+    array([1. , 2.5, 2.5, 4. ])
+    """
+    return np.asarray(_pava(np.asarray(y, dtype=float).ravel().tolist()), dtype=float)
+
+
+def _select(order: list[int], p: list[float], v: list[float], t: list[float]) -> tuple[list[float], list[float],
+                                                                                          list[int]]:
+    """:func:`selected_envelope` on lists, ``order`` the point indices by ascending count."""
+    picked: list[int] = []
+    best = -math.inf
+    for i in order:
+        if not v[i] > best or t[i] != t[i]:  # NaN validation or test: absent
+            continue
+        best = v[i]
+        if picked and p[picked[-1]] == p[i]:
+            picked[-1] = i
+        else:
+            picked.append(i)
+    return [p[i] for i in picked], _pava([t[i] for i in picked]), picked
 
 
 def selected_envelope(params: Sequence[float], val: Sequence[float],
@@ -244,23 +269,25 @@ def selected_envelope(params: Sequence[float], val: Sequence[float],
         raise ValueError(f"params, val and test must be 1-D of one length, got shapes {p.shape}, {v.shape}, {t.shape}")
     if np.any(~(p > 0)):
         raise ValueError(f"parameter counts must be positive, got {p[~(p > 0)][:3].tolist()}")
-    present = np.isfinite(v) & np.isfinite(t)
-    picked: list[int] = []
-    best = -math.inf
-    pl, vl = p.tolist(), v.tolist()
-    for i in np.argsort(p, kind="stable").tolist():
-        if not present[i] or vl[i] <= best:
-            continue
-        best = vl[i]
-        if picked and pl[picked[-1]] == pl[i]:
-            picked[-1] = i
-        else:
-            picked.append(i)
-    idx = np.asarray(picked, dtype=int)
-    return p[idx], isotonic(t[idx]), idx
+    order = np.argsort(p, kind="stable").tolist()
+    pe, se, picked = _select(order, p.tolist(), v.tolist(), t.tolist())
+    return np.asarray(pe, dtype=float), np.asarray(se, dtype=float), np.asarray(picked, dtype=int)
 
 
-def needed(p_env: np.ndarray, s_env: np.ndarray, levels: float | Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def _need(pe: list[float], se: list[float], level: float) -> tuple[float, bool]:
+    """:func:`needed` for one level on lists."""
+    if not pe or not level <= se[-1]:  # empty, above the best, or NaN
+        return math.nan, False
+    if level <= se[0]:
+        return pe[0], True
+    i = bisect.bisect_left(se, level)  # first envelope score >= level; i >= 1
+    lo, hi = se[i - 1], se[i]
+    a, b = math.log(pe[i - 1]), math.log(pe[i])
+    return math.exp(a + (level - lo) / (hi - lo) * (b - a)), False
+
+
+def needed(p_env: Sequence[float], s_env: Sequence[float],
+           levels: float | Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """Parameters an envelope needs for each score level, and whether that is its smallest point.
 
     Linear interpolation in ``(log parameters, score)`` between the last envelope point below the
@@ -281,23 +308,10 @@ def needed(p_env: np.ndarray, s_env: np.ndarray, levels: float | Sequence[float]
     >>> needed(np.array([10.0, 1000.0]), np.array([0.5, 0.7]), [0.6, 0.4, 0.8])[0].round(6).tolist()
     [100.0, 10.0, nan]
     """
-    lv = np.atleast_1d(np.asarray(levels, dtype=float))
-    need = np.full(lv.shape, np.nan)
-    bounded = np.zeros(lv.shape, dtype=bool)
-    if len(p_env) == 0:
-        return need, bounded
-    i = np.searchsorted(s_env, lv, side="left")  # first envelope score >= level
-    reached = (i < len(s_env)) & ~np.isnan(lv)
-    first = reached & (i == 0)
-    need[first] = p_env[0]
-    bounded[first] = True
-    mid = reached & (i > 0)
-    j = i[mid]
-    lo, hi = s_env[j - 1], s_env[j]
-    frac = (lv[mid] - lo) / (hi - lo)
-    lp = np.log(p_env)
-    need[mid] = np.exp(lp[j - 1] + frac * (lp[j] - lp[j - 1]))
-    return need, bounded
+    pe = np.asarray(p_env, dtype=float).tolist()
+    se = np.asarray(s_env, dtype=float).tolist()
+    out = [_need(pe, se, lv) for lv in np.atleast_1d(np.asarray(levels, dtype=float)).tolist()]
+    return np.array([n for n, _ in out], dtype=float), np.array([b for _, b in out], dtype=bool)
 
 
 def paired_resample_means(val: np.ndarray, test: np.ndarray, present: np.ndarray, items: np.ndarray | None,
@@ -306,9 +320,9 @@ def paired_resample_means(val: np.ndarray, test: np.ndarray, present: np.ndarray
 
     Each resample draws ``S`` seed indices and ``N`` test items with replacement, *once*, and
     applies the draw to every point: a point's resampled mean is the mean, over the drawn seeds
-    it has, of its runs' scores on the drawn items.  Drawing items is done on the distinct item
-    columns (items answered identically by every run are one column, drawn with its multiplicity):
-    the same distribution as drawing item indices.
+    it has, of its runs' scores on the drawn items.  The drawn items are counted per distinct item
+    column (items answered identically by every run share a column), so the cost grows with the
+    number of distinct columns, not items.
 
     Parameters
     ----------
@@ -338,17 +352,20 @@ def paired_resample_means(val: np.ndarray, test: np.ndarray, present: np.ndarray
         else:
             n_items = items.shape[2]
             flat = np.where(present[..., None], items, 0).reshape(n_points * n_seeds, n_items).astype(np.uint8)
-            cols, counts = np.unique(flat, axis=1, return_counts=True)
+            cols, inverse = np.unique(flat, axis=1, return_inverse=True)
+            n_cols = cols.shape[1]
             cols = cols.astype(float)
-            prob = counts / n_items
+            inverse = inverse.ravel()
             test_b = np.empty((n_points, resamples))
-            step = max(1, _CHUNK // max(1, cols.size))
+            step = max(1, _CHUNK // (n_cols + n_points * n_seeds + n_items))
             for start in range(0, resamples, step):
                 stop = min(resamples, start + step)
-                draw = rng.multinomial(n_items, prob, size=stop - start).astype(float)  # (b, U)
-                run_scores = (cols @ draw.T / n_items).reshape(n_points, n_seeds, stop - start)
-                num = np.einsum("psb,ps,bs->pb", run_scores, mask, seeds[start:stop])
-                test_b[:, start:stop] = num / den[:, start:stop]
+                drawn = inverse[rng.integers(0, n_items, size=(stop - start, n_items))]  # (b, N) column of each item
+                drawn += n_cols * np.arange(stop - start)[:, None]
+                draw = np.bincount(drawn.ravel(), minlength=(stop - start) * n_cols).reshape(stop - start, n_cols)
+                run_scores = (cols @ draw.T.astype(float) / n_items).reshape(n_points, n_seeds, stop - start)
+                weights = mask[:, :, None] * seeds[start:stop].T[None]  # (P, S, b)
+                test_b[:, start:stop] = (run_scores * weights).sum(axis=1) / den[:, start:stop]
     return val_b, test_b
 
 
@@ -469,14 +486,17 @@ def null_band(lora_params: Sequence[float], family_params: Sequence[float], curv
     val_d, test_d = mu + e_val, mu + e_test
     smallest = int(np.argmin(lp_all))
     k = len(fixed) + (1 if r1 else 0)
+    params = np.r_[lp_all, fp_all].tolist()
+    order_l = np.argsort(lp_all, kind="stable").tolist()
+    order_f = (n_l + np.argsort(fp_all, kind="stable")).tolist()
     gains = np.full((draws, k), np.nan)
+    fixed_l = fixed.tolist()
     for d in range(draws):
-        le = selected_envelope(lp_all, val_d[d, :n_l], test_d[d, :n_l])
-        fe = selected_envelope(fp_all, val_d[d, n_l:], test_d[d, n_l:])
-        lv = fixed if not r1 else np.r_[fixed, test_d[d, smallest]]
-        ln, _ = needed(le[0], le[1], lv)
-        fn, _ = needed(fe[0], fe[1], lv)
-        gains[d] = ln / fn
+        v, t = val_d[d].tolist(), test_d[d].tolist()
+        lpe, lse, _ = _select(order_l, params, v, t)
+        fpe, fse, _ = _select(order_f, params, v, t)
+        for j, level in enumerate([*fixed_l, t[smallest]] if r1 else fixed_l):
+            gains[d, j] = _need(lpe, lse, level)[0] / _need(fpe, fse, level)[0]
     return [_band(gains[:, j], draws) for j in range(k)]
 
 
@@ -736,16 +756,21 @@ def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family:
     keys = [level_key(f) for f in fractions] + ["lora_r1"]
     fixed = np.array([lo + f * (hi - lo) for f in fractions])
 
-    def needs(vm: np.ndarray, tm: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, ...]]]:
+    params = t.params.tolist()
+    orders = [sorted(ent.idx.tolist(), key=lambda i: (params[i], i)) for ent in entries]
+
+    def needs(vm: np.ndarray, tm: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[list, list, list]]]:
         """need (E, K) and bounded (E, K) for one set of point means; the envelopes."""
-        lv = np.r_[fixed, tm[r1]]
+        v, s_ = vm.tolist(), tm.tolist()
+        lv = [*fixed.tolist(), s_[r1]]
         need = np.full((len(entries), len(keys)), np.nan)
         bound = np.zeros((len(entries), len(keys)), dtype=bool)
         envs = []
-        for e, ent in enumerate(entries):
-            env = selected_envelope(t.params[ent.idx], vm[ent.idx], tm[ent.idx])
+        for e, order in enumerate(orders):
+            env = _select(order, params, v, s_)
             envs.append(env)
-            need[e], bound[e] = needed(env[0], env[1], lv)
+            for k, level in enumerate(lv):
+                need[e, k], bound[e, k] = _need(env[0], env[1], level)
         return need, bound, envs
 
     need0, bound0, envs0 = needs(val_m, test_m)
@@ -761,9 +786,8 @@ def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family:
         bound_b = np.zeros((len(entries), len(keys), 0), dtype=bool)
     noise = _estimate_noise(t.val, t.test, t.present, t.items)
 
-    def env_dict(ent: _Entry, env: tuple[np.ndarray, ...]) -> dict[str, Any]:
-        return {"points": [t.labels[int(ent.idx[i])] for i in env[2]], "params": env[0].tolist(),
-                "test": env[1].tolist()}
+    def env_dict(env: tuple[list, list, list]) -> dict[str, Any]:
+        return {"points": [t.labels[i] for i in env[2]], "params": env[0], "test": env[1]}
 
     families: dict[str, Any] = {}
     for e, ent in enumerate(entries[1:], start=1):
@@ -791,7 +815,7 @@ def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family:
                 "cap": _fin(need0[0, k] / min_p), "ceiling": ent.ceiling, "null": null,
                 "beyond_null": None if p95 is None or not math.isfinite(g0) else bool(g0 > p95)})
         families[ent.name] = {"kind": ent.kind, "members": ent.members, "groups": ent.groups,
-                              "ceiling": ent.ceiling, "min_params": min_p, "envelope": env_dict(ent, envs0[e]),
+                              "ceiling": ent.ceiling, "min_params": min_p, "envelope": env_dict(envs0[e]),
                               "gains": gains}
 
     group_order: dict[str, list[dict[str, Any]]] = {}
@@ -829,5 +853,5 @@ def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family:
             "seeds": t.seeds, "test_items": n_items, "noise": noise.to_dict(),
             "lora_r1": {"point": t.labels[r1], "params": int(t.params[r1]), "test": float(test_m[r1])},
             "levels": [{"key": k, "value": float(v)} for k, v in zip(keys, np.r_[fixed, test_m[r1]], strict=True)],
-            "lora": {"envelope": env_dict(lora, envs0[0])}, "families": families, "group_order": group_order,
+            "lora": {"envelope": env_dict(envs0[0])}, "families": families, "group_order": group_order,
             "contrasts": contrasts, "points": points}
