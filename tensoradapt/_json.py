@@ -102,6 +102,58 @@ def nesting_depth(text: str | bytes) -> int:
     return max(0, max(map(sub, accumulate(codes), range(1, len(codes) + 1))))
 
 
+def _decoded(text: Any, max_depth: Any, max_int_digits: Any) -> tuple[str, str]:
+    """``(text as str, how invalid text is described)`` once the arguments are checked and the
+    nesting depth is within ``max_depth`` (before anything is decoded or parsed)."""
+    for name, value, least in (("max_depth", max_depth, 0), ("max_int_digits", max_int_digits, 1)):
+        if type(value) is not int or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r:.40}")
+    if not isinstance(text, (str, bytes, bytearray)):
+        raise TypeError(f"loads_strict takes str or bytes, got {type(text).__name__}")
+    if nesting_depth(text) > max_depth:  # before anything is decoded or parsed
+        raise StrictJSONError(f"nests deeper than {max_depth} levels", "depth")
+    if isinstance(text, str):
+        return text, "is not valid JSON"
+    invalid = "is not valid UTF-8 JSON"
+    try:
+        return bytes(text).decode("utf-8"), invalid
+    except UnicodeDecodeError as error:
+        raise StrictJSONError(f"{invalid} (byte {error.start} is not UTF-8)", "syntax") from None
+
+
+class _Hooks:
+    """The :func:`json.loads` hooks that refuse what :func:`loads_strict` refuses, as it parses."""
+
+    def __init__(self, invalid: str, allow_floats: bool, max_int_digits: int) -> None:
+        self.invalid, self.allow_floats, self.max_int_digits = invalid, allow_floats, max_int_digits
+
+    def unique(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            seen: set[str] = set()
+            key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+            raise StrictJSONError(f"{self.invalid} (repeats the key {key[:80]!r})", "key")
+        return out
+
+    def constant(self, word: str) -> Any:
+        raise StrictJSONError(f"{self.invalid} (the number {word!r}: NaN and Infinity are not JSON)", "constant")
+
+    def number(self, word: str) -> float:
+        if not self.allow_floats:
+            raise StrictJSONError(f"holds the number {word[:24]!r} where only integers are allowed", "float")
+        value = float(word)
+        if not math.isfinite(value):
+            raise StrictJSONError(f"{self.invalid} (the number {word[:24]!r} overflows a float)", "constant")
+        return value
+
+    def integer(self, word: str) -> int:
+        digits = len(word) - word.startswith("-")
+        if digits > self.max_int_digits:
+            raise StrictJSONError(f"{self.invalid} (an integer of {digits} digits; at most {self.max_int_digits} "
+                                  "are read)", "integer")
+        return int(word)
+
+
 def loads_strict(text: str | bytes, *, max_depth: int, allow_floats: bool = True,
                  max_int_digits: int = MAX_INT_DIGITS) -> Any:
     """Parse untrusted JSON ``text`` strictly (see the module documentation for what is refused).
@@ -138,50 +190,11 @@ def loads_strict(text: str | bytes, *, max_depth: int, allow_floats: bool = True
     ...
     tensoradapt._json.StrictJSONError: nests deeper than 2 levels
     """
-    for name, value, least in (("max_depth", max_depth, 0), ("max_int_digits", max_int_digits, 1)):
-        if type(value) is not int or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r:.40}")
-    if not isinstance(text, (str, bytes, bytearray)):
-        raise TypeError(f"loads_strict takes str or bytes, got {type(text).__name__}")
-    if nesting_depth(text) > max_depth:  # before anything is decoded or parsed
-        raise StrictJSONError(f"nests deeper than {max_depth} levels", "depth")
-    invalid = "is not valid JSON"
-    if not isinstance(text, str):
-        invalid = "is not valid UTF-8 JSON"
-        try:
-            text = bytes(text).decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise StrictJSONError(f"{invalid} (byte {error.start} is not UTF-8)", "syntax") from None
-
-    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out = dict(pairs)
-        if len(out) != len(pairs):
-            seen: set[str] = set()
-            key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-            raise StrictJSONError(f"{invalid} (repeats the key {key[:80]!r})", "key")
-        return out
-
-    def constant(word: str) -> Any:
-        raise StrictJSONError(f"{invalid} (the number {word!r}: NaN and Infinity are not JSON)", "constant")
-
-    def number(word: str) -> float:
-        if not allow_floats:
-            raise StrictJSONError(f"holds the number {word[:24]!r} where only integers are allowed", "float")
-        value = float(word)
-        if not math.isfinite(value):
-            raise StrictJSONError(f"{invalid} (the number {word[:24]!r} overflows a float)", "constant")
-        return value
-
-    def integer(word: str) -> int:
-        digits = len(word) - word.startswith("-")
-        if digits > max_int_digits:
-            raise StrictJSONError(f"{invalid} (an integer of {digits} digits; at most {max_int_digits} are read)",
-                                  "integer")
-        return int(word)
-
+    text, invalid = _decoded(text, max_depth, max_int_digits)
+    hooks = _Hooks(invalid, allow_floats, max_int_digits)
     try:
-        return json.loads(text, object_pairs_hook=unique, parse_constant=constant, parse_float=number,
-                          parse_int=integer)
+        return json.loads(text, object_pairs_hook=hooks.unique, parse_constant=hooks.constant,
+                          parse_float=hooks.number, parse_int=hooks.integer)
     except StrictJSONError:
         raise
     except RecursionError:  # only when max_depth exceeds what the interpreter's stack allows

@@ -291,6 +291,33 @@ def _check_probability(name: str, value: Any) -> float:
     return check_float(name, value, minimum=0.0, maximum=1.0, rule="a probability in [0, 1]")
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """The checked search settings of :func:`evolve`."""
+
+    population: int
+    top_k: int
+    iterations: int
+    mutations: int
+    crossovers: int
+    seed: int
+    mutation_prob: float
+
+    @classmethod
+    def checked(cls, population: Any, top_k: Any, iterations: Any, mutations: Any, crossovers: Any, seed: Any,
+                mutation_prob: Any) -> _Settings:
+        """The settings checked in this order (the first bad one is reported); ``mutations`` and
+        ``crossovers`` default to ``population // 2``."""
+        population = check_int("population", population, minimum=1)
+        top_k = check_int("top_k", top_k, minimum=1)
+        iterations = check_int("iterations", iterations, minimum=0)
+        mutations = population // 2 if mutations is None else check_int("mutations", mutations, minimum=0)
+        crossovers = population // 2 if crossovers is None else check_int("crossovers", crossovers, minimum=0)
+        seed = check_int("seed", seed, minimum=0)
+        return cls(population, top_k, iterations, mutations, crossovers, seed,
+                   _check_probability("mutation_prob", mutation_prob))
+
+
 # ---------------------------------------------------------------------------------- the search
 def evolve(spaces: Sequence[Sequence[Any]], counts: Sequence[Sequence[int]],
            evaluate: Callable[[tuple[Any, ...]], float], max_params: int, *, min_params: int = 0,
@@ -355,28 +382,30 @@ def evolve(spaces: Sequence[Sequence[Any]], counts: Sequence[Sequence[int]],
     table = _check_problem(spaces, counts)
     max_params = check_int("max_params", max_params, minimum=0)
     min_params = check_int("min_params", min_params, minimum=0)
-    population = check_int("population", population, minimum=1)
-    top_k = check_int("top_k", top_k, minimum=1)
-    iterations = check_int("iterations", iterations, minimum=0)
-    mutations = population // 2 if mutations is None else check_int("mutations", mutations, minimum=0)
-    crossovers = population // 2 if crossovers is None else check_int("crossovers", crossovers, minimum=0)
-    seed = check_int("seed", seed, minimum=0)
-    mutation_prob = _check_probability("mutation_prob", mutation_prob)
+    settings = _Settings.checked(population, top_k, iterations, mutations, crossovers, seed, mutation_prob)
     if min_params > max_params:
         raise ValueError(f"min_params ({min_params:,}) must be <= max_params ({max_params:,})")
     names = tuple(str(i) for i in range(len(spaces))) if target_names is None else tuple(target_names)
     if len(names) != len(spaces):
         raise ValueError(f"target_names must name every layer ({len(spaces)}), got {len(names)}")
-
     budget = _Budget(table, min_params, max_params)
     lowest, highest = budget.bounds()
     if lowest > max_params or highest < min_params:
         raise ValueError(f"no configuration fits the budget [{min_params:,}, {max_params:,}]: the search space "
                          f"spans {lowest:,} to {highest:,} active parameters")
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *_STREAM])))
     scores = _Scores(spaces, evaluate, budget)
+    history = _run(scores, budget, settings, progress)
+    best = scores.ranked()[0]
+    return SearchResult(configs=scores.configs(best), score=scores.values[best], num_params=budget.count(best),
+                        history=history, evaluations=len(scores.values), target_names=names)
+
+
+def _run(scores: _Scores, budget: _Budget, settings: _Settings, progress: bool) -> tuple[SearchRecord, ...]:
+    """The generations of :func:`evolve` (module text), scoring each new individual once; the
+    best so far after each generation."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([settings.seed, *_STREAM])))
     history: list[SearchRecord] = []
-    bar = _Progress(iterations + 1, progress)
+    bar = _Progress(settings.iterations + 1, progress)
 
     def record(iteration: int, generation: list[_Genes]) -> None:
         for genes in generation:
@@ -385,13 +414,11 @@ def evolve(spaces: Sequence[Sequence[Any]], counts: Sequence[Sequence[int]],
         bar.update(history[-1])
 
     try:
-        record(0, _initial_population(rng, budget, population))
-        for iteration in range(1, iterations + 1):
-            record(iteration, _next_generation(rng, budget, scores, population=population, top_k=top_k,
-                                               mutation_prob=mutation_prob, mutations=mutations,
-                                               crossovers=crossovers))
+        record(0, _initial_population(rng, budget, settings.population))
+        for iteration in range(1, settings.iterations + 1):
+            record(iteration, _next_generation(rng, budget, scores, population=settings.population,
+                                               top_k=settings.top_k, mutation_prob=settings.mutation_prob,
+                                               mutations=settings.mutations, crossovers=settings.crossovers))
     finally:
         bar.close()
-    best = scores.ranked()[0]
-    return SearchResult(configs=scores.configs(best), score=scores.values[best], num_params=budget.count(best),
-                        history=tuple(history), evaluations=len(scores.values), target_names=names)
+    return tuple(history)
