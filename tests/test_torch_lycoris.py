@@ -36,7 +36,7 @@ import tensoradapt.torch as tat  # noqa: E402
 from tensoradapt import GLoRAConfig, LayerChoice, presets  # noqa: E402
 from tensoradapt._safetensors import read_header  # noqa: E402
 from tensoradapt.torch import AdapterFileError  # noqa: E402
-from tensoradapt.torch.lycoris_io import kohya_prefix  # noqa: E402
+from tensoradapt.torch.lycoris import kohya_prefix  # noqa: E402
 
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")

@@ -35,13 +35,22 @@ OPTIONS = {"r": 8, "lora_alpha": 8, "rank_pattern": {}, "alpha_pattern": {}, "us
 
 
 # ---------------------------------------------------------------------------------- layout
+def factor_shapes(o: int, n: int, r: int, weight_shape: tuple[int, ...],
+                  conv: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The stored shapes ``(B, A)`` of rank ``r`` on a layer of ``(o, n)`` matrix view: ``(o, r)``
+    and ``(r, n)``, or on a convolution ``(o, r, 1, …)`` and ``(r, c, *kernel)``."""
+    if not conv:
+        return (o, r), (r, n)
+    return (o, r, *(1,) * (len(weight_shape) - 2)), (r, *weight_shape[1:])
+
+
 def shaped(target: Target, B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, A)`` of ``ΔW = B A`` (``B (o, r)``, ``A (r, n)``) in the layer's layout: a convolution
-    stores ``B (o, r, 1, …)`` and ``A (r, c, *kernel)``."""
+    """``(B, A)`` of ``ΔW = B A`` (``B (o, r)``, ``A (r, n)``) in the layer's layout
+    (:func:`factor_shapes`)."""
     if target.layer != "conv":
         return B, A
-    r = B.shape[1]
-    return B.reshape(B.shape[0], r, *(1,) * (len(target.weight_shape) - 2)), A.reshape(r, *target.weight_shape[1:])
+    b, a = factor_shapes(B.shape[0], A.shape[1], B.shape[1], tuple(target.weight_shape), True)
+    return B.reshape(b), A.reshape(a)
 
 
 def b_matrix(B: torch.Tensor, o: int) -> torch.Tensor:
