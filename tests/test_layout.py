@@ -12,6 +12,10 @@
 * One integer check: no library module defines its own ``_is_int``.
 * One strict JSON reader: no module of the core or the bindings calls ``json.load``/``json.loads``
   except ``tensoradapt/_json.py`` and the trusted reads listed in ``_TRUSTED_JSON``.
+* The torch bindings (issue 23): their modules import downward only (``TORCH_LAYERS``), their
+  ``__init__`` only re-exports; no module outside the method registry and a method's own package
+  compares method names or method types; no file of ``tensoradapt/`` or ``bindings/`` is over 500
+  lines, and no function over 80.
 """
 
 from __future__ import annotations
@@ -168,7 +172,7 @@ def test_one_integer_check() -> None:
 #: Everything a user or an attacker supplies goes through ``tensoradapt._json.loads_strict``.
 _TRUSTED_JSON = {
     "tensoradapt/_json.py": (1, "the strict reader itself, after its depth check and with its hooks"),
-    "bindings/torch/_io.py": (1, "canonical_header re-reads the header safetensors.save has just produced in "
+    "bindings/torch/files/write.py": (1, "canonical_header re-reads the header safetensors.save has just produced in "
                                  "this process from our own tensors and metadata, before anything is written"),
     "tensoradapt/testing.py": (1, "the fuzz ledger merges the report file named by TENSORADAPT_FUZZ_REPORT, "
                                   "which only the test harness writes"),
@@ -210,3 +214,209 @@ def test_the_checks_can_fail(rule) -> None:
     """The name-scheme detector recognises the hand-built form it is meant to forbid."""
     assert rule(ast.parse('f"g{g}.split{k}.core"', mode="eval").body)
     assert not rule(ast.parse('f"layer{g}"', mode="eval").body)
+
+
+# ---------------------------------------------------------------------------------- the torch bindings (issue 23)
+TORCH = ROOT / "bindings" / "torch"
+
+#: The layers of ``bindings/torch`` (``tensoradapt.torch``), lowest first: a module imports only from
+#: its own layer or a lower one (docs/architecture.md draws them).  A name is a module or a package
+#: (every module under the package); ``__init__`` is the package itself, which only re-exports.
+TORCH_LAYERS: tuple[tuple[str, ...], ...] = (
+    ("modules", "distributed", "progress"),         # what a base layer is; DDP/FSDP2/DTensor; the progress bar
+    ("functional", "target_forward", "bypass", "memory"),  # autograd Functions and the forwards built on them
+    ("container",),                                 # model.tensoradapt and the model's save hook
+    ("files",),                                     # our safetensors files and folders
+    ("targets", "lifecycle"),                       # which modules are targets; the adapter base
+    ("methods",),                                   # the registry of methods
+    ("api",),                                       # attach / load: choose a method through the registry
+    ("superlora", "glora"),                         # each method's layer, adapter, files and registration
+    ("peft", "lycoris"),                            # other libraries' formats, one codec per format
+    ("hf",),                                        # transformers: Trainer checkpoints
+    ("cli",),                                       # tensoradapt export-peft
+    ("__init__",),                                  # re-exports only
+)
+
+
+def _torch_module(path: Path) -> str:
+    """``tensoradapt.torch``-relative dotted name of a file of ``bindings/torch`` (``__init__`` for the package)."""
+    parts = list(path.relative_to(TORCH).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts) or "__init__"
+
+
+def _torch_layer(module: str) -> int | None:
+    head = module.split(".")[0]
+    return next((i for i, names in enumerate(TORCH_LAYERS) if head in names), None)
+
+
+def _is_torch_module(dotted: str) -> bool:
+    path = TORCH.joinpath(*dotted.split(".")) if dotted != "__init__" else TORCH
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def _typing_only(tree: ast.AST) -> set[int]:
+    """ids of the import nodes under ``if TYPE_CHECKING:`` (annotations only: no arrow at run time)."""
+    found: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            found |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return found
+
+
+def _torch_arrows(path: Path, tree: ast.AST) -> list[tuple[str, str, bool, ast.AST]]:
+    """``(source, target, through_package, node)`` for every import of a ``tensoradapt.torch`` module in
+    ``path`` (function-level imports included, ``TYPE_CHECKING`` blocks excluded).  ``through_package``:
+    a name imported from a package's ``__init__`` rather than from the module defining it."""
+    source = _torch_module(path)
+    package = [] if source == "__init__" else source.split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    skip = _typing_only(tree)
+    arrows = []
+    for node in ast.walk(tree):
+        if id(node) in skip or not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        if isinstance(node, ast.Import):
+            bases = [a.name.split(".")[2:] for a in node.names if a.name.startswith("tensoradapt.torch")]
+            arrows += [(source, ".".join(b) or "__init__", False, node) for b in bases]
+            continue
+        if node.level:
+            base = package[:len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
+        elif node.module and (node.module + ".").startswith("tensoradapt.torch."):
+            base = node.module.split(".")[2:]
+        else:
+            continue
+        for alias in node.names:
+            sub = ".".join([*base, alias.name])
+            if _is_torch_module(sub):  # `from .files import read`: the submodule itself
+                arrows.append((source, sub, False, node))
+            else:
+                target = ".".join(base) or "__init__"
+                package_init = target == "__init__" or (TORCH.joinpath(*base) / "__init__.py").is_file()
+                arrows.append((source, target, package_init, node))
+    return arrows
+
+
+def _upward_arrows(paths: list[Path]) -> list[str]:
+    offenders = []
+    for path in paths:
+        tree = _tree(path)
+        for source, target, through_package, node in _torch_arrows(path, tree):
+            here, there = _torch_layer(source), _torch_layer(target)
+            where = f"{_rel(path)}:{node.lineno}"
+            if here is None or there is None:
+                offenders.append(f"{where}: {source} -> {target} (a module in no layer of TORCH_LAYERS)")
+            elif there > here:
+                offenders.append(f"{where}: {source} (layer {here}) imports {target} (layer {there}): an arrow up")
+            elif through_package and path.name != "__init__.py" and target.split(".")[0] != source.split(".")[0]:
+                offenders.append(f"{where}: {source} imports from the package {target} (import the defining module)")
+    return offenders
+
+
+def test_torch_bindings_import_downward_only() -> None:
+    """0 arrows running back up inside ``bindings/torch``, every module in a layer, no name taken from
+    another package's ``__init__`` (the dependency would hide the module that defines it)."""
+    assert not _upward_arrows(_modules(TORCH)), "\n".join(_upward_arrows(_modules(TORCH)))
+
+
+def test_torch_init_only_reexports() -> None:
+    """``tensoradapt.torch``'s ``__init__`` defines nothing: imports, ``__all__`` and the guard that
+    names PyTorch when it is missing."""
+    tree = _tree(TORCH / "__init__.py")
+    allowed = (ast.Import, ast.ImportFrom, ast.Try)
+    offenders = [f"line {node.lineno}: {type(node).__name__}" for node in tree.body
+                 if not isinstance(node, allowed) and not (isinstance(node, ast.Expr) and isinstance(node.value,
+                 ast.Constant)) and not (isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "__all__")]
+    assert not offenders, offenders
+
+
+#: The method names and the method types whose comparison chooses behaviour per method.
+_METHOD_NAMES = {"superlora", "glora"}
+_METHOD_TYPES = {"SuperLoRAConfig", "GLoRAConfig", "SuperLoRAAdapter", "GLoRAAdapter", "SuperLoRALayer",
+                 "GLoRALayer", "Adapter", "AdaptedLayer"}
+#: Where a method may be named: the registry and the method's own package.
+_METHOD_HOMES = ("bindings/torch/methods.py", "bindings/torch/superlora/", "bindings/torch/glora/")
+
+
+def _method_choices(tree: ast.AST) -> list[ast.AST]:
+    """Nodes that choose behaviour by method: a comparison with ``"superlora"``/``"glora"`` (``==``,
+    ``in``, a ``match`` case), a table keyed by them, ``isinstance``/``issubclass`` with a method's type."""
+    def names_method(node: ast.AST) -> bool:
+        return any(isinstance(n, ast.Constant) and n.value in _METHOD_NAMES for n in ast.walk(node))
+
+    found: list[ast.AST] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and any(names_method(x) for x in (node.left, *node.comparators)):
+            found.append(node)
+        elif isinstance(node, ast.MatchValue) and names_method(node.value):
+            found.append(node)
+        elif isinstance(node, ast.Dict) and any(k is not None and names_method(k) for k in node.keys):
+            found.append(node)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("isinstance", "issubclass") and len(node.args) == 2
+              and any(isinstance(n, (ast.Name, ast.Attribute)) and (n.id if isinstance(n, ast.Name) else n.attr)
+                      in _METHOD_TYPES for n in ast.walk(node.args[1]))):
+            found.append(node)
+    return found
+
+
+def test_no_method_name_comparison_outside_the_registry() -> None:
+    """Per-method behaviour lives in the method's package behind the registry (``methods.py``): no other
+    module of the bindings compares method names or method types."""
+    offenders = [
+        f"{_rel(path)}:{node.lineno}: {ast.unparse(node)[:80]}"
+        for path in _modules(ROOT / "bindings")
+        if not _rel(path).startswith(_METHOD_HOMES)
+        for node in _method_choices(_tree(path))
+    ]
+    assert not offenders, "\n".join(offenders)
+
+
+#: Most lines of a file, and of a function (its ``def`` line to its last line), in ``tensoradapt/`` and ``bindings/``.
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 500, 80
+
+
+def _long_functions(tree: ast.AST) -> list[tuple[str, int, int]]:
+    return [(node.name, node.lineno, node.end_lineno - node.lineno + 1) for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+
+
+def test_no_file_over_500_lines() -> None:
+    offenders = {_rel(p): n for p in _modules(CORE, ROOT / "bindings")
+                 if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_FILE_LINES}
+    assert not offenders, f"files over {MAX_FILE_LINES} lines (split them by responsibility): {offenders}"
+
+
+def test_no_function_over_80_lines() -> None:
+    offenders = [f"{_rel(p)}:{line} {name} ({n} lines)" for p in _modules(CORE, ROOT / "bindings")
+                 for name, line, n in _long_functions(_tree(p))]
+    assert not offenders, f"functions over {MAX_FUNCTION_LINES} lines: {offenders}"
+
+
+def test_the_torch_layout_detectors_can_fail(tmp_path: Path) -> None:
+    """Each issue-23 detector recognises what it forbids (and passes what it allows)."""
+    for code in ('if method == "superlora": pass', 'x = "glora" in kinds', "isinstance(config, GLoRAConfig)",
+                 'KEYS = {"superlora": 1}', 'match m:\n    case "glora": pass',
+                 "issubclass(t, (int, SuperLoRAAdapter))"):
+        assert _method_choices(ast.parse(code)), code
+    for code in ('method = "superlora"', "isinstance(config, dict)", 'register(name="glora")', "of_adapter(a).name"):
+        assert not _method_choices(ast.parse(code)), code
+    assert _long_functions(ast.parse("def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES))
+    assert not _long_functions(ast.parse("def f():\n" + "    x = 1\n" * (MAX_FUNCTION_LINES - 1)))
+    low, high = TORCH / "modules.py", TORCH / "api.py"  # real modules of two layers, parsed from text below
+    for path, code, bad in ((low, "from .api import attach", True), (low, "def f():\n    from . import hf", True),
+                            (high, "from .modules import forward_kind", False),
+                            (high, "from .superlora import SuperLoRAAdapter", True),
+                            (high, "from .files import read", False),
+                            (TORCH / "hf.py", "from .glora import GLoRAAdapter", True),
+                            (TORCH / "hf.py", "from .glora.adapter import GLoRAAdapter", False)):
+        tree = ast.parse(code)
+        offenders = []
+        for source, target, through_package, _ in _torch_arrows(path, tree):
+            here, there = _torch_layer(source), _torch_layer(target)
+            if there > here or (through_package and target.split(".")[0] != source.split(".")[0]):
+                offenders.append(target)
+        assert bool(offenders) == bad, (path.name, code, offenders)

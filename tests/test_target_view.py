@@ -173,3 +173,33 @@ def test_count_params_takes_shapes_from_model_directly_and_selection_matches_att
     for refuse in (lambda: shapes_from_model(model, selection), lambda: tat.attach(model, presets.lora(1), selection)):
         with pytest.raises(TypeError, match=r"'transformer\.h\.0\.attn'"):
             refuse()
+
+
+def test_core_finds_the_model_reader_through_its_entry_point(monkeypatch) -> None:
+    """``tensoradapt.analysis.shapes_from_model`` is the binding's reader, found by name (the core imports
+    neither torch nor the bindings): no binding installed is an ImportError, and with several the
+    model's framework chooses."""
+    import importlib.metadata
+
+    from tensoradapt.analysis import shapes as core_shapes
+
+    model = nn.Sequential(nn.Linear(3, 4))
+    assert core_shapes.shapes_from_model(model) == torch_targets.shapes_from_model(model)
+    found = importlib.metadata.entry_points(group=core_shapes.MODEL_SHAPES_GROUP)
+    assert [ep.value for ep in found] == ["tensoradapt.torch.targets:shapes_from_model"]
+
+    class Reader:
+        def __init__(self, name: str, value: object) -> None:
+            self.name, self.value = name, value
+
+        def load(self) -> object:
+            return self.value
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
+    with pytest.raises(ImportError, match="none is installed"):
+        core_shapes.shapes_from_model(model)
+    readers = [Reader("jax", lambda *args, **kwargs: "jax's"), Reader("torch", lambda *args, **kwargs: "torch's")]
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: readers)
+    assert core_shapes.shapes_from_model(model) == "torch's"
+    with pytest.raises(TypeError, match="one of \\['jax', 'torch'\\]"):
+        core_shapes.shapes_from_model(object())

@@ -29,8 +29,8 @@ from torch.autograd.function import once_differentiable
 
 from tensoradapt import SuperLoRA
 
-from ._shared import base_forward, graph_task_id
 from .functional import superlora_component_delta
+from .modules import base_forward, graph_task_id
 
 __all__ = ["ComponentPass", "ComponentSlot", "TargetSlice", "adapted_forward", "add_update", "component_handle"]
 

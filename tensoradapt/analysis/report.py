@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..superlora.budget import BudgetEntry
+    from .counts import CountRow
     from .geometry import KindSummary, SimilarityRecord
-    from .shapes import CountRow
 
 __all__ = ["format_budget_sweep", "format_count_table", "format_similarity_table", "shapes_summary"]
 

@@ -10,43 +10,37 @@ Sources of target shapes (all return a list of :class:`Target` ``(name, shape)``
 * :func:`shapes_from_json` — ``[[768, 768], …]``, ``[{"name": …, "shape": […]}, …]`` or
   ``{"name": [768, 768], …}``;
 * :func:`shapes_from_model` — the ``(o, n)`` matrices of a torch model's target modules, as
-  :func:`tensoradapt.torch.attach` sees them (torch is imported only inside that function; the
-  core never imports it).
+  :func:`tensoradapt.torch.attach` sees them: read by the binding
+  (:func:`tensoradapt.torch.targets.shapes_from_model`), found through an entry point (the core
+  never imports torch or the bindings).
 
 :func:`count_table` and :func:`budget_sweep` count parameters of presets or configurations on
 those shapes (through :mod:`tensoradapt.budget`); :func:`format_count_table` /
 :func:`format_budget_sweep` (in :mod:`.report`, re-exported here) render them as text.
 
 The safetensors header is read by the library's one reader (:mod:`tensoradapt._safetensors`),
-and a model's targets are selected and viewed as ``(o, n)`` matrices by the rule the torch
-bindings use (:mod:`tensoradapt._targets`).
+and a model's targets are selected and viewed as ``(o, n)`` matrices by the binding, with the
+core's rule (:mod:`tensoradapt._targets`).
 """
 
 from __future__ import annotations
 
-import inspect
-import math
 import os
 import re
 import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import tensoradapt._safetensors as safetensors_header
-import tensoradapt._targets as target_rules
 
 from .._json import StrictJSONError, loads_strict
 from .._validate import MAX_DIM, MAX_NDIM, brief, is_int
-from ..superlora import presets as _presets
-from ..superlora.budget import FAMILIES, BudgetEntry, budget, count_many
-from ..superlora.config import SuperLoRAConfig
-from ..superlora.generator import SuperLoRA
 from .report import format_budget_sweep, format_count_table  # re-exported: the text tables live in report
 
 __all__ = [
     "DEFAULT_PRESETS",
     "DEFAULT_RANKS",
+    "OVER_DENSE_NOTE",
     "PRESETS",
     "CountRow",
     "ShapeSourceError",
@@ -63,15 +57,6 @@ __all__ = [
     "shapes_from_safetensors",
 ]
 
-#: Preset names usable in :func:`parse_preset` (the functions of :mod:`tensoradapt.presets`).
-PRESETS = ("dense", "lora", "lokr", "krona", "loha", "lotr", "lonkr", "lorta")
-#: Presets of the default count table.
-DEFAULT_PRESETS = ("dense", "lora", "lokr", "loha", "lotr", "lonkr:splits=3", "lorta:order=3", "lorta:order=4")
-#: Ranks swept for presets given without an explicit rank.
-DEFAULT_RANKS = (1, 2, 4, 8, 16)
-
-#: The note of a count-table row with more trainable parameters than dense fine-tuning (``> N``).
-OVER_DENSE_NOTE = "more parameters than dense fine-tuning: over-parameterised, not an adapter"
 #: Most targets a shape source may describe (text such as ``SxOxN``, a JSON ``count``): refused beyond.
 MAX_TARGETS = 10**6
 #: Largest shape file read (a JSON shape list; a safetensors header has its own limit).
@@ -295,247 +280,57 @@ def parse_shapes(spec: str, *, min_ndim: int = 2, pattern: str | None = None) ->
     return _selected(targets, 0, pattern)
 
 
+#: The entry-point group through which a framework binding supplies :func:`shapes_from_model`
+#: (``tensoradapt.torch`` registers ``torch = tensoradapt.torch.targets:shapes_from_model``): the core
+#: imports neither a framework nor a binding, it finds the reader by name.
+MODEL_SHAPES_GROUP = "tensoradapt.model_shapes"
+
+
 def shapes_from_model(model: Any, targets: str | Sequence[str] | Callable[[str, Any], bool] | None = None, *,
                       min_ndim: int = 2) -> list[Target]:
-    r"""Target weights of a torch model, in ``model.named_modules()`` order (docs/math.md D1).
+    r"""Target weights of a framework's model, in its module order (docs/math.md D1): the ``(o, n)``
+    matrices an adapter generates for the selected modules, by the rule its binding's ``attach``
+    uses, so ``count_params(config, shapes_from_model(model, targets))`` is the ``num_params`` of
+    ``attach(model, config, targets)``.
 
-    The shapes are the ``(o, n)`` matrices an adapter generates for the modules, by the same rule
-    :func:`tensoradapt.torch.attach` uses, so ``count_params(config, shapes_from_model(model,
-    targets))`` is the ``num_params`` of ``attach(model, config, targets)``: ``(out, in)`` for
-    ``nn.Linear`` and for transformers' ``Conv1D`` (whose weight is stored ``(in, out)``),
-    ``(o, i/groups · Π k)`` for convolutions, ``(num, dim)`` for embeddings.  A weight of fewer than
-    two dimensions (with ``min_ndim=1``) keeps its stored shape.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-    targets : sequence of str, str or callable, optional
-        Module selection, as for :func:`tensoradapt.torch.attach`: a sequence of names, each
-        matching a module whose qualified name equals it or ends with ``"." + name`` (PEFT's
-        ``target_modules`` rule, e.g. ``["query", "value"]``), one string used as a regular
-        expression (``re.fullmatch`` on the qualified name), or ``callable(name, module) -> bool``.
-        Default: every module with a weight of at least ``min_ndim`` dimensions.
-    min_ndim : int
-        Skip weights with fewer dimensions (default 2; norms and biases are not targets).
-
-    Returns
-    -------
-    list of Target
-        Names are the weights' ``state_dict`` keys (``<module>.weight``).
+    The reader is the binding's (for torch: :func:`tensoradapt.torch.targets.shapes_from_model`,
+    which documents ``targets``, ``min_ndim``, the shapes and the errors), found through the
+    :data:`MODEL_SHAPES_GROUP` entry points by the framework of the model's class.
 
     Raises
     ------
-    TypeError
-        If ``model`` is not a ``torch.nn.Module``, ``targets`` is not a selection, or a selected
-        module has no weight ``attach`` could adapt (the same message ``attach`` gives).
-    ShapeSourceError
-        If no module matches, or ``targets`` is not a valid regular expression.
+    ImportError
+        No binding is installed (``pip install tensoradapt[torch]``).
+    TypeError, ShapeSourceError
+        As the binding's reader raises them (a model it cannot read, no module matching ``targets``).
     """
-    import torch  # lazily: the core never imports torch at import time
-
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    modules = list(model.named_modules())
-    if targets is not None:  # the modules attach() would target (never the root module)
-        try:
-            modules = target_rules.select_targets(modules, targets)
-        except ValueError as exc:
-            raise ShapeSourceError(str(exc)) from None
-    out = []
-    for qualified, module in modules:
-        weight = getattr(module, "weight", None)
-        is_tensor = isinstance(weight, torch.Tensor)
-        # a selected module attach() would refuse raises attach()'s error here too
-        view = target_rules.target_view(qualified, module) if (targets is not None and not is_tensor) or (
-            is_tensor and weight.ndim >= 2) else None
-        if not is_tensor or weight.ndim < min_ndim:
-            continue
-        shape = view.shape if view is not None else tuple(int(d) for d in weight.shape)
-        out.append(Target(f"{qualified}.weight" if qualified else "weight", shape,
-                          str(weight.dtype).removeprefix("torch.")))
-    if not out:
-        raise ShapeSourceError(f"no module of the model matches targets={targets!r} "
-                               f"(with a weight of at least {min_ndim} dimensions)")
-    return out
+    return _model_reader(model)(model, targets, min_ndim=min_ndim)
 
 
-# ---------------------------------------------------------------------------------------------
-# presets and tables
-# ---------------------------------------------------------------------------------------------
-def _parse_value(text: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("none", "null"):
-        return None
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+def _model_reader(model: Any) -> Callable[..., list[Target]]:
+    """The installed binding's ``shapes_from_model`` for ``model``: the one named after a top-level
+    package of the model's class hierarchy (``torch`` for an ``nn.Module``), else the only one."""
+    from importlib.metadata import entry_points
+
+    readers = {ep.name: ep for ep in entry_points(group=MODEL_SHAPES_GROUP)}
+    if not readers:
+        raise ImportError("shapes_from_model reads a model through a framework binding, and none is installed "
+                          "(pip install tensoradapt[torch])")
+    frameworks = [cls.__module__.split(".")[0] for cls in type(model).__mro__]
+    name = next((f for f in frameworks if f in readers), None)
+    if name is None and len(readers) > 1:
+        raise TypeError(f"model must be a model of one of {sorted(readers)}, got {type(model).__name__}")
+    return readers[name if name is not None else next(iter(readers))].load()
 
 
-def parse_preset(spec: str, shapes: Sequence[Sequence[int]] | None = None,
-                 ranks: Sequence[int] | None = None) -> list[tuple[str, SuperLoRAConfig]]:
-    """Configurations from a preset specification ``name[:key=value,…]``.
-
-    ``name`` is one of :data:`PRESETS`; the keys are the preset function's arguments (e.g.
-    ``lorta:order=3,groups=1``, ``lokr:factor=8``, ``lora:rank=8``).  A preset that takes a rank
-    and is given none is expanded over ``ranks`` (default :data:`DEFAULT_RANKS`).  ``lotr`` stacks
-    all the targets (``S`` is taken from the shapes when the plan is built), so ``shapes`` is no
-    longer needed here; it is accepted for existing callers and ignored.
-
-    Returns
-    -------
-    list of (label, SuperLoRAConfig)
-
-    Examples
-    --------
-    >>> [label for label, _ in parse_preset("lorta:order=3", ranks=[2, 4])]
-    ['lorta(order=3, rank=2)', 'lorta(order=3, rank=4)']
-
-    Raises
-    ------
-    ValueError
-        Unknown preset name or argument, malformed ``key=value``, or an invalid configuration.
-    """
-    name, _, rest = str(spec).strip().partition(":")
-    name = name.strip().lower()
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets are {', '.join(PRESETS)}")
-    func = getattr(_presets, name)
-    params = inspect.signature(func).parameters
-    kwargs: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise ValueError(f"preset argument {item!r} in {spec!r} must look like key=value")
-        if key not in params:
-            raise ValueError(f"preset {name!r} has no argument {key!r}; its arguments are {', '.join(params)}")
-        if key in kwargs:
-            raise ValueError(f"preset {spec!r} gives {key!r} twice")
-        kwargs[key] = _parse_value(value.strip())
-    sweep = ("rank" in params and "rank" not in kwargs)
-    missing = [p.name for p in params.values() if p.default is inspect.Parameter.empty
-               and p.name not in kwargs and not (sweep and p.name == "rank")]
-    if missing:
-        raise ValueError(f"preset {name!r} needs {', '.join(f'{m}=…' for m in missing)} "
-                         f"(e.g. {name}:{missing[0]}=3); its arguments are {', '.join(params)}")
-    rank_list = list(ranks) if ranks is not None else list(DEFAULT_RANKS)
-    variants = [{**kwargs, "rank": r} for r in rank_list] if sweep else [kwargs]
-    out = []
-    for kw in variants:
-        label = f"{name}({', '.join(f'{k}={v}' for k, v in kw.items())})"
-        try:
-            config = func(**kw)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"preset {spec!r}: {exc}") from None
-        out.append((label, config))
-    return out
-
-
-@dataclass(frozen=True)
-class CountRow:
-    """One row of a parameter table.
-
-    Attributes
-    ----------
-    label : str
-    params : int or None
-        Trainable parameters (``None`` when the configuration does not apply to the shapes).
-    fraction : float or None
-        ``params / N`` with ``N`` the number of entries of all targets (dense fine-tuning).
-    groups : int or None
-    config : SuperLoRAConfig
-    note : str
-        Why the configuration does not apply (empty otherwise).
-    """
-
-    label: str
-    params: int | None
-    fraction: float | None
-    groups: int | None
-    config: SuperLoRAConfig
-    note: str = ""
-
-
-def _plain_shapes(shapes: Sequence[Any]) -> list[tuple[int, ...]]:
-    return [tuple(int(d) for d in (s.shape if isinstance(s, Target) else s)) for s in shapes]
-
-
-def count_table(shapes: Sequence[Any], configs: Iterable[str] | Mapping[str, SuperLoRAConfig] | None = None,
-                *, ranks: Sequence[int] | None = None, names: Sequence[str] | None = None) -> list[CountRow]:
-    """Trainable parameters of presets or configurations on the target ``shapes``.
-
-    Parameters
-    ----------
-    shapes : sequence of shapes or Target
-    configs : iterable of preset specifications, or mapping label -> SuperLoRAConfig, optional
-        Default :data:`DEFAULT_PRESETS` (specifications as in :func:`parse_preset`).
-    ranks : sequence of int, optional
-        Ranks for presets given without one.
-    names : sequence of str, optional
-        Target names (needed by ``grouping="layer"``).
-
-    Returns
-    -------
-    list of CountRow
-        Configurations that cannot be built on the shapes (e.g. LoTR over unequal shapes) get
-        ``params=None`` and a note.
-
-    Examples
-    --------
-    >>> rows = count_table([(768, 768)] * 24, ["lora"], ranks=[1, 8])
-    >>> [(r.label, r.params) for r in rows]
-    [('lora(rank=1)', 36864), ('lora(rank=8)', 294912)]
-    """
-    plain = _plain_shapes(shapes)
-    if not plain:
-        raise ValueError("shapes must hold at least one target shape")
-    if names is None and shapes and all(isinstance(s, Target) for s in shapes):
-        names = [s.name for s in shapes]
-    total = sum(math.prod(s) for s in plain)
-    if configs is None:
-        configs = DEFAULT_PRESETS
-    if isinstance(configs, Mapping):
-        labelled = list(configs.items())
-    else:
-        labelled = [item for spec in configs for item in parse_preset(spec, plain, ranks)]
-    rows = []
-    simple = [config.grouping == "weight" or is_int(config.grouping) for _, config in labelled]
-    # weight-wise and G-chunk configurations are counted without the full plan, the shapes checked once
-    counts = iter(count_many([config for (_, config), easy in zip(labelled, simple, strict=True) if easy],
-                             plain, names))
-    for (label, config), easy in zip(labelled, simple, strict=True):
-        try:
-            if easy:
-                params = next(counts)
-                if isinstance(params, ValueError):
-                    raise params
-                groups = len(plain) if config.grouping == "weight" else config.grouping
-            else:
-                plan = SuperLoRA(config, plain, names)
-                params, groups = plan.num_params, len(plan.groups)
-        except ValueError as exc:
-            rows.append(CountRow(label, None, None, None, config, str(exc).split("\n")[0]))
-            continue
-        note = OVER_DENSE_NOTE if params > total else ""
-        rows.append(CountRow(label, params, params / total, groups, config, note))
-    return rows
-
-
-def budget_sweep(shapes: Sequence[Any], max_params: int, families: Iterable[str] = FAMILIES, *,
-                 min_params: int = 0, top: int | None = None) -> list[BudgetEntry]:
-    """:func:`tensoradapt.budget` on the shapes, keeping the ``top`` largest entries (all if None).
-
-    Examples
-    --------
-    >>> [e.params for e in budget_sweep([(768, 768)] * 24, 40_000, ["lora"])]
-    [36864]
-    """
-    entries = budget(_plain_shapes(shapes), max_params, families, min_params=min_params)
-    if top is not None:
-        entries = entries[-top:] if top > 0 else []
-    return entries
+# the parameter tables live in .counts; importable from here as before (docs/analysis.md lists them here)
+from .counts import (  # noqa: E402  (counts reads Target, defined above)
+    DEFAULT_PRESETS,
+    DEFAULT_RANKS,
+    OVER_DENSE_NOTE,
+    PRESETS,
+    CountRow,
+    budget_sweep,
+    count_table,
+    parse_preset,
+)

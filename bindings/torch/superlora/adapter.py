@@ -26,7 +26,7 @@ from torch import nn
 from tensoradapt import SuperLoRA, SuperLoRAConfig
 from tensoradapt._validate import check_int
 from tensoradapt._version import __version__
-from tensoradapt.superlora.plan import param_name
+from tensoradapt.superlora.forms import exact_form
 
 from ..bypass import BypassForm, apply_bypass, bypass_form
 from ..distributed import refuse_sharded_values
@@ -150,26 +150,18 @@ class SuperLoRAAdapter(DeltaPasses, BaseAdapter):
     def _factored_form(self, index: int, module: nn.Module) -> tuple[str, str, float] | None:
         """``(U name, V name, s)`` when target ``index`` is a plain low-rank product
         ``ΔW = s U Vᵀ`` of its own ``(o, n)`` shape (the LoRA preset: one weight per group, an
-        identity-core matrix split, nothing cut, no projection), else None.
+        identity-core matrix split, nothing cut, no projection; the core's decision,
+        :func:`tensoradapt.superlora.forms.exact_form`) on a layer that takes the activation path,
+        else None.
 
         Such a layer computes ``base(x) + s (x V) Uᵀ`` and never forms ``ΔW`` (like PEFT's LoRA):
         cheaper than ``x (W + ΔW)ᵀ`` in time, as the backward needs no ``(o, n)`` weight gradient.
         """
-        cfg = self.plan.config
-        view = self.views[index]
-        c, _ = self._component_of[index]
-        targets, groups = self._components[c]
-        if (len(targets), len(groups)) != (1, 1) or cfg.projection != "none" or cfg.layout != "fold":
+        form = exact_form(self.plan, index)
+        names = form.factored if form.kind is not None else None  # NotExact has no factored pair
+        if names is None or not self._takes_activation_path(index, module):
             return None
-        if not self._takes_activation_path(index, module):
-            return None
-        group = self.plan.groups[groups[0]]
-        if len(group.splits) != 1 or group.n != group.size or group.padding:
-            return None
-        split = group.splits[0]
-        if split.kind != "identity" or split.shape != view.shape or split.fixed_modes:
-            return None
-        return param_name(group.index, 1, "factor0"), param_name(group.index, 1, "factor1"), float(group.scale)
+        return (*names, form.scale)
 
     def _takes_activation_path(self, index: int, module: nn.Module) -> bool:
         """Whether target ``index`` can add its update as ``base(x) + x ΔWᵀ`` (``nn.Linear``,
