@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from tensoradapt import SuperLoRA, SuperLoRAConfig, presets
 from tensoradapt.analysis import fit, rank_configs
-from tensoradapt.analysis.fit import _nearest_kron
+from tensoradapt.analysis.fit_init import _nearest_kron
 from tensoradapt.ops import kron
 
 from .conftest import np_
