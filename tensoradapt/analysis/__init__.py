@@ -16,6 +16,8 @@ plot
 fit
     :func:`fit`: the best approximation of given ``ΔW`` (e.g. a dense fine-tune) by a SuperLoRA
     configuration, with its relative error — rank configurations per budget before training.
+fit_init
+    The first stage of :func:`fit`: initial parameters from decompositions of each group's target.
 
 Everything here runs on NumPy (linear algebra from NumPy/SciPy); ``ΔW`` generation in
 :func:`fit` and the SVDs of :func:`compare` run on the arrays' own backend where it has one.
