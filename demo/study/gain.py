@@ -501,6 +501,9 @@ def null_band(lora_params: Sequence[float], family_params: Sequence[float], curv
 
 
 # --- the records of a task --------------------------------------------------------------------
+_RECORD_KEYS = ("task", "family", "point", "params", "groups", "seed", "val", "test")
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
@@ -509,14 +512,47 @@ def _is_real(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _check_record(k: int, r: Any) -> np.ndarray | None:
+    """Check one record's fields (not its consistency with the others); its test items or None."""
+    if not isinstance(r, Mapping):
+        raise ValueError(f"record {k} is a {type(r).__name__}, not a dict")
+    missing = [key for key in _RECORD_KEYS if key not in r]
+    if missing:
+        raise ValueError(f"record {k} lacks {missing}")
+    name, fam = r["point"], r["family"]
+    if not isinstance(name, str) or not name or not isinstance(fam, str) or not fam:
+        raise ValueError(f"record {k}: family and point must be non-empty strings")
+    if not _is_int(r["params"]) or r["params"] < 0:
+        raise ValueError(f"record {k} ({name}): params must be an int >= 0, got {r['params']!r}")
+    if r["groups"] is not None and (not _is_int(r["groups"]) or r["groups"] < 1):
+        raise ValueError(f"record {k} ({name}): groups must be None or an int >= 1, got {r['groups']!r}")
+    if not _is_int(r["seed"]) or r["seed"] < 0:
+        raise ValueError(f"record {k} ({name}): seed must be an int >= 0, got {r['seed']!r}")
+    for key in ("val", "test"):
+        if not _is_real(r[key]):
+            raise ValueError(f"record {k} ({name}): {key} must be a finite number, got {r[key]!r}")
+    if r.get("fid") is not None and not _is_real(r["fid"]):
+        raise ValueError(f"record {k} ({name}): fid must be None or a finite number, got {r['fid']!r}")
+    if r.get("test_items") is None:
+        return None
+    items = np.asarray(r["test_items"])
+    if items.ndim != 1 or not len(items) or not np.all((items == 0) | (items == 1)):
+        raise ValueError(f"record {k} ({name}): test_items must be a non-empty list of 0/1")
+    if abs(float(items.mean()) - float(r["test"])) > 1e-6:
+        raise ValueError(f"record {k} ({name}): test = {r['test']!r} is not mean(test_items) = {float(items.mean())!r}")
+    return items.astype(np.uint8)
+
+
 @dataclass
 class _Table:
+    """A task's runs as arrays: P points (first-seen order) by S seed indices (ascending)."""
+
     task: str
     labels: list[str]
     families: list[str]
     params: np.ndarray            # (P,)
     groups: list[int | None]
-    seeds: list[int]              # the seed indices, ascending
+    seeds: list[int]
     val: np.ndarray               # (P, S)
     test: np.ndarray              # (P, S)
     present: np.ndarray           # (P, S) bool
@@ -528,87 +564,58 @@ class _Table:
     def from_records(cls, records: Sequence[Mapping[str, Any]]) -> _Table:
         if isinstance(records, (str, bytes)) or not isinstance(records, Sequence) or not records:
             raise ValueError("records must be a non-empty list of run records (dicts)")
-        need = ("task", "family", "point", "params", "groups", "seed", "val", "test")
         meta: dict[str, tuple[str, int, int | None]] = {}
-        order: list[str] = []
-        runs: dict[tuple[str, int], Mapping[str, Any]] = {}
-        n_items: int | None = None
-        with_items: bool | None = None
-        task = None
+        runs: dict[tuple[str, int], tuple[Mapping[str, Any], np.ndarray | None]] = {}
         for k, r in enumerate(records):
-            if not isinstance(r, Mapping):
-                raise ValueError(f"record {k} is a {type(r).__name__}, not a dict")
-            missing = [key for key in need if key not in r]
-            if missing:
-                raise ValueError(f"record {k} lacks {missing}")
-            if task is None:
-                task = r["task"]
-            if r["task"] != task:
-                raise ValueError(f"record {k} is of task {r['task']!r}, the others of {task!r}: one task at a time")
-            name, fam = r["point"], r["family"]
-            if not isinstance(name, str) or not name or not isinstance(fam, str) or not fam:
-                raise ValueError(f"record {k}: family and point must be non-empty strings")
-            if not _is_int(r["params"]) or r["params"] < 0:
-                raise ValueError(f"record {k} ({name}): params must be an int >= 0, got {r['params']!r}")
-            if r["groups"] is not None and (not _is_int(r["groups"]) or r["groups"] < 1):
-                raise ValueError(f"record {k} ({name}): groups must be None or an int >= 1, got {r['groups']!r}")
-            if not _is_int(r["seed"]) or r["seed"] < 0:
-                raise ValueError(f"record {k} ({name}): seed must be an int >= 0, got {r['seed']!r}")
-            for key in ("val", "test"):
-                if not _is_real(r[key]):
-                    raise ValueError(f"record {k} ({name}): {key} must be a finite number, got {r[key]!r}")
-            fid = r.get("fid")
-            if fid is not None and not _is_real(fid):
-                raise ValueError(f"record {k} ({name}): fid must be None or a finite number, got {fid!r}")
-            ti = r.get("test_items")
-            has = ti is not None
-            if with_items is None:
-                with_items = has
-            if has != with_items:
-                raise ValueError(f"record {k} ({name}): test_items given in some records and not in others")
-            if has:
-                arr = np.asarray(ti)
-                if arr.ndim != 1 or not len(arr) or not np.all((arr == 0) | (arr == 1)):
-                    raise ValueError(f"record {k} ({name}): test_items must be a non-empty list of 0/1")
-                if n_items is None:
-                    n_items = len(arr)
-                if len(arr) != n_items:
-                    raise ValueError(f"record {k} ({name}): {len(arr)} test items, other runs have {n_items}")
-                if abs(float(arr.mean()) - float(r["test"])) > 1e-6:
-                    raise ValueError(f"record {k} ({name}): test = {r['test']!r} is not mean(test_items) = "
-                                     f"{float(arr.mean())!r}")
-            m = (fam, int(r["params"]), None if r["groups"] is None else int(r["groups"]))
-            if name in meta and meta[name] != m:
-                raise ValueError(f"point {name!r}: family/params/groups differ between its runs: {meta[name]} vs {m}")
-            if name not in meta:
-                meta[name] = m
-                order.append(name)
-            key = (name, int(r["seed"]))
-            if key in runs:
-                raise ValueError(f"point {name!r} has two runs of seed {key[1]}")
-            runs[key] = r
+            items = _check_record(k, r)
+            first, first_items = next(iter(runs.values()), (r, items))
+            if r["task"] != first["task"]:
+                raise ValueError(f"record {k} is of task {r['task']!r}, the others of {first['task']!r}: "
+                                 "one task at a time")
+            if (items is None) != (first_items is None):
+                raise ValueError(f"record {k} ({r['point']}): test_items given in some records and not in others")
+            if items is not None and len(items) != len(first_items):
+                raise ValueError(f"record {k} ({r['point']}): {len(items)} test items, other runs have "
+                                 f"{len(first_items)}")
+            m = (r["family"], int(r["params"]), None if r["groups"] is None else int(r["groups"]))
+            if meta.setdefault(r["point"], m) != m:
+                raise ValueError(f"point {r['point']!r}: family/params/groups differ between its runs: "
+                                 f"{meta[r['point']]} vs {m}")
+            if (r["point"], int(r["seed"])) in runs:
+                raise ValueError(f"point {r['point']!r} has two runs of seed {r['seed']}")
+            runs[(r["point"], int(r["seed"]))] = (r, items)
+        return cls._assemble(meta, runs)
+
+    @classmethod
+    def _assemble(cls, meta: dict[str, tuple[str, int, int | None]],
+                  runs: dict[tuple[str, int], tuple[Mapping[str, Any], np.ndarray | None]]) -> _Table:
+        order = list(meta)
         seeds = sorted({s for _, s in runs})
-        col = {s: j for j, s in enumerate(seeds)}
-        n_p, n_s = len(order), len(seeds)
-        row = {name: i for i, name in enumerate(order)}
-        val = np.zeros((n_p, n_s))
-        test = np.zeros((n_p, n_s))
-        present = np.zeros((n_p, n_s), dtype=bool)
-        items = np.zeros((n_p, n_s, n_items), dtype=np.uint8) if with_items and n_items else None
+        row, col = {n: i for i, n in enumerate(order)}, {s: j for j, s in enumerate(seeds)}
+        first, first_items = next(iter(runs.values()))
+        shape = (len(order), len(seeds))
+        val, test, present = np.zeros(shape), np.zeros(shape), np.zeros(shape, dtype=bool)
+        items = None if first_items is None else np.zeros((*shape, len(first_items)), dtype=np.uint8)
         fids: dict[str, list[float]] = {}
-        sett: dict[str, dict[str, Any] | None] = {}
-        for (name, s), r in runs.items():
+        sett: dict[str, dict[str, Any]] = {}
+        for (name, s), (r, its) in runs.items():
             i, j = row[name], col[s]
             val[i, j], test[i, j], present[i, j] = float(r["val"]), float(r["test"]), True
             if items is not None:
-                items[i, j] = np.asarray(r["test_items"], dtype=np.uint8)
+                items[i, j] = its
             if r.get("fid") is not None:
                 fids.setdefault(name, []).append(float(r["fid"]))
             if isinstance(r.get("settings"), Mapping):
                 sett[name] = dict(r["settings"])
-        return cls(str(task), order, [meta[n][0] for n in order], np.array([meta[n][1] for n in order], dtype=float),
-                   [meta[n][2] for n in order], seeds, val, test, present, items,
-                   [float(np.mean(fids[n])) if n in fids else None for n in order], [sett.get(n) for n in order])
+        return cls(str(first["task"]), order, [meta[n][0] for n in order],
+                   np.array([meta[n][1] for n in order], dtype=float), [meta[n][2] for n in order], seeds, val, test,
+                   present, items, [float(np.mean(fids[n])) if n in fids else None for n in order],
+                   [sett.get(n) for n in order])
+
+    def means(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean validation and test score of each point over the seeds it has, shape (P,) each."""
+        n = self.present.sum(axis=1)
+        return np.where(self.present, self.val, 0.0).sum(1) / n, np.where(self.present, self.test, 0.0).sum(1) / n
 
 
 # --- the curves compared with LoRA ------------------------------------------------------------
@@ -619,38 +626,62 @@ class _Entry:
     members: list[str]
     groups: int | None
     ceiling: float | None
-    idx: np.ndarray               # indices of its points (params > 0) in the table
+    idx: list[int]                # its points (params > 0), by ascending count
 
 
 def _entries(t: _Table, lora_family: str, union: Mapping[str, Sequence[str]] | None, L: int,
              ceiling_families: Sequence[str]) -> list[_Entry]:
-    def pts(fams: Sequence[str], g: int | None = None) -> np.ndarray:
-        return np.array([i for i, f in enumerate(t.families) if f in fams and t.params[i] > 0
-                         and (g is None or t.groups[i] == g)], dtype=int)
+    """LoRA, then every other family, its per-G curves (two G or more), then the unions."""
+    def pts(fams: Sequence[str], g: int | None = None) -> list[int]:
+        idx = [i for i, f in enumerate(t.families) if f in fams and t.params[i] > 0 and (g is None or t.groups[i] == g)]
+        return sorted(idx, key=lambda i: (t.params[i], i))
 
     lora = pts([lora_family])
-    if not len(lora):
+    if not lora:
         raise ValueError(f"no run of the LoRA family {lora_family!r} with params > 0 (families: "
                          f"{sorted(set(t.families))})")
     out = [_Entry(lora_family, "lora", [lora_family], None, None, lora)]
     fams = list(dict.fromkeys(f for f in t.families if f != lora_family))
     for f in fams:
         idx = pts([f])
-        if not len(idx):
+        if not idx:
             continue
         gs = sorted({t.groups[i] for i in idx if t.groups[i] is not None})
-        ceiling = math.sqrt(L / gs[0]) if f in ceiling_families and gs else None
-        out.append(_Entry(f, "family", [f], None, ceiling, idx))
+        reshape = f in ceiling_families
+        out.append(_Entry(f, "family", [f], None, math.sqrt(L / gs[0]) if reshape and gs else None, idx))
         if len(gs) >= 2:
-            for g in gs:
-                ceil_g = math.sqrt(L / g) if f in ceiling_families else None
-                out.append(_Entry(f"{f} G={g}", "groups", [f], g, ceil_g, pts([f], g)))
+            out += [_Entry(f"{f} G={g}", "groups", [f], g, math.sqrt(L / g) if reshape else None, pts([f], g))
+                    for g in gs]
     for name, members in (union or {}).items():
         present = [m for m in members if m in fams]
-        idx = pts(present)
-        if len(idx):
+        if idx := pts(present):
             out.append(_Entry(name, "union", present, None, None, idx))
     return out
+
+
+@dataclass
+class _Curves:
+    """The curves of a task and the levels they are read at; :meth:`needs` is the estimator."""
+
+    entries: list[_Entry]
+    params: list[float]
+    fixed: list[float]            # the levels at fractions of LoRA's range
+    r1: int                       # LoRA r = 1: LoRA's smallest point
+
+    def needs(self, val: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[list, ...]]]:
+        """For one set of point means, shape (P,): parameters needed (E, K), bounded (E, K), and the
+        envelopes; the levels are ``fixed`` and then ``test[r1]``."""
+        v, s = val.tolist(), test.tolist()
+        levels = [*self.fixed, s[self.r1]]
+        need = np.full((len(self.entries), len(levels)), np.nan)
+        bound = np.zeros(need.shape, dtype=bool)
+        envs = []
+        for e, ent in enumerate(self.entries):
+            env = _select(ent.idx, self.params, v, s)
+            envs.append(env)
+            for k, level in enumerate(levels):
+                need[e, k], bound[e, k] = _need(env[0], env[1], level)
+        return need, bound, envs
 
 
 def _percentiles(x: np.ndarray, confidence: float, log: bool) -> tuple[float | None, float | None]:
@@ -658,15 +689,124 @@ def _percentiles(x: np.ndarray, confidence: float, log: bool) -> tuple[float | N
     if not len(ok):
         return None, None
     tail = 100 * (1 - confidence) / 2
-    if log:
-        lo, hi = np.percentile(np.log(ok), [tail, 100 - tail])
-        return math.exp(lo), math.exp(hi)
-    lo, hi = np.percentile(ok, [tail, 100 - tail])
-    return float(lo), float(hi)
+    lo, hi = np.percentile(np.log(ok) if log else ok, [tail, 100 - tail])
+    return (math.exp(lo), math.exp(hi)) if log else (float(lo), float(hi))
 
 
 def _fin(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
+
+
+def _ratio_stats(point: float, boot: np.ndarray, confidence: float) -> dict[str, Any]:
+    """A ratio's point value, its bootstrap interval (when defined in half the resamples or more)
+    and the share of resamples defining it."""
+    ok = np.isfinite(boot)
+    defined = float(ok.mean()) if len(boot) else 0.0
+    low, high = _percentiles(boot, confidence, log=True) if len(boot) and defined >= 0.5 else (None, None)
+    return {"value": _fin(point), "low": low, "high": high, "defined": defined}
+
+
+def _check_args(L: int, resamples: int, seed: int, null_draws: int | None, fractions: Sequence[float],
+                confidence: float, union: Mapping[str, Sequence[str]] | None) -> None:
+    if not _is_int(L) or L < 1:
+        raise ValueError(f"L must be an int >= 1, got {L!r}")
+    if not _is_int(resamples) or resamples < 0:
+        raise ValueError(f"resamples must be an int >= 0, got {resamples!r}")
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if null_draws is not None and (not _is_int(null_draws) or null_draws < 0):
+        raise ValueError(f"null_draws must be None or an int >= 0, got {null_draws!r}")
+    if not all(_is_real(f) and 0 <= f <= 1 for f in fractions):
+        raise ValueError(f"fractions must lie in [0, 1], got {list(fractions)!r}")
+    if not (_is_real(confidence) and 0 < confidence < 1):
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    if union is not None and not isinstance(union, Mapping):
+        raise ValueError(f"union must be a dict name -> families, got {type(union).__name__}")
+    for name, members in (union or {}).items():
+        if isinstance(members, str) or not all(isinstance(m, str) for m in members):
+            raise ValueError(f"union {name!r}: members must be a list of family names, got {members!r}")
+
+
+def _gains(curves: _Curves, e: int, keys: list[str], levels: list[float], est: tuple[np.ndarray, ...],
+           boot: tuple[np.ndarray, ...], band: list[dict[str, Any]] | None, confidence: float) -> list[dict[str, Any]]:
+    """The gain rows of entry ``e``: ``est`` = (need, bounded) of the point estimate, ``boot`` the
+    same per resample (last axis)."""
+    need0, bound0 = est
+    need_b, bound_b = boot
+    ent = curves.entries[e]
+    min_p = min(curves.params[i] for i in ent.idx)
+    rows = []
+    for k, key in enumerate(keys):
+        g0 = need0[0, k] / need0[e, k]
+        gb = need_b[0, k] / need_b[e, k]
+        stats = _ratio_stats(g0, gb, confidence)
+        ok = np.isfinite(gb)
+        null = band[k] if band is not None else None
+        p95 = None if null is None else null["p95"]
+        rows.append({"key": key, "level": levels[k], "gain": stats["value"], "lora_params": _fin(need0[0, k]),
+                     "family_params": _fin(need0[e, k]), "bounded": bool(bound0[e, k] and math.isfinite(g0)),
+                     "low": stats["low"], "high": stats["high"], "defined": stats["defined"],
+                     "bounded_share": float(bound_b[e, k][ok].mean()) if ok.any() else 0.0,
+                     "cap": _fin(need0[0, k] / min_p), "ceiling": ent.ceiling, "null": null,
+                     "beyond_null": None if p95 is None or not math.isfinite(g0) else bool(g0 > p95)})
+    return rows
+
+
+def _group_order(entries: list[_Entry], keys: list[str], need0: np.ndarray, need_b: np.ndarray,
+                 confidence: float) -> dict[str, list[dict[str, Any]]]:
+    """Per grouped family, for every pair G < G' of its per-G curves and every level: the gain of
+    G over G' (``ratio`` = needed(G') / needed(G))."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for parent in dict.fromkeys(ent.members[0] for ent in entries if ent.kind == "groups"):
+        subs = sorted((ent.groups, e) for e, ent in enumerate(entries)
+                      if ent.kind == "groups" and ent.members[0] == parent)
+        rows = []
+        for a, (ga, ea) in enumerate(subs):
+            for gb, eb in subs[a + 1:]:
+                for k, key in enumerate(keys):
+                    stats = _ratio_stats(need0[eb, k] / need0[ea, k], need_b[eb, k] / need_b[ea, k], confidence)
+                    rows.append({"small": ga, "large": gb, "key": key, "ratio": stats.pop("value"), **stats})
+        out[parent] = rows
+    return out
+
+
+def _point_rows(t: _Table, val_m: np.ndarray, test_m: np.ndarray, test_b: np.ndarray,
+                confidence: float) -> list[dict[str, Any]]:
+    rows = []
+    for i, name in enumerate(t.labels):
+        lo, hi = _percentiles(test_b[i], confidence, log=False) if test_b.shape[1] else (None, None)
+        rows.append({"family": t.families[i], "point": name, "params": int(t.params[i]), "groups": t.groups[i],
+                     "seeds": int(t.present[i].sum()), "val": float(val_m[i]), "test": float(test_m[i]),
+                     "test_low": lo, "test_high": hi, "fid": t.fid[i], "settings": t.settings[i]})
+    return rows
+
+
+def _contrasts(points: list[dict[str, Any]], test_m: np.ndarray, test_b: np.ndarray,
+               confidence: float) -> list[dict[str, Any]]:
+    from .claims import contrast_pairs  # claims reads summaries, never this module: no cycle at import
+
+    row = {p["point"]: i for i, p in enumerate(points)}
+    out = []
+    for c in contrast_pairs(points):
+        a, b = row[c["a"]], row[c["b"]]
+        low, high = _percentiles(test_b[a] - test_b[b], confidence, log=False) if test_b.shape[1] else (None, None)
+        out.append({**c, "diff": float(test_m[a] - test_m[b]), "low": low, "high": high})
+    return out
+
+
+def _family(t: _Table, curves: _Curves, e: int, keys: list[str], levels: list[float], est: tuple[Any, ...],
+            boot: tuple[np.ndarray, ...], lora_env: tuple[list, ...], noise: Noise, draws: int, seed: int,
+            confidence: float) -> dict[str, Any]:
+    """The section of entry ``e``: its envelope, and its gains beside their null band."""
+    ent = curves.entries[e]
+    band = None if not draws else null_band(
+        t.params[curves.entries[0].idx], t.params[ent.idx], (lora_env[0], lora_env[1]), curves.fixed, noise=noise,
+        draws=draws, seed=zlib.crc32(f"{seed}:{ent.name}".encode()))
+    env = est[2][e]
+    return {"kind": ent.kind, "members": ent.members, "groups": ent.groups, "ceiling": ent.ceiling,
+            "min_params": min(curves.params[i] for i in ent.idx),
+            "envelope": {"points": [t.labels[i] for i in env[2]], "params": env[0], "test": env[1]},
+            "gains": _gains(curves, e, keys, levels, est[:2], boot, band, confidence)}
 
 
 def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family: str = "lora",
@@ -698,7 +838,7 @@ def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family:
         Seeds the bootstrap and the null draws: the result is a function of the records and the
         arguments.
     null_draws : int, optional
-        Draws of the identical-curve null per curve (default ``max(resamples, 200)``).
+        Draws of the identical-curve null per curve (default ``max(resamples, 200)``; 0: none).
     fractions : the levels' fractions of LoRA's range
     ceiling_families : families whose gains carry the ceiling ``sqrt(L / G)``
     confidence : the intervals' coverage
@@ -706,152 +846,50 @@ def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family:
     Returns
     -------
     dict
-        ``task``, ``L``, ``resamples``, ``confidence``, ``seeds`` (indices), ``test_items`` (N or
-        None), ``noise`` (:class:`Noise`), ``lora_r1`` (``point``, ``params``, ``test``),
-        ``levels`` (``[{key, value}]``: ``"25%"``, ``"50%"``, ``"75%"``, ``"lora_r1"``), ``lora``
-        (LoRA's envelope), ``families`` (name -> curve: ``kind`` in family / groups / union,
-        ``members``, ``groups``, ``ceiling``, ``min_params``, ``envelope``, and ``gains``: one dict
-        per level with ``key, level, gain, lora_params, family_params, bounded, low, high,
-        defined, bounded_share, cap, ceiling, null, beyond_null``), ``group_order`` (family ->
-        gains of fewer over more groups), ``contrasts`` (test-score differences of point pairs,
-        :func:`~tensoradapt.demo.study.claims.contrast_pairs`) and ``points`` (per point means).
+        ``task``, ``L``, ``resamples``, ``null_draws``, ``confidence``, ``seeds`` (indices),
+        ``test_items`` (N or None), ``noise`` (:class:`Noise`), ``lora_r1`` (``point``,
+        ``params``, ``test``), ``levels`` (``[{key, value}]``: ``"25%"``, ``"50%"``, ``"75%"``,
+        ``"lora_r1"``), ``lora`` (LoRA's envelope), ``families`` (name -> curve: ``kind`` in
+        family / groups / union, ``members``, ``groups``, ``ceiling``, ``min_params``,
+        ``envelope``, and ``gains``: one dict per level with ``key, level, gain, lora_params,
+        family_params, bounded, low, high, defined, bounded_share, cap, ceiling, null,
+        beyond_null``), ``group_order`` (family -> gains of fewer over more groups),
+        ``contrasts`` (paired test-score differences of the point pairs of
+        :func:`~tensoradapt.demo.study.claims.contrast_pairs`) and ``points`` (per point means
+        and test intervals).
     """
-    from .claims import contrast_pairs
-
-    if not _is_int(L) or L < 1:
-        raise ValueError(f"L must be an int >= 1, got {L!r}")
-    if not _is_int(resamples) or resamples < 0:
-        raise ValueError(f"resamples must be an int >= 0, got {resamples!r}")
-    if not _is_int(seed):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    if null_draws is not None and (not _is_int(null_draws) or null_draws < 0):
-        raise ValueError(f"null_draws must be None or an int >= 0, got {null_draws!r}")
-    if not all(_is_real(f) and 0 <= f <= 1 for f in fractions):
-        raise ValueError(f"fractions must lie in [0, 1], got {list(fractions)!r}")
-    if not (_is_real(confidence) and 0 < confidence < 1):
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    _check_args(L, resamples, seed, null_draws, fractions, confidence, union)
     t = _Table.from_records(records)
-    if union is not None:
-        if not isinstance(union, Mapping):
-            raise ValueError(f"union must be a dict name -> families, got {type(union).__name__}")
-        for name, members in union.items():
-            if name in t.families or name == lora_family:
-                raise ValueError(f"union name {name!r} is also a family name")
-            if isinstance(members, str) or not all(isinstance(m, str) for m in members):
-                raise ValueError(f"union {name!r}: members must be a list of family names, got {members!r}")
+    for name in union or {}:
+        if name in t.families or name == lora_family:
+            raise ValueError(f"union name {name!r} is also a family name")
     entries = _entries(t, lora_family, union, L, ceiling_families)
     draws = max(resamples, 200) if null_draws is None else null_draws
-    n_items = None if t.items is None else t.items.shape[2]
-    with np.errstate(invalid="ignore"):
-        val_m = np.where(t.present, t.val, 0).sum(1) / t.present.sum(1)
-        if t.items is None:
-            test_m = np.where(t.present, t.test, 0).sum(1) / t.present.sum(1)
-        else:
-            test_m = np.where(t.present[..., None], t.items, 0).mean(2).sum(1) / t.present.sum(1)
-
-    lora = entries[0]
-    r1 = int(lora.idx[np.argmin(t.params[lora.idx])])
-    lora_env = selected_envelope(t.params[lora.idx], val_m[lora.idx], test_m[lora.idx])
-    lo, hi = float(test_m[lora.idx].min()), float(lora_env[1][-1])
-    keys = [level_key(f) for f in fractions] + ["lora_r1"]
-    fixed = np.array([lo + f * (hi - lo) for f in fractions])
-
+    val_m, test_m = t.means()
+    lora = entries[0].idx
+    r1 = lora[0]
     params = t.params.tolist()
-    orders = [sorted(ent.idx.tolist(), key=lambda i: (params[i], i)) for ent in entries]
+    lora_env = _select(lora, params, val_m.tolist(), test_m.tolist())
+    lo, hi = float(test_m[lora].min()), lora_env[1][-1]
+    curves = _Curves(entries, params, [lo + f * (hi - lo) for f in fractions], r1)
+    keys = [level_key(f) for f in fractions] + ["lora_r1"]
+    levels = [*curves.fixed, float(test_m[r1])]
 
-    def needs(vm: np.ndarray, tm: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[list, list, list]]]:
-        """need (E, K) and bounded (E, K) for one set of point means; the envelopes."""
-        v, s_ = vm.tolist(), tm.tolist()
-        lv = [*fixed.tolist(), s_[r1]]
-        need = np.full((len(entries), len(keys)), np.nan)
-        bound = np.zeros((len(entries), len(keys)), dtype=bool)
-        envs = []
-        for e, order in enumerate(orders):
-            env = _select(order, params, v, s_)
-            envs.append(env)
-            for k, level in enumerate(lv):
-                need[e, k], bound[e, k] = _need(env[0], env[1], level)
-        return need, bound, envs
-
-    need0, bound0, envs0 = needs(val_m, test_m)
-    rng = np.random.default_rng(seed)
-    if resamples:
-        val_b, test_b = paired_resample_means(t.val, t.test, t.present, t.items, resamples, rng)
-        boot = [needs(val_b[:, b], test_b[:, b])[:2] for b in range(resamples)]
-        need_b = np.stack([b[0] for b in boot], axis=-1)  # (E, K, B)
-        bound_b = np.stack([b[1] for b in boot], axis=-1)
-    else:
-        test_b = np.zeros((len(t.labels), 0))
-        need_b = np.zeros((len(entries), len(keys), 0))
-        bound_b = np.zeros((len(entries), len(keys), 0), dtype=bool)
+    need0, bound0, envs0 = curves.needs(val_m, test_m)
+    val_b, test_b = paired_resample_means(t.val, t.test, t.present, t.items, resamples, np.random.default_rng(seed))
+    boot = [curves.needs(val_b[:, b], test_b[:, b])[:2] for b in range(resamples)]
+    need_b = np.stack([b[0] for b in boot], axis=-1) if boot else np.zeros((*need0.shape, 0))
+    bound_b = np.stack([b[1] for b in boot], axis=-1) if boot else np.zeros((*need0.shape, 0), dtype=bool)
     noise = _estimate_noise(t.val, t.test, t.present, t.items)
 
-    def env_dict(env: tuple[list, list, list]) -> dict[str, Any]:
-        return {"points": [t.labels[i] for i in env[2]], "params": env[0], "test": env[1]}
-
-    families: dict[str, Any] = {}
-    for e, ent in enumerate(entries[1:], start=1):
-        band: list[dict[str, Any]] | None = None
-        if draws:
-            band = null_band(t.params[lora.idx], t.params[ent.idx], (lora_env[0], lora_env[1]), fixed,
-                             noise=noise, draws=draws, seed=zlib.crc32(f"{seed}:{ent.name}".encode()))
-        gains = []
-        min_p = float(t.params[ent.idx].min())
-        for k, key in enumerate(keys):
-            g0 = need0[0, k] / need0[e, k]
-            gb = need_b[0, k] / need_b[e, k] if resamples else np.zeros(0)
-            ok = np.isfinite(gb)
-            defined = float(ok.mean()) if resamples else 0.0
-            low = high = None
-            if resamples and defined >= 0.5:
-                low, high = _percentiles(gb, confidence, log=True)
-            null = band[k] if band is not None else None
-            p95 = None if null is None else null["p95"]
-            gains.append({
-                "key": key, "level": float(np.r_[fixed, test_m[r1]][k]), "gain": _fin(g0),
-                "lora_params": _fin(need0[0, k]), "family_params": _fin(need0[e, k]),
-                "bounded": bool(bound0[e, k] and math.isfinite(g0)), "low": low, "high": high,
-                "defined": defined, "bounded_share": float(bound_b[e, k][ok].mean()) if ok.any() else 0.0,
-                "cap": _fin(need0[0, k] / min_p), "ceiling": ent.ceiling, "null": null,
-                "beyond_null": None if p95 is None or not math.isfinite(g0) else bool(g0 > p95)})
-        families[ent.name] = {"kind": ent.kind, "members": ent.members, "groups": ent.groups,
-                              "ceiling": ent.ceiling, "min_params": min_p, "envelope": env_dict(envs0[e]),
-                              "gains": gains}
-
-    group_order: dict[str, list[dict[str, Any]]] = {}
-    for parent in dict.fromkeys(ent.members[0] for ent in entries if ent.kind == "groups"):
-        subs = sorted(((ent.groups, e) for e, ent in enumerate(entries)
-                       if ent.kind == "groups" and ent.members[0] == parent), key=lambda x: x[0])
-        rows = []
-        for a in range(len(subs)):
-            for b in range(a + 1, len(subs)):
-                (ga, ea), (gb_, eb) = subs[a], subs[b]
-                for k, key in enumerate(keys):
-                    r0 = need0[eb, k] / need0[ea, k]
-                    rb = need_b[eb, k] / need_b[ea, k] if resamples else np.zeros(0)
-                    defined = float(np.isfinite(rb).mean()) if resamples else 0.0
-                    low, high = _percentiles(rb, confidence, log=True) if defined >= 0.5 else (None, None)
-                    rows.append({"small": ga, "large": gb_, "key": key, "ratio": _fin(r0), "low": low, "high": high,
-                                 "defined": defined})
-        group_order[parent] = rows
-
-    points = []
-    for i, name in enumerate(t.labels):
-        lo_i, hi_i = _percentiles(test_b[i], confidence, log=False) if resamples else (None, None)
-        points.append({"family": t.families[i], "point": name, "params": int(t.params[i]), "groups": t.groups[i],
-                       "seeds": int(t.present[i].sum()), "val": float(val_m[i]), "test": float(test_m[i]),
-                       "test_low": lo_i, "test_high": hi_i, "fid": t.fid[i], "settings": t.settings[i]})
-
-    row = {name: i for i, name in enumerate(t.labels)}
-    contrasts = []
-    for c in contrast_pairs(points):
-        a, b = row[c["a"]], row[c["b"]]
-        low, high = _percentiles(test_b[a] - test_b[b], confidence, log=False) if resamples else (None, None)
-        contrasts.append({**c, "diff": float(test_m[a] - test_m[b]), "low": low, "high": high})
-
+    families = {ent.name: _family(t, curves, e, keys, levels, (need0, bound0, envs0), (need_b, bound_b), lora_env,
+                                  noise, draws, seed, confidence) for e, ent in enumerate(entries) if e}
+    points = _point_rows(t, val_m, test_m, test_b, confidence)
     return {"task": t.task, "L": L, "resamples": resamples, "null_draws": draws, "confidence": confidence,
-            "seeds": t.seeds, "test_items": n_items, "noise": noise.to_dict(),
-            "lora_r1": {"point": t.labels[r1], "params": int(t.params[r1]), "test": float(test_m[r1])},
-            "levels": [{"key": k, "value": float(v)} for k, v in zip(keys, np.r_[fixed, test_m[r1]], strict=True)],
-            "lora": {"envelope": env_dict(envs0[0])}, "families": families, "group_order": group_order,
-            "contrasts": contrasts, "points": points}
+            "seeds": t.seeds, "test_items": None if t.items is None else t.items.shape[2], "noise": noise.to_dict(),
+            "lora_r1": {"point": t.labels[r1], "params": int(params[r1]), "test": float(test_m[r1])},
+            "levels": [{"key": k, "value": float(v)} for k, v in zip(keys, levels, strict=True)],
+            "lora": {"envelope": {"points": [t.labels[i] for i in envs0[0][2]], "params": envs0[0][0],
+                                  "test": envs0[0][1]}},
+            "families": families, "group_order": _group_order(entries, keys, need0, need_b, confidence),
+            "contrasts": _contrasts(points, test_m, test_b, confidence), "points": points}
