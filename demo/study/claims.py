@@ -31,6 +31,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .gain import gain_text
+
 __all__ = ["LONKR_TARGET", "VERDICTS", "claims", "claims_markdown", "contrast_pairs", "rho_of"]
 
 VERDICTS: tuple[str, ...] = ("holds", "refuted", "not testable")
@@ -93,19 +95,6 @@ def contrast_pairs(points: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
 # --- formatting -------------------------------------------------------------------------------
 def _x(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f}×"
-
-
-def _gain_text(g: Mapping[str, Any]) -> str:
-    if g["gain"] is None:
-        return "not reached" if g["lora_params"] is not None else "undefined"
-    text = f"{'≥ ' if g['bounded'] else ''}{g['gain']:.2f}×"
-    if g["low"] is not None:
-        text += f" [{g['low']:.2f}, {g['high']:.2f}]"
-    if g.get("null") and g["null"]["p95"] is not None:
-        text += f", null p95 {_x(g['null']['p95'])}"
-    if g.get("ceiling") is not None:
-        text += f", ceiling {_x(g['ceiling'])}"
-    return text
 
 
 def _pick(gains: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
@@ -172,7 +161,7 @@ def _reshape(task: str, sec: Mapping[str, Any]) -> dict[str, str] | None:
         return None
     g = _pick(fam["gains"])
     verdict, why = _at_least(g, 3.0)
-    ours = f"{_gain_text(g)} at {g['key']}" if g else "—"
+    ours = f"{gain_text(g)} at {g['key']}" if g else "—"
     return _row(_C_RESHAPE, task, "3–4× (at LoRA r = 1's accuracy, ViT-Base q/v, L = 24)", ours, verdict, why)
 
 
@@ -245,12 +234,12 @@ def _ten(task: str, sec: Mapping[str, Any]) -> dict[str, str]:
     if not cands:
         return _row(_C_TEN, task, paper, "—", "not testable", "no SuperLoRA gain is defined")
     name, best = max(cands, key=lambda c: c[1]["gain"])
-    ours = f"best: {name} at {best['key']}: {_gain_text(best)}"
+    ours = f"best: {name} at {best['key']}: {gain_text(best)}"
     verdicts = [(n, g, _at_least(g, 10.0)) for n, g in cands]
     held = [v for v in verdicts if v[2][0] == "holds"]
     if held:
         n, g, (_, why) = max(held, key=lambda v: v[1]["gain"])
-        return _row(_C_TEN, task, paper, f"{n} at {g['key']}: {_gain_text(g)}", "holds", why)
+        return _row(_C_TEN, task, paper, f"{n} at {g['key']}: {gain_text(g)}", "holds", why)
     if all(v[2][0] == "refuted" for v in verdicts):
         return _row(_C_TEN, task, paper, ours, "refuted", "every 95 % interval lies below 10× and no gain is capped "
                     "by the sweep")

@@ -56,8 +56,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["CEILING_FAMILIES", "LEVEL_FRACTIONS", "Gain", "Noise", "bootstrap_gain", "envelope", "gain_at",
-           "isotonic", "level_key", "levels_from", "needed", "null_band", "paired_resample_means", "params_at",
-           "selected_envelope", "summarise_task"]
+           "gain_text", "isotonic", "level_key", "levels_from", "needed", "null_band", "paired_resample_means",
+           "params_at", "selected_envelope", "summarise_task"]
 
 Curve = Sequence[tuple[float, Sequence[float]]]
 """``(parameters, seed scores)`` per point."""
@@ -684,6 +684,23 @@ class _Curves:
         return need, bound, envs
 
 
+def gain_text(g: Mapping[str, Any]) -> str:
+    """One gain row of :func:`summarise_task` as text: ``"≥ 2.10× [1.60, 2.90], null p95 1.30×, ceiling
+    4.90×"`` (``≥``: a bound; the 95 % interval; the bias band's 95th percentile; the ceiling
+    sqrt(L/G)), or ``"not reached"`` / ``"undefined"`` (the level is above the family's / LoRA's
+    curve)."""
+    if g["gain"] is None:
+        return "not reached" if g["lora_params"] is not None else "undefined"
+    text = f"{'≥ ' if g['bounded'] else ''}{g['gain']:.2f}×"
+    if g["low"] is not None:
+        text += f" [{g['low']:.2f}, {g['high']:.2f}]"
+    if g.get("null") and g["null"]["p95"] is not None:
+        text += f", null p95 {g['null']['p95']:.2f}×"
+    if g.get("ceiling") is not None:
+        text += f", ceiling {g['ceiling']:.2f}×"
+    return text
+
+
 def _percentiles(x: np.ndarray, confidence: float, log: bool) -> tuple[float | None, float | None]:
     ok = x[np.isfinite(x)]
     if not len(ok):
@@ -804,8 +821,8 @@ def _family(t: _Table, curves: _Curves, e: int, keys: list[str], levels: list[fl
         draws=draws, seed=zlib.crc32(f"{seed}:{ent.name}".encode()))
     env = est[2][e]
     return {"kind": ent.kind, "members": ent.members, "groups": ent.groups, "ceiling": ent.ceiling,
-            "min_params": min(curves.params[i] for i in ent.idx),
-            "envelope": {"points": [t.labels[i] for i in env[2]], "params": env[0], "test": env[1]},
+            "min_params": int(min(curves.params[i] for i in ent.idx)),
+            "envelope": {"points": [t.labels[i] for i in env[2]], "params": [int(p) for p in env[0]], "test": env[1]},
             "gains": _gains(curves, e, keys, levels, est[:2], boot, band, confidence)}
 
 
@@ -889,7 +906,7 @@ def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family:
             "seeds": t.seeds, "test_items": None if t.items is None else t.items.shape[2], "noise": noise.to_dict(),
             "lora_r1": {"point": t.labels[r1], "params": int(params[r1]), "test": float(test_m[r1])},
             "levels": [{"key": k, "value": float(v)} for k, v in zip(keys, levels, strict=True)],
-            "lora": {"envelope": {"points": [t.labels[i] for i in envs0[0][2]], "params": envs0[0][0],
+            "lora": {"envelope": {"points": [t.labels[i] for i in envs0[0][2]], "params": [int(p) for p in envs0[0][0]],
                                   "test": envs0[0][1]}},
             "families": families, "group_order": _group_order(entries, keys, need0, need_b, confidence),
             "contrasts": _contrasts(points, test_m, test_b, confidence), "points": points}
