@@ -782,7 +782,7 @@ def test_svd_export_progress_bar_on_many_targets(tmp_path, monkeypatch):
     with progress=False; and progress_bar itself draws nothing when stderr is not a terminal."""
     import io
 
-    from tensoradapt.torch import cli
+    from tensoradapt.torch import progress
 
     bars = []
 
@@ -797,7 +797,7 @@ def test_svd_export_progress_bar_on_many_targets(tmp_path, monkeypatch):
         def close(self):
             self.closed = True
 
-    monkeypatch.setattr(cli, "progress_bar", Bar)
+    monkeypatch.setattr(progress, "progress_bar", Bar)
     many = tat.attach(Wide().eval(), presets.lorta(3, 2), [f"layers.{i}" for i in range(10)])
     perturb(many)
     tat.export_peft(many, tmp_path / "many", rank=2)
@@ -816,11 +816,11 @@ def test_svd_export_progress_bar_on_many_targets(tmp_path, monkeypatch):
             return True
 
     monkeypatch.setattr(sys, "stderr", io.StringIO())
-    assert cli.progress_bar(10, "export-peft", True) is None  # a pipe, a log, captured output: nothing
+    assert progress.progress_bar(10, "export-peft", True) is None  # a pipe, a log, captured output: nothing
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    assert cli.progress_bar(10, "export-peft", False) is None
-    bar = cli.progress_bar(10, "export-peft", True, unit="target")
+    assert progress.progress_bar(10, "export-peft", False) is None
+    bar = progress.progress_bar(10, "export-peft", True, unit="target")
     pytest.importorskip("tqdm")
     bar.update(10)
     bar.close()

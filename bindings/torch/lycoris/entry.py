@@ -16,7 +16,7 @@ from torch import nn
 from tensoradapt.superlora.config import MAX_RANK
 from tensoradapt.superlora.forms import ExactForm
 
-from .._io import AdapterFileError
+from ..files.layout import AdapterFileError
 
 #: The name of each algorithm in messages.
 KIND_NAMES = {"lora": "LoRA/LoCon", "lokr": "LoKr", "loha": "LoHa"}

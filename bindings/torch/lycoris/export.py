@@ -17,8 +17,9 @@ from tensoradapt._safetensors import SafetensorsHeaderError, read_header
 from tensoradapt._version import __version__
 from tensoradapt.superlora.forms import exact_form, low_rank_pair
 
-from .._io import LIBRARY, canonical_header, write_bytes
-from .._shared import BaseAdapter
+from ..files.layout import LIBRARY
+from ..files.write import canonical_header, write_bytes
+from ..lifecycle import BaseAdapter
 from ..peft import svd as peft_svd
 from ..peft.export import check_rank
 from ..peft.source import Source, file_source, live_source

@@ -17,8 +17,10 @@ from torch import nn
 from tensoradapt import SuperLoRA, SuperLoRAConfig
 from tensoradapt.superlora.plan import param_name
 
-from .._io import AdapterFileError
-from .._shared import BaseAdapter, container_of
+from ..api import attach
+from ..container import container_of
+from ..files.layout import AdapterFileError
+from ..lifecycle import BaseAdapter
 from . import lokr, lora
 from .codecs import ALGORITHMS, CODECS
 from .entry import KIND_NAMES, Entry
@@ -140,8 +142,6 @@ def import_lycoris(model: nn.Module, path: str | os.PathLike[str], *, prefix: st
 
 def _attach(model: nn.Module, groups: list[tuple], names: list[str], where: str, freeze_base: bool) -> BaseAdapter:
     """Attach one adapter per group and copy its values in; on any failure detach them all."""
-    from .. import attach
-
     attached: list[BaseAdapter] = []
     try:
         for adapter_name, (_, cfg, items, values) in zip(names, groups, strict=True):

@@ -17,7 +17,7 @@ from tensoradapt.superlora.factorize import factorization
 from tensoradapt.superlora.forms import ExactForm
 from tensoradapt.superlora.plan import param_name
 
-from .._io import AdapterFileError
+from ..files.layout import AdapterFileError
 from ..peft import lokr as peft_lokr
 from ..peft.source import Source, Target
 from .entry import Entry, encode_alpha

@@ -8,7 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from .._shared import plain_named_modules
+from ..modules import plain_named_modules
+from ..targets import is_diffusers_model
 
 #: The key prefixes kohya-style files use: the denoiser (``lora_unet``; ``lora_transformer`` for
 #: diffusers-named DiT weights, OneTrainer's and ComfyUI's name), the text encoders (``lora_te``;
@@ -24,8 +25,6 @@ def kohya_prefix(model: nn.Module) -> str:
     """The key prefix a kohya file uses for a whole ``model``: ``"lora_transformer"`` for a diffusers
     transformer (SD3, Flux, PixArt, …), ``"lora_unet"`` for any other diffusers model, ``"lora_te"``
     for a transformers model (a text encoder), else ``"lora_unet"``."""
-    from .._targets import is_diffusers_model
-
     if is_diffusers_model(model):
         return "lora_transformer" if "Transformer" in type(model).__name__ else "lora_unet"
     if any(cls.__name__ == "PreTrainedModel" for cls in type(model).__mro__):

@@ -12,8 +12,8 @@ from torch import nn
 
 from tensoradapt._safetensors import METADATA_KEY, SafetensorsHeaderError, read_header
 
-from .._io import AdapterFileError
-from .._shared import forward_kind, plain_named_modules
+from ..files.layout import AdapterFileError
+from ..modules import forward_kind, plain_named_modules, weight_view
 from .codecs import ALGORITHMS
 from .entry import KIND_NAMES, Entry
 
@@ -76,8 +76,6 @@ def _check_module(name: str, module: nn.Module, where: str) -> None:
 
 def resolve(model: nn.Module, entries: dict, table: dict[str, str | None], where: str) -> list[Entry]:
     """The entries matched to the model's modules (in ``named_modules`` order), each of one algorithm."""
-    from .._targets import weight_view
-
     missing = [k for k in entries if k not in table]
     if missing:
         raise AdapterFileError(f"{where} adapts modules the model does not have: {missing[:4]} (kohya names are "

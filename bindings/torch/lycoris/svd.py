@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .._shared import BaseAdapter
+from ..lifecycle import BaseAdapter
 from ..peft import svd as peft_svd
 from ..peft.source import Source, Target
 from . import lora

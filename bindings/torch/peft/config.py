@@ -10,7 +10,8 @@ from typing import Any
 
 from tensoradapt.superlora.config import MAX_RANK
 
-from .._io import AdapterFileError, read_json_file
+from ..files.layout import AdapterFileError
+from ..files.read import read_json_file
 from .codecs import CODECS
 from .layout import MAX_CONFIG_BYTES, PEFT_CONFIG_FILE
 

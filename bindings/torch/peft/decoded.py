@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,8 +12,8 @@ from torch import nn
 
 from tensoradapt import SuperLoRA, SuperLoRAConfig
 
-from .._io import AdapterFileError
-from .._shared import BaseAdapter
+from ..files.layout import AdapterFileError
+from ..lifecycle import BaseAdapter
 
 #: ``{parameter name: (builder(tensors) -> value, shape)}``: each SuperLoRA parameter from the file.
 Values = dict[str, tuple[Callable[[dict[str, torch.Tensor]], torch.Tensor], tuple[int, ...]]]
@@ -48,16 +47,6 @@ def superlora_decoded(cfg: SuperLoRAConfig, values: Values, views: Sequence[Any]
                 adapter.params[pname.replace(".", "__")].copy_(build(tensors))
 
     return Decoded(cfg, fill)
-
-
-def load_tensors(path: Path, where: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the checked safetensors file ``path`` on the CPU (no pickle)."""
-    import safetensors.torch
-
-    try:
-        return dict(safetensors.torch.load_file(str(path), device="cpu"))
-    except Exception as error:  # safetensors raises its own error type for every corruption
-        raise AdapterFileError(f"{where} is corrupted: {error}") from None
 
 
 def need(entries: dict[str, dict[str, tuple[int, ...]]], module: str, suffixes: Sequence[str],

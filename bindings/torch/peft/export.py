@@ -14,7 +14,7 @@ import torch
 from tensoradapt._validate import is_int
 from tensoradapt.superlora.forms import exact_forms
 
-from .._shared import BaseAdapter
+from ..lifecycle import BaseAdapter
 from . import glora, loha, lokr, lora, svd
 from .folder import check_output, sharded_mesh, write_folder, write_on_rank0
 from .source import Source, file_source, live_source

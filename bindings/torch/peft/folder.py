@@ -14,8 +14,10 @@ import torch
 
 from tensoradapt._safetensors import SafetensorsHeaderError, read_header
 
-from .._io import LIBRARY, AdapterFileError, parse_metadata, write_bytes
-from .._shared import ADAPTER_FILE, BaseAdapter
+from ..files.layout import ADAPTER_FILE, LIBRARY, AdapterFileError
+from ..files.read import parse_metadata
+from ..files.write import write_bytes
+from ..lifecycle import BaseAdapter
 from .layout import MAX_CONFIG_BYTES, PEFT_CONFIG_FILE, PREFIX
 
 
@@ -60,7 +62,7 @@ def write_folder(folder: Path, config: dict[str, Any], tensors: dict[str, torch.
 
 def sharded_mesh(adapter: BaseAdapter) -> Any:
     """The device mesh of ``adapter``'s parameters when FSDP2 (``fully_shard``) shards them, else None."""
-    from .._shared import dtensor_type
+    from ..distributed import dtensor_type
 
     dtensor = dtensor_type()
     if dtensor is None:

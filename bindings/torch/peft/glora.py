@@ -17,8 +17,8 @@ from torch import nn
 from tensoradapt import GLoRAConfig
 from tensoradapt.glora.config import LayerChoice
 
-from .._io import AdapterFileError
-from .._shared import BaseAdapter
+from ..files.layout import AdapterFileError
+from ..lifecycle import BaseAdapter
 from .decoded import Decoded
 from .layout import base_config, tensor_key
 from .source import Source

@@ -8,11 +8,13 @@ from pathlib import Path
 
 from torch import nn
 
-from .._io import AdapterFileError
-from .._shared import BaseAdapter, forward_kind, plain_named_modules
+from ..api import attach
+from ..files.layout import AdapterFileError
+from ..files.read import load_tensors
+from ..lifecycle import BaseAdapter
+from ..modules import forward_kind, plain_named_modules, weight_view
 from .codecs import CODECS
 from .config import read_config
-from .decoded import load_tensors
 from .folder import read_entries
 
 
@@ -79,13 +81,9 @@ def import_peft(model: nn.Module, folder: str | os.PathLike[str], *, name: str =
     path, entries = read_entries(folder, codec.PEFT_TYPE, codec.SUFFIXES)
     where = repr(str(path))
     found = _found_modules(model, entries, codec.PEFT_TYPE, where)
-    from .._targets import weight_view
-
     views = [weight_view(n, m) for n, m in found]
     decoded = codec.decode(options, entries, found, views, where)
-    tensors = load_tensors(path, where)
-    from .. import attach
-
+    tensors = load_tensors(path)
     wanted = {n for n, _ in found}
     try:
         adapter = attach(model, decoded.config, lambda n, m: n in wanted, name=name, freeze_base=freeze_base)

@@ -14,7 +14,7 @@ from tensoradapt import presets
 from tensoradapt.superlora.forms import ExactForm, low_rank_pair
 from tensoradapt.superlora.plan import param_name
 
-from .._io import AdapterFileError
+from ..files.layout import AdapterFileError
 from .decoded import Decoded, need, padded_to, superlora_decoded
 from .layout import base_config, check_layer, most_common, patterns, tensor_key
 from .lora import module_scales

@@ -21,7 +21,7 @@ from tensoradapt.superlora.factorize import factorization
 from tensoradapt.superlora.forms import Block, ExactForm, low_rank_pair
 from tensoradapt.superlora.plan import param_name
 
-from .._io import AdapterFileError
+from ..files.layout import AdapterFileError
 from .decoded import Decoded, superlora_decoded
 from .layout import base_config, check_layer, divisors, most_common, pattern_value, patterns, tensor_key
 from .source import Source, Target

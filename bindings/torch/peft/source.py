@@ -23,8 +23,9 @@ from torch import nn
 from tensoradapt import GLoRAConfig, SuperLoRA, SuperLoRAConfig
 from tensoradapt.glora.config import LayerChoice, largest_choice
 
-from .._io import AdapterFileError, adapter_subfolders, check_file
-from .._shared import ADAPTER_FILE, MODULES_TO_SAVE_PREFIX, BaseAdapter
+from ..files.layout import ADAPTER_FILE, MODULES_TO_SAVE_PREFIX, AdapterFileError, adapter_subfolders
+from ..lifecycle import BaseAdapter
+from ..methods import by_name, check_file, of_adapter
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Target:
 class Source:
     """An adapter as the exports see it (:func:`live_source`, :func:`file_source`)."""
 
-    method: str  # the adapter's method name, as its files record it
+    method: str  # the adapter's method name, as its files record it (the method registry's)
     targets: list[Target]
     params: dict[str, torch.Tensor]  # SuperLoRA: generator name -> tensor; GLoRA: "<target>.<tensor>"
     plan: SuperLoRA | None = None
@@ -110,7 +111,7 @@ def _live_targets(adapter: BaseAdapter, model: nn.Module | None) -> list[Target]
 
 def live_source(adapter: BaseAdapter) -> Source:
     """The export's view of a live adapter (its parameters gathered in full under FSDP2)."""
-    from .._shared import gather_full  # FSDP2 (fully_shard): the full tensors (a collective)
+    from ..distributed import gather_full  # FSDP2 (fully_shard): the full tensors (a collective)
 
     params = gather_full({name: p.detach() for name, p in adapter.named_trainable_parameters()
                           if not name.startswith(MODULES_TO_SAVE_PREFIX)})
@@ -119,9 +120,10 @@ def live_source(adapter: BaseAdapter) -> Source:
     common = dict(targets=_live_targets(adapter, model), params=params, base_model=_base_model_name(model),
                   modules_to_save=tuple(adapter.modules_to_save), origin=f"this {type(adapter).__name__}",
                   model=model)
+    method = of_adapter(adapter).name
     plan = getattr(adapter, "plan", None)
-    if isinstance(plan, SuperLoRA):
-        return Source("superlora", plan=plan, **common)
+    if isinstance(plan, SuperLoRA):  # ΔW from a core plan
+        return Source(method, plan=plan, **common)
     choices = adapter.inference_configs() if adapter.attached else None
     if adapter.attached and adapter.configs is None:
         warnings.warn("exporting a GLoRA supernet without fixed configs: every layer uses its largest choice (what "
@@ -130,7 +132,7 @@ def live_source(adapter: BaseAdapter) -> Source:
     if choices is None:
         choices = tuple(largest_choice(adapter.config, has_bias=b).resolve(adapter.config.rank)
                         for b in adapter.has_bias)
-    return Source("glora", glora=adapter.config, choices=tuple(choices), **common)
+    return Source(method, glora=adapter.config, choices=tuple(choices), **common)
 
 
 def file_source(path: str | os.PathLike[str]) -> Source:
@@ -149,11 +151,13 @@ def file_source(path: str | os.PathLike[str]) -> Source:
                   base_model=recorded.get("name_or_path") if isinstance(recorded, dict) else None,
                   modules_to_save=tuple(r["name"] for r in metadata.get("modules_to_save", [])), origin=where,
                   file=file)
-    read = _FILE_SOURCES[metadata["method"]]
-    return read(metadata, where, common)
+    # a method whose files carry per-layer state beside the tensors (GLoRA's layer configs) exports layer by
+    # layer; any other makes a SuperLoRA plan of its config
+    layered = by_name(metadata["method"]).file_state is not None
+    return (_layered_file if layered else _plan_file)(metadata, where, common)
 
 
-def _glora_file(metadata: dict[str, Any], where: str, common: dict[str, Any]) -> Source:
+def _layered_file(metadata: dict[str, Any], where: str, common: dict[str, Any]) -> Source:
     """A GLoRA file's source: its layer configs (the largest choice where none is recorded)."""
     from tensoradapt.glora import algebra
 
@@ -176,10 +180,10 @@ def _glora_file(metadata: dict[str, Any], where: str, common: dict[str, Any]) ->
             expected[f"{t.name}.{k}"] = tuple(shape)
     if {k: tuple(v.shape) for k, v in common["params"].items()} != expected:
         raise AdapterFileError(f"{where}: the stored tensors do not match the GLoRA layers its config makes")
-    return Source("glora", targets, glora=config, choices=choices, **common)
+    return Source(metadata["method"], targets, glora=config, choices=choices, **common)
 
 
-def _superlora_file(metadata: dict[str, Any], where: str, common: dict[str, Any]) -> Source:
+def _plan_file(metadata: dict[str, Any], where: str, common: dict[str, Any]) -> Source:
     """A SuperLoRA file's source: the plan its config makes on the recorded targets."""
     config: SuperLoRAConfig = metadata["config"]
     records = metadata["targets"]
@@ -197,8 +201,4 @@ def _superlora_file(metadata: dict[str, Any], where: str, common: dict[str, Any]
         raise AdapterFileError(f"{where}: its config does not fit the targets ({error})") from None
     if set(expected) != set(params) or any(tuple(params[k].shape) != tuple(s) for k, s in expected.items()):
         raise AdapterFileError(f"{where}: the stored parameters do not match the plan their config makes")
-    return Source("superlora", targets, plan=plan, **common)
-
-
-#: How a file's source is read, by the method its metadata records.
-_FILE_SOURCES = {"superlora": _superlora_file, "glora": _glora_file}
+    return Source(metadata["method"], targets, plan=plan, **common)

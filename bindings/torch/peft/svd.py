@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .. import progress
 from . import lora
 from .layout import check_layer
 from .source import Source, Target
@@ -36,9 +37,7 @@ def _progress(total: int) -> Any:
     when stderr is not a terminal): the one bar of the torch command lines and the demo."""
     if total < PROGRESS_MIN_TARGETS:
         return None
-    from ..cli import progress_bar
-
-    return progress_bar(total, "export-peft", True, unit="target")
+    return progress.progress_bar(total, "export-peft", True, unit="target")
 
 
 @contextlib.contextmanager
