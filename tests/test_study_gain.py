@@ -282,6 +282,17 @@ def test_input_errors_name_the_rule(records, kwargs, match):
         G.summarise_task(records, **{"L": 1, **kwargs})
 
 
+def test_a_point_missing_a_seed_is_averaged_over_the_seeds_it_has():
+    rng = np.random.default_rng(7)
+    recs = _noisy(rng, "lora", LORA, seeds=4) + _noisy(rng, "f", [(f"f{p}", p) for p in (50, 150, 400)], seeds=4)
+    kept = [r for r in recs if not (r["point"] == "f150" and r["seed"] == 2)]
+    sec = G.summarise_task(kept, L=1, resamples=80, null_draws=10)
+    row = next(p for p in sec["points"] if p["point"] == "f150")
+    runs = [r["test"] for r in kept if r["point"] == "f150"]
+    assert row["seeds"] == 3 and row["test"] == pytest.approx(np.mean(runs)) and sec["seeds"] == [0, 1, 2, 3]
+    assert all(math.isfinite(g["gain"]) for g in sec["families"]["f"]["gains"] if g["gain"] is not None)
+
+
 def test_unions_take_every_member_point():
     recs = _exact("lora", LORA) + _exact("a", [("a1", 40)]) + _exact("b", [("b1", 400)])
     sec = G.summarise_task(recs, L=1, resamples=0, null_draws=0, union={"all": ["a", "b", "absent"],
