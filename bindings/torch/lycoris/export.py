@@ -143,7 +143,7 @@ def _native(source: Source, i: int) -> tuple[str, dict[str, torch.Tensor], int] 
 def _entries(adapter: Any, source: Source, rank: int | str | None) -> dict[int, tuple]:
     """``{target: (algorithm, tensors, rank, error)}``: native forms first (``rank=None``), SVDs after."""
     if source.plan is None:  # GLoRA: W0 ⊙ A + B needs the base weights
-        return svd.glora_entries(adapter, source, "exact" if rank is None else rank)
+        return svd.layer_entries(adapter, source, "exact" if rank is None else rank)
     entries: dict[int, tuple] = {}
     if rank is None:
         for i in range(len(source.targets)):
@@ -152,7 +152,7 @@ def _entries(adapter: Any, source: Source, rank: int | str | None) -> dict[int, 
                 entries[i] = (*native, 0.0)
     todo = [i for i in range(len(source.targets)) if i not in entries]
     if todo:
-        entries.update(svd.superlora_entries(source, todo, "exact" if rank is None else rank))
+        entries.update(svd.plan_entries(source, todo, "exact" if rank is None else rank))
     return entries
 
 

@@ -28,13 +28,13 @@ def entry(target: Target, delta: torch.Tensor, rank: int | str, dtype: torch.dty
     return lora.algorithm(target), lora.tensors(target, B, A, torch.tensor(float(q), dtype=torch.float32)), q, error
 
 
-def superlora_entries(source: Source, todo: list[int], rank: int | str) -> dict[int, tuple]:
+def plan_entries(source: Source, todo: list[int], rank: int | str) -> dict[int, tuple]:
     """SVD entries of the SuperLoRA targets ``todo``: ``ΔW`` in float64, one component at a time."""
     out_dtype = peft_svd.factor_dtype(source)
     return {t: entry(source.targets[t], delta, rank, out_dtype) for t, delta in peft_svd.deltas(source, todo)}
 
 
-def glora_entries(adapter: Any, source: Source, rank: int | str) -> dict[int, tuple]:
+def layer_entries(adapter: Any, source: Source, rank: int | str) -> dict[int, tuple]:
     """SVD entries of every GLoRA target: ``ΔW = W' − W0`` of its inference config (the bias update
     ``b' − b0`` is reported as error, with a warning)."""
     if not isinstance(adapter, BaseAdapter) or not adapter.attached:

@@ -28,8 +28,8 @@ class Decoded:
     fill: Callable[[BaseAdapter, dict[str, torch.Tensor]], None]
 
 
-def superlora_decoded(cfg: SuperLoRAConfig, values: Values, views: Sequence[Any], names: Sequence[str], where: str,
-                      peft_type: str, r: int) -> Decoded:
+def plan_decoded(cfg: SuperLoRAConfig, values: Values, views: Sequence[Any], names: Sequence[str], where: str,
+                 peft_type: str, r: int) -> Decoded:
     """The decoded SuperLoRA adapter of ``values``, after checking that the plan ``cfg`` makes on
     the modules has exactly those parameter shapes."""
     try:

@@ -15,7 +15,7 @@ from tensoradapt.superlora.forms import ExactForm, low_rank_pair
 from tensoradapt.superlora.plan import param_name
 
 from ..files.layout import AdapterFileError
-from .decoded import Decoded, need, padded_to, superlora_decoded
+from .decoded import Decoded, need, padded_to, plan_decoded
 from .layout import base_config, check_layer, most_common, patterns, tensor_key
 from .lora import module_scales
 from .source import Source
@@ -74,4 +74,4 @@ def decode(options: dict[str, Any], entries: dict, found: list, views: list, whe
             fold = sc / common if k == 1 else 1.0
             values[param_name(g, k, "factor0")] = (lambda t, a=a, fold=fold: padded_to(t[a], R, fold), (o, R))
             values[param_name(g, k, "factor1")] = (lambda t, b=b: padded_to(t[b].t(), R), (n, R))
-    return superlora_decoded(cfg, values, views, [n for n, _ in found], where, PEFT_TYPE, options["r"])
+    return plan_decoded(cfg, values, views, [n for n, _ in found], where, PEFT_TYPE, options["r"])

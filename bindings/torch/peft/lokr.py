@@ -22,7 +22,7 @@ from tensoradapt.superlora.forms import Block, ExactForm, low_rank_pair
 from tensoradapt.superlora.plan import param_name
 
 from ..files.layout import AdapterFileError
-from .decoded import Decoded, superlora_decoded
+from .decoded import Decoded, plan_decoded
 from .layout import base_config, check_layer, divisors, most_common, pattern_value, patterns, tensor_key
 from .source import Source, Target
 
@@ -225,4 +225,4 @@ def decode(options: dict[str, Any], entries: dict, found: list, views: list, whe
                 a, b = tensor_key(module, f"lokr_w{k}_a"), tensor_key(module, f"lokr_w{k}_b")
                 values[param_name(g, k, "factor0")] = (lambda t, a=a: t[a], (shape[0], r))
                 values[param_name(g, k, "factor1")] = (lambda t, b=b: t[b].t(), (shape[1], r))
-    return superlora_decoded(chosen, values, views, [n for n, _ in found], where, PEFT_TYPE, options["r"])
+    return plan_decoded(chosen, values, views, [n for n, _ in found], where, PEFT_TYPE, options["r"])

@@ -21,7 +21,7 @@ from tensoradapt.superlora.forms import ExactForm, low_rank_pair
 from tensoradapt.superlora.plan import param_name
 
 from ..files.layout import AdapterFileError
-from .decoded import Decoded, need, padded_to, superlora_decoded
+from .decoded import Decoded, need, padded_to, plan_decoded
 from .layout import base_config, check_layer, most_common, pattern_value, patterns, tensor_key
 from .source import Source, Target
 
@@ -179,4 +179,4 @@ def decode(options: dict[str, Any], entries: dict, found: list, views: list, whe
         values[param_name(g, 1, "factor0")] = (lambda t, b=b, o=o, fold=fold: padded_to(b_matrix(t[b], o), R, fold),
                                                (o, R))
         values[param_name(g, 1, "factor1")] = (lambda t, a=a, n=n: padded_to(a_matrix(t[a], n), R), (n, R))
-    return superlora_decoded(cfg, values, views, [n for n, _ in found], where, PEFT_TYPE, options["r"])
+    return plan_decoded(cfg, values, views, [n for n, _ in found], where, PEFT_TYPE, options["r"])
