@@ -207,6 +207,24 @@ def test_null_band_on_identical_curves_brackets_one_and_grows_with_the_number_of
         G.null_band(lora, lora, curve, [0.56], noise=noise, draws=0)
 
 
+def test_the_null_noise_leaves_out_what_pairing_cancels():
+    rng = np.random.default_rng(8)
+    own = rng.normal(0, 0.01, (8, 4))    # each run's own noise
+    shared = rng.normal(0, 0.05, 4)      # a lucky seed lifts every point alike
+
+    def recs(common):
+        pts = [*LORA, ("f60", 60), ("f300", 300), ("f900", 900)]
+        return [{"task": "t", "family": "lora" if name.startswith("lora") else "f", "point": name, "params": p,
+                 "groups": None, "seed": s, "val": _score(p) + common * shared[s] + own[i, s],
+                 "test": _score(p) + common * shared[s] + own[i, s]} for i, (name, p) in enumerate(pts)
+                for s in range(4)]
+
+    quiet = G.summarise_task(recs(0.0), L=1, resamples=0, null_draws=0)["noise"]
+    loud = G.summarise_task(recs(1.0), L=1, resamples=0, null_draws=0)["noise"]
+    assert loud == pytest.approx(quiet) and quiet["corr"] == pytest.approx(1.0)
+    assert 0.002 < quiet["se_test"] < 0.01  # about 0.01 / sqrt(4)
+
+
 def test_summarise_reports_the_null_band_beside_each_gain():
     rng = np.random.default_rng(4)
     recs = _noisy(rng, "lora", LORA) + _noisy(rng, "same", [(f"s{p}", p) for p in (60, 150, 300, 700, 1500)])

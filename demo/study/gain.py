@@ -47,6 +47,7 @@ with the fraction of resamples in which it was defined.  Pure NumPy, determinist
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import zlib
 from collections.abc import Mapping, Sequence
@@ -371,10 +372,12 @@ def paired_resample_means(val: np.ndarray, test: np.ndarray, present: np.ndarray
 
 @dataclass(frozen=True)
 class Noise:
-    """The noise of a point's mean scores, matched to the measurements for the null simulation.
+    """The noise of a point's mean scores that pairing does not cancel, for the null simulation.
 
-    ``se_val`` and ``se_test``: standard errors of a point's mean validation and test score (the
-    median over the task's points); ``corr``: their correlation (the seed part they share).
+    ``se_val`` and ``se_test``: standard errors of a point's mean validation and test score;
+    ``corr``: their correlation (the seed part they share).  Estimated by :func:`_estimate_noise`
+    from the differences of neighbouring points, so that what all points share (a lucky seed, an
+    easy test set) is left out, as it cancels in the paired comparison.
     """
 
     se_val: float
@@ -385,33 +388,41 @@ class Noise:
         return dict(self.__dict__)
 
 
-def _estimate_noise(val: np.ndarray, test: np.ndarray, present: np.ndarray, items: np.ndarray | None) -> Noise:
-    """Per point with n seeds: se_test^2 = var_seeds(test)/n + var_items(seed-mean item score)/N,
-    se_val^2 = var_seeds(val)/n, covariance over seeds / n; medians over points."""
-    se_v, se_t, covs = [], [], []
-    for p in range(val.shape[0]):
-        k = present[p]
-        n = int(k.sum())
-        if n == 0:
+def _pair_noise(a: int, b: int, val: np.ndarray, test: np.ndarray, present: np.ndarray,
+                items: np.ndarray | None) -> tuple[float, float, float] | None:
+    """Half the variances (val, test) and covariance of the difference of points a and b's means
+    over their common seeds: seed part var_seeds(d) / n, test-item part var_items(z_a - z_b) / N."""
+    k = present[a] & present[b]
+    n = int(k.sum())
+    if n == 0:
+        return None
+    dv, dt = val[a, k] - val[b, k], test[a, k] - test[b, k]
+    var_v = float(dv.var(ddof=1)) / n if n >= 2 else 0.0
+    var_t = float(dt.var(ddof=1)) / n if n >= 2 else 0.0
+    cov = float(np.cov(dv, dt)[0, 1]) / n if n >= 2 else 0.0
+    if items is not None:
+        z = items[a, k].mean(axis=0) - items[b, k].mean(axis=0)
+        var_t += float(z.var()) / items.shape[2]
+    return var_v / 2, var_t / 2, cov / 2
+
+
+def _estimate_noise(val: np.ndarray, test: np.ndarray, present: np.ndarray, items: np.ndarray | None,
+                    pairs: Sequence[tuple[int, int]]) -> Noise:
+    """The :class:`Noise` of a task: medians over ``pairs`` (neighbouring points of one family) of
+    the standard errors and correlation of :func:`_pair_noise`; ``se_val`` falls back to
+    ``se_test`` when the validation scores show no spread (one seed)."""
+    se_v, se_t, corr = [], [], []
+    for a, b in pairs:
+        got = _pair_noise(a, b, val, test, present, items)
+        if got is None:
             continue
-        v, t = val[p, k], test[p, k]
-        item_var = 0.0
-        if items is not None:
-            z = items[p, k].mean(axis=0)
-            item_var = float(z.var()) / items.shape[2]
-        if n >= 2:
-            vv, tv = float(v.var(ddof=1)), float(t.var(ddof=1))
-            cv = float(np.cov(v, t)[0, 1])
-            se_v.append(math.sqrt(vv / n))
-            se_t.append(math.sqrt(tv / n + item_var))
-            denom = math.sqrt((vv / n) * (tv / n + item_var))
-            covs.append(cv / n / denom if denom > 0 else 0.0)
-        else:
-            se_t.append(math.sqrt(item_var))
+        vv, vt, cv = got
+        se_v.append(math.sqrt(vv))
+        se_t.append(math.sqrt(vt))
+        corr.append(cv / math.sqrt(vv * vt) if vv > 0 and vt > 0 else 0.0)
     st = float(np.median(se_t)) if se_t else 0.0
-    sv = float(np.median(se_v)) if se_v and float(np.median(se_v)) > 0 else st
-    corr = float(np.clip(np.median(covs), -1.0, 1.0)) if covs else 0.0
-    return Noise(sv, st, corr)
+    sv = float(np.median(se_v)) if se_v else 0.0
+    return Noise(sv if sv > 0 else st, st, float(np.clip(np.median(corr), -1.0, 1.0)) if corr else 0.0)
 
 
 def _true_curve(p_env: np.ndarray, s_env: np.ndarray, params: np.ndarray) -> np.ndarray:
@@ -897,7 +908,8 @@ def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family:
     boot = [curves.needs(val_b[:, b], test_b[:, b])[:2] for b in range(resamples)]
     need_b = np.stack([b[0] for b in boot], axis=-1) if boot else np.zeros((*need0.shape, 0))
     bound_b = np.stack([b[1] for b in boot], axis=-1) if boot else np.zeros((*need0.shape, 0), dtype=bool)
-    noise = _estimate_noise(t.val, t.test, t.present, t.items)
+    pairs = [(i, j) for ent in entries if ent.kind in ("lora", "family") for i, j in itertools.pairwise(ent.idx)]
+    noise = _estimate_noise(t.val, t.test, t.present, t.items, pairs)
 
     families = {ent.name: _family(t, curves, e, keys, levels, (need0, bound0, envs0), (need_b, bound_b), lora_env,
                                   noise, draws, seed, confidence) for e, ent in enumerate(entries) if e}
