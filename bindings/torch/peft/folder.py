@@ -14,6 +14,7 @@ import torch
 
 from tensoradapt._safetensors import SafetensorsHeaderError, read_header
 
+from ..distributed import dtensor_type
 from ..files.layout import ADAPTER_FILE, LIBRARY, AdapterFileError
 from ..files.read import parse_metadata
 from ..files.write import write_bytes
@@ -62,8 +63,6 @@ def write_folder(folder: Path, config: dict[str, Any], tensors: dict[str, torch.
 
 def sharded_mesh(adapter: BaseAdapter) -> Any:
     """The device mesh of ``adapter``'s parameters when FSDP2 (``fully_shard``) shards them, else None."""
-    from ..distributed import dtensor_type
-
     dtensor = dtensor_type()
     if dtensor is None:
         return None

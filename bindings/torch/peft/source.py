@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from tensoradapt import GLoRAConfig, SuperLoRA, SuperLoRAConfig
+from tensoradapt.glora import algebra
 from tensoradapt.glora.config import LayerChoice, largest_choice
 
+from ..distributed import gather_full
 from ..files.layout import ADAPTER_FILE, MODULES_TO_SAVE_PREFIX, AdapterFileError, adapter_subfolders
 from ..lifecycle import BaseAdapter
 from ..methods import by_name, check_file, of_adapter
@@ -111,8 +113,7 @@ def _live_targets(adapter: BaseAdapter, model: nn.Module | None) -> list[Target]
 
 def live_source(adapter: BaseAdapter) -> Source:
     """The export's view of a live adapter (its parameters gathered in full under FSDP2)."""
-    from ..distributed import gather_full  # FSDP2 (fully_shard): the full tensors (a collective)
-
+    # FSDP2 (fully_shard): the full tensors (a collective)
     params = gather_full({name: p.detach() for name, p in adapter.named_trainable_parameters()
                           if not name.startswith(MODULES_TO_SAVE_PREFIX)})
     model = adapter.model if adapter.attached else None  # detached: kinds and shapes only, as from a file
@@ -159,8 +160,6 @@ def file_source(path: str | os.PathLike[str]) -> Source:
 
 def _layered_file(metadata: dict[str, Any], where: str, common: dict[str, Any]) -> Source:
     """A GLoRA file's source: its layer configs (the largest choice where none is recorded)."""
-    from tensoradapt.glora import algebra
-
     config: GLoRAConfig = metadata["config"]
     targets = [Target(r["name"], layer_of(r["kind"], ()), tuple(r["shape"]), tuple(r["shape"]),
                       has_bias=r["has_bias"]) for r in metadata["targets"]]
