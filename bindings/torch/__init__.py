@@ -28,8 +28,8 @@ from .glora import attach_glora as attach_glora  # importable here as before (no
 from .glora import load_glora as load_glora
 from .hf import use_adapter_checkpoints
 from .lifecycle import BaseAdapter
-from .lycoris_io import LycorisExport, export_lycoris, import_lycoris
-from .peft_io import PeftExport, export_peft, import_peft
+from .lycoris import LycorisExport, export_lycoris, import_lycoris
+from .peft import PeftExport, export_peft, import_peft
 from .superlora import AdaptedLayer, Adapter, SuperLoRAAdapter, SuperLoRALayer
 from .superlora import attach_superlora as attach_superlora  # importable here as before (not in __all__)
 from .superlora import load_superlora as load_superlora

@@ -84,7 +84,7 @@ def export_peft_main(argv: list[str] | None = None) -> int:
     if out.exists() and not out.is_dir():
         return _error(f"OUT {str(out)!r} exists and is not a folder")
     from .files.layout import AdapterFileError
-    from .peft_io import export_peft
+    from .peft.export import export_peft
 
     try:
         result: Any = export_peft(source, out, rank=args.rank, base_model_name_or_path=args.base_model)
