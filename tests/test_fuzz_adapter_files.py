@@ -8,7 +8,7 @@ wrong type or magnitude, by non-standard JSON such as ``Infinity`` or a 5000-dig
 ``FileNotFoundError`` or ``PermissionError`` come out, within a time bound; a failed load leaves
 the model bit-identical (same state, same modules, no adapter attribute).
 
-The fixes behind this contract belong to the adapter layer (bindings/torch/_io.py and the
+The fixes behind this contract belong to the adapter layer (bindings/torch/files/ and the
 adapters' load checks).
 """
 
