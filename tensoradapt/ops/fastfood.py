@@ -69,8 +69,8 @@ class Fastfood(Frozen, ABC):
     products.  16-bit inputs are computed in float32 and returned in their dtype.
     """
 
-    # every slot of both implementations, so that an object's class can follow its generator id
-    # when it is unpickled (pickles name the class they were made by)
+    # every slot of both implementations (each sets its own), so that an object's class can follow
+    # its generator id when it is unpickled (a pickle names the class it was made by)
     __slots__ = ("_cache", "_gaussian", "_inverse", "_keys", "_permutation", "_signs", "generator",
                  "group", "length", "n_in", "n_out", "order", "scale", "seed")
 

@@ -53,8 +53,7 @@ class CounterFastfood(Fastfood, generator=buffers.GENERATOR_V2):
                 for name in ("signs", "permutation", "gaussian")}
         self._freeze(n_in=n_in, n_out=n_out, length=length, order=order, seed=seed, group=group,
                      scale=1.0 / math.sqrt(n_out * length), generator=buffers.GENERATOR_V2,
-                     _keys=keys, _cache=CounterCache(), _signs=None, _permutation=None,
-                     _inverse=None, _gaussian=None)
+                     _keys=keys, _cache=CounterCache())
 
     @property
     def buffers(self) -> dict[str, np.ndarray]:

@@ -51,7 +51,7 @@ class StoredFastfood(Fastfood, generator=buffers.GENERATOR_V1):
             array.setflags(write=False)
         values = {"n_in": n_in, "n_out": n_out, "length": int(perm.shape[0]), "order": order,
                   "seed": seed, "group": group, "scale": 1.0 / math.sqrt(n_out * total),
-                  "_cache": HostBufferCache(), "generator": buffers.GENERATOR_V1, "_keys": None, **arrays}
+                  "_cache": HostBufferCache(), "generator": buffers.GENERATOR_V1, **arrays}
         self._freeze(**values)
 
     @classmethod
