@@ -64,9 +64,11 @@ def test_envelope_is_chosen_on_validation_and_read_on_test():
     # 200 is great on test but worse on validation than 100: a budget of 200 still picks 100
     p, s, picked = G.selected_envelope([100, 200, 400], [0.6, 0.55, 0.7], [0.6, 0.95, 0.7])
     assert p.tolist() == [100, 400] and s.tolist() == [0.6, 0.7] and picked.tolist() == [0, 2]
-    # of equal counts the better on validation; test scores made non-decreasing
-    p, s, _ = G.selected_envelope([100, 100, 400], [0.6, 0.65, 0.7], [0.7, 0.66, 0.6])
-    assert p.tolist() == [100, 400] and s.tolist() == pytest.approx([0.63, 0.63])
+    # of equal counts the better on validation; test scores made non-decreasing, a pooled block
+    # becoming one point at its geometric-mean count (its mean is not credited to its first point)
+    p, s, picked = G.selected_envelope([100, 100, 400, 800], [0.6, 0.65, 0.7, 0.8], [0.7, 0.66, 0.6, 0.9])
+    assert picked.tolist() == [1, 2, 3]
+    assert p.tolist() == pytest.approx([200, 800]) and s.tolist() == pytest.approx([0.63, 0.9])
     with pytest.raises(ValueError, match="positive"):
         G.selected_envelope([0, 1], [0.1, 0.2], [0.1, 0.2])
 

@@ -9,7 +9,8 @@ every test item):
 * Each curve's envelope is *chosen on validation, read on test*: for a budget of ``x``
   parameters the point with the best mean validation score among the points with at most ``x``
   parameters is picked (:func:`selected_envelope`); the mean test scores of the picked points,
-  made non-decreasing by isotonic regression, are the curve.  Picking on test would take the
+  made non-decreasing by isotonic regression (a pooled block is one point at its geometric-mean
+  count), are the curve.  Picking on test would take the
   best of many noisy test scores, a gain that identical curves would also show.
 * The parameters a curve needs for a score level are interpolated linearly in
   ``(log parameters, score)`` (:func:`needed`); the gain is LoRA's need over the family's.
@@ -193,8 +194,9 @@ def level_key(fraction: float) -> str:
     return f"{100 * fraction:g}%"
 
 
-def _pava(y: list[float]) -> list[float]:
-    """Pool adjacent violators on a list (the one implementation of :func:`isotonic`)."""
+def _blocks(y: list[float]) -> tuple[list[float], list[int]]:
+    """Pool adjacent violators: the block means (non-decreasing) and sizes of the least-squares
+    non-decreasing fit of ``y`` (equal weights)."""
     means: list[float] = []
     sizes: list[int] = []
     for v in y:
@@ -206,10 +208,7 @@ def _pava(y: list[float]) -> list[float]:
             means.pop()
             sizes.pop()
             means[-1], sizes[-1] = m, n
-    out: list[float] = []
-    for m, n in zip(means, sizes, strict=True):
-        out += [m] * n
-    return out
+    return means, sizes
 
 
 def isotonic(y: Sequence[float]) -> np.ndarray:
@@ -220,7 +219,8 @@ def isotonic(y: Sequence[float]) -> np.ndarray:
     >>> isotonic([1.0, 3.0, 2.0, 4.0])
     array([1. , 2.5, 2.5, 4. ])
     """
-    return np.asarray(_pava(np.asarray(y, dtype=float).ravel().tolist()), dtype=float)
+    means, sizes = _blocks(np.asarray(y, dtype=float).ravel().tolist())
+    return np.repeat(np.asarray(means, dtype=float), sizes)
 
 
 def _select(order: list[int], p: list[float], v: list[float], t: list[float]) -> tuple[list[float], list[float],
@@ -236,7 +236,14 @@ def _select(order: list[int], p: list[float], v: list[float], t: list[float]) ->
             picked[-1] = i
         else:
             picked.append(i)
-    return [p[i] for i in picked], _pava([t[i] for i in picked]), picked
+    means, sizes = _blocks([t[i] for i in picked])
+    centres: list[float] = []
+    start = 0
+    for n in sizes:
+        block = [p[i] for i in picked[start:start + n]]
+        centres.append(block[0] if n == 1 else math.exp(sum(math.log(x) for x in block) / n))
+        start += n
+    return centres, means, picked
 
 
 def selected_envelope(params: Sequence[float], val: Sequence[float],
@@ -244,9 +251,11 @@ def selected_envelope(params: Sequence[float], val: Sequence[float],
     """The envelope chosen on validation and read on test.
 
     For a budget of ``x`` parameters the point with the best validation score among the points
-    with at most ``x`` parameters is picked; the picked points (the validation records in
-    parameter order; of equal counts the best) are returned with their test scores made
-    non-decreasing by :func:`isotonic`.  Points whose ``val`` or ``test`` is NaN are absent.
+    with at most ``x`` parameters is picked: the picked points are the validation records in
+    parameter order (of equal counts the best).  Their test scores are made non-decreasing by
+    isotonic regression; each pooled block of points becomes one envelope point at the block's
+    geometric-mean parameter count with the block's mean score, so that a block's mean is not
+    credited to its smallest point.  Points whose ``val`` or ``test`` is NaN are absent.
 
     Parameters
     ----------
@@ -255,13 +264,18 @@ def selected_envelope(params: Sequence[float], val: Sequence[float],
 
     Returns
     -------
-    p_env, s_env, picked : shape (m,)
-        Parameter counts (strictly increasing), envelope scores (non-decreasing), and the
-        indices into the inputs of the picked points; ``m = 0`` when no point is present.
+    p_env, s_env : shape (m,)
+        The envelope: parameter counts strictly increasing, scores non-decreasing (one entry per
+        block); ``m = 0`` when no point is present.
+    picked : shape (k,), k >= m
+        Indices into the inputs of the picked points.
 
     >>> p, s, i = selected_envelope([10, 20, 40], [0.5, 0.7, 0.6], [0.52, 0.66, 0.9])
     >>> p.tolist(), s.tolist(), i.tolist()     # 40 is worse on validation: not picked
     ([10.0, 20.0], [0.52, 0.66], [0, 1])
+    >>> p, s, _ = selected_envelope([10, 40], [0.5, 0.7], [0.7, 0.6])   # pooled: one point at 20
+    >>> p.round(6).tolist(), s.round(6).tolist()
+    ([20.0], [0.65])
     """
     p = np.asarray(params, dtype=float)
     v = np.asarray(val, dtype=float)
@@ -879,7 +893,8 @@ def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family:
         ``params``, ``test``), ``levels`` (``[{key, value}]``: ``"25%"``, ``"50%"``, ``"75%"``,
         ``"lora_r1"``), ``lora`` (LoRA's envelope), ``families`` (name -> curve: ``kind`` in
         family / groups / union, ``members``, ``groups``, ``ceiling``, ``min_params``,
-        ``envelope``, and ``gains``: one dict per level with ``key, level, gain, lora_params,
+        ``envelope`` (``points``: the picked points; ``params``, ``test``: the curve, one entry
+        per pooled block), and ``gains``: one dict per level with ``key, level, gain, lora_params,
         family_params, bounded, low, high, defined, bounded_share, cap, ceiling, null,
         beyond_null``), ``group_order`` (family -> gains of fewer over more groups),
         ``contrasts`` (paired test-score differences of the point pairs of
