@@ -171,3 +171,15 @@ def test_arguments_are_checked():
         low_rank_pair(dense, {})
     with pytest.raises(KeyError):
         low_rank_pair(exact_form(plan, 0).blocks[0], {})
+
+
+@given(family=st.sampled_from(["lora", "loha", "lokr", "krona"]), rank=st.integers(1, 4),
+       shapes=st.lists(_shape, min_size=1, max_size=3))
+def test_every_target_of_a_lora_loha_or_lokr_preset_is_exact(family, rank, shapes):
+    """The decision is not conservative: a per-weight LoRA / LoHa / LoKr / KronA preset without a
+    projection makes every target exact, in its own family (KronA is LoKr with two dense blocks)."""
+    config = presets.krona() if family == "krona" else getattr(presets, family)(rank)
+    found = exact_forms(SuperLoRA(config, shapes))
+    assert [f.kind for f in found] == ["lokr" if family == "krona" else family] * len(shapes)
+    assert [f.group for f in found] == list(range(len(shapes)))
+    assert all((f.factored is not None) == (family == "lora") for f in found)
