@@ -6,22 +6,23 @@ Two estimators live here.
 (one per point and seed, with the validation score, the test score and the 0/1 correctness of
 every test item):
 
-* Each curve's envelope is *chosen on validation, read on test*: for a budget of ``x``
-  parameters the point with the best mean validation score among the points with at most ``x``
-  parameters is picked (:func:`selected_envelope`); the mean test scores of the picked points,
+* Each curve's envelope is *chosen on validation, read on test*, and on other seeds: in fold
+  ``j`` (one per seed), for a budget of ``x`` parameters, the point with the best validation
+  score over the seeds other than ``j`` among the points with at most ``x`` parameters is picked,
+  and its test score of seed ``j`` is read (:func:`crossfit_envelope`).  The mean over the folds,
   made non-decreasing by isotonic regression (a pooled block is one point at its geometric-mean
-  count), are the curve.  Picking on test would take the
-  best of many noisy test scores, a gain that identical curves would also show.
+  count), is the curve.  Picking on test would take the best of many noisy test scores, a gain
+  identical curves would also show; picking on the same seeds' validation keeps the part of that
+  luck that a seed brings to validation and test alike.
 * The parameters a curve needs for a score level are interpolated linearly in
   ``(log parameters, score)`` (:func:`needed`); the gain is LoRA's need over the family's.
 * Levels: 25/50/75 % of LoRA's range and ``lora_r1``, LoRA r = 1's mean test score (the
   paper's comparison point).  Every curve, LoRA's included, is read off its envelope at every
-  level by the same rule, so LoRA needs r = 1's count at ``lora_r1`` unless its envelope pools
-  r = 1 with a larger rank that scored lower.
+  level by the same rule.
 * A paired bootstrap resamples seed indices *and* test items, the same draw for every point of
-  every curve (:func:`paired_resample_means`), and gives 95 % percentile intervals.
-* The identical-curve null (:func:`null_band`): families on LoRA's own curve, with the measured
-  noise, through the same estimator: the "gain" that selection alone produces.
+  every curve (:func:`paired_resamples`), and gives 95 % percentile intervals.
+* The identical-curve null (:mod:`~tensoradapt.demo.study.null`): families on LoRA's own curve,
+  with the measured noise, through the same estimator: the "gain" that selection alone produces.
 
 **The plain estimator** (:func:`envelope`, :func:`params_at`, :func:`gain_at`,
 :func:`bootstrap_gain`, :func:`levels_from`) works on curves of ``(parameters, [score of each
@@ -57,9 +58,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CEILING_FAMILIES", "LEVEL_FRACTIONS", "Gain", "Noise", "bootstrap_gain", "envelope", "gain_at",
-           "gain_text", "isotonic", "level_key", "levels_from", "needed", "null_band", "paired_resample_means",
-           "params_at", "selected_envelope", "summarise_task"]
+__all__ = ["CEILING_FAMILIES", "LEVEL_FRACTIONS", "Gain", "bootstrap_gain", "crossfit_envelope", "envelope",
+           "gain_at", "gain_text", "isotonic", "level_key", "levels_from", "needed", "paired_resamples", "params_at",
+           "seed_means", "selected_envelope", "summarise_task"]
 
 Curve = Sequence[tuple[float, Sequence[float]]]
 """``(parameters, seed scores)`` per point."""
@@ -223,32 +224,77 @@ def isotonic(y: Sequence[float]) -> np.ndarray:
     return np.repeat(np.asarray(means, dtype=float), sizes)
 
 
-def _select(order: list[int], p: list[float], v: list[float], t: list[float]) -> tuple[list[float], list[float],
-                                                                                          list[int]]:
-    """:func:`selected_envelope` on lists, ``order`` the point indices by ascending count."""
+def _pick(order: list[int], p: list[float], v: list[float], t: list[float]) -> list[int]:
+    """The validation records along ``order`` (point indices by ascending count): each point whose
+    ``v`` beats every smaller point's (of equal counts the best); NaN ``v`` or ``t``: absent."""
     picked: list[int] = []
     best = -math.inf
     for i in order:
-        if not v[i] > best or t[i] != t[i]:  # NaN validation or test: absent
+        if not v[i] > best or t[i] != t[i]:
             continue
         best = v[i]
         if picked and p[picked[-1]] == p[i]:
             picked[-1] = i
         else:
             picked.append(i)
-    means, sizes = _blocks([t[i] for i in picked])
+    return picked
+
+
+def _curve(order: list[int], p: list[float], vals: Sequence[list[float]], tests: Sequence[list[float]],
+           weights: Sequence[float]) -> tuple[list[float], list[float], list[int]]:
+    """The envelope over folds: fold ``j`` picks on ``vals[j]`` and reads ``tests[j]``.
+
+    At every count some fold picks, the curve is the ``weights``-weighted mean over the folds of
+    the test score of each fold's pick at that budget; then isotonic regression, each pooled
+    block one point at its geometric-mean count.  Returns the envelope's counts and scores and
+    the points any fold picked (by count)."""
+    folds = [_pick(order, p, v, t) for v, t in zip(vals, tests, strict=True)]
+    budgets = sorted({p[i] for f in folds for i in f})
+    at = [0] * len(folds)
+    current = [-1] * len(folds)
+    score: list[float] = []
+    for x in budgets:
+        num = den = 0.0
+        for j, f in enumerate(folds):
+            while at[j] < len(f) and p[f[at[j]]] <= x:
+                current[j] = f[at[j]]
+                at[j] += 1
+            if current[j] >= 0:
+                num += weights[j] * tests[j][current[j]]
+                den += weights[j]
+        score.append(num / den)
+    means, sizes = _blocks(score)
     centres: list[float] = []
     start = 0
     for n in sizes:
-        block = [p[i] for i in picked[start:start + n]]
+        block = budgets[start:start + n]
         centres.append(block[0] if n == 1 else math.exp(sum(math.log(x) for x in block) / n))
         start += n
-    return centres, means, picked
+    return centres, means, sorted({i for f in folds for i in f}, key=lambda i: (p[i], i))
+
+
+def _folds(val: np.ndarray, test: np.ndarray, present: np.ndarray,
+           counts: np.ndarray) -> tuple[list[list[float]], list[list[float]], list[float]]:
+    """Leave-one-seed-out folds: for each seed ``j`` drawn (``counts[j] > 0``), the points' mean
+    validation score over the *other* drawn seeds (weighted by ``counts``) and their test score of
+    seed ``j``; fold weight ``counts[j]``.  With one distinct seed drawn, the one fold picks on
+    that seed's own validation score.  ``val``, ``test``, ``present``: shape (P, S)."""
+    drawn = np.flatnonzero(np.asarray(counts) > 0)
+    tests = np.where(present[:, drawn], test[:, drawn], np.nan).T.tolist()
+    weights = [float(counts[j]) for j in drawn]
+    if len(drawn) == 1:
+        return np.where(present[:, drawn], val[:, drawn], np.nan).T.tolist(), tests, weights
+    w = np.tile(np.asarray(counts, dtype=float), (len(drawn), 1))  # fold x seed: the other drawn seeds' counts
+    w[np.arange(len(drawn)), drawn] = 0.0
+    den = present.astype(float) @ w.T  # (P, folds)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        vals = np.where(den > 0, (np.where(present, val, 0.0) @ w.T) / den, np.nan)
+    return vals.T.tolist(), tests, weights
 
 
 def selected_envelope(params: Sequence[float], val: Sequence[float],
                       test: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The envelope chosen on validation and read on test.
+    """The envelope chosen on validation and read on test, from mean scores.
 
     For a budget of ``x`` parameters the point with the best validation score among the points
     with at most ``x`` parameters is picked: the picked points are the validation records in
@@ -256,6 +302,7 @@ def selected_envelope(params: Sequence[float], val: Sequence[float],
     isotonic regression; each pooled block of points becomes one envelope point at the block's
     geometric-mean parameter count with the block's mean score, so that a block's mean is not
     credited to its smallest point.  Points whose ``val`` or ``test`` is NaN are absent.
+    (:func:`crossfit_envelope` picks on other seeds than it reads.)
 
     Parameters
     ----------
@@ -277,16 +324,58 @@ def selected_envelope(params: Sequence[float], val: Sequence[float],
     >>> p.round(6).tolist(), s.round(6).tolist()
     ([20.0], [0.65])
     """
-    p = np.asarray(params, dtype=float)
     v = np.asarray(val, dtype=float)
     t = np.asarray(test, dtype=float)
-    if p.ndim != 1 or v.shape != p.shape or t.shape != p.shape:
-        raise ValueError(f"params, val and test must be 1-D of one length, got shapes {p.shape}, {v.shape}, {t.shape}")
+    p = _check_params(params, v.shape, t.shape)
+    pe, se, picked = _curve(np.argsort(p, kind="stable").tolist(), p.tolist(), [v.tolist()], [t.tolist()], [1.0])
+    return np.asarray(pe, dtype=float), np.asarray(se, dtype=float), np.asarray(picked, dtype=int)
+
+
+def crossfit_envelope(params: Sequence[float], val: np.ndarray, test: np.ndarray,
+                      present: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The envelope chosen on validation of *other* seeds than the test scores it reads.
+
+    Fold ``j`` (one per seed) picks, for each budget, the point with the best mean validation
+    score over the seeds other than ``j`` and reads that point's test score of seed ``j``; the
+    curve is the mean over the folds, made non-decreasing as in :func:`selected_envelope`.  A
+    lucky seed, good on validation and test alike, thus cannot pick the point it reports.
+
+    Parameters
+    ----------
+    params : shape (n,)
+    val, test : shape (n, S)
+        Per point and seed: validation and test score.
+    present : shape (n, S) bool, optional
+        Which runs exist (default: all).
+
+    Returns
+    -------
+    p_env, s_env, picked : as :func:`selected_envelope` (``picked``: points any fold picked).
+
+    >>> p, s, _ = crossfit_envelope([10, 20], [[0.5, 0.5], [0.6, 0.6]], [[0.5, 0.7], [0.6, 0.8]])
+    >>> p.tolist(), s.round(6).tolist()
+    ([10.0, 20.0], [0.6, 0.7])
+    """
+    v = np.asarray(val, dtype=float)
+    t = np.asarray(test, dtype=float)
+    if v.ndim != 2 or t.shape != v.shape:
+        raise ValueError(f"val and test must be of one shape (n, S), got {v.shape} and {t.shape}")
+    p = _check_params(params, v.shape[:1], t.shape[:1])
+    m = np.ones(v.shape, dtype=bool) if present is None else np.asarray(present, dtype=bool)
+    if m.shape != v.shape:
+        raise ValueError(f"present must be of shape {v.shape}, got {m.shape}")
+    folds = _folds(v, t, m, np.ones(v.shape[1]))
+    pe, se, picked = _curve(np.argsort(p, kind="stable").tolist(), p.tolist(), *folds)
+    return np.asarray(pe, dtype=float), np.asarray(se, dtype=float), np.asarray(picked, dtype=int)
+
+
+def _check_params(params: Sequence[float], *shapes: tuple[int, ...]) -> np.ndarray:
+    p = np.asarray(params, dtype=float)
+    if p.ndim != 1 or any(tuple(sh) != p.shape for sh in shapes):
+        raise ValueError(f"params must be 1-D and match the scores' points, got shapes {p.shape} and {list(shapes)}")
     if np.any(~(p > 0)):
         raise ValueError(f"parameter counts must be positive, got {p[~(p > 0)][:3].tolist()}")
-    order = np.argsort(p, kind="stable").tolist()
-    pe, se, picked = _select(order, p.tolist(), v.tolist(), t.tolist())
-    return np.asarray(pe, dtype=float), np.asarray(se, dtype=float), np.asarray(picked, dtype=int)
+    return p
 
 
 def _need(pe: list[float], se: list[float], level: float) -> tuple[float, bool]:
@@ -329,20 +418,19 @@ def needed(p_env: Sequence[float], s_env: Sequence[float],
     return np.array([n for n, _ in out], dtype=float), np.array([b for _, b in out], dtype=bool)
 
 
-def paired_resample_means(val: np.ndarray, test: np.ndarray, present: np.ndarray, items: np.ndarray | None,
-                          resamples: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Mean validation and test score of every point in ``resamples`` paired bootstrap resamples.
+def paired_resamples(test: np.ndarray, present: np.ndarray, items: np.ndarray | None, resamples: int,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The paired bootstrap's draws: seed counts, and every run's test score on the drawn items.
 
-    Each resample draws ``S`` seed indices and ``N`` test items with replacement, *once*, and
-    applies the draw to every point: a point's resampled mean is the mean, over the drawn seeds
-    it has, of its runs' scores on the drawn items.  The drawn items are counted per distinct item
-    column (items answered identically by every run share a column), so the cost grows with the
-    number of distinct columns, not items.
+    Each resample draws ``S`` seed indices and ``N`` test items with replacement, *once*, for
+    every point: the seeds as counts per seed index, the items applied to every run.  The drawn
+    items are counted per distinct item column (items answered identically by every run share a
+    column), so the cost grows with the number of distinct columns, not items.
 
     Parameters
     ----------
-    val, test : shape (P, S)
-        Per point and seed index: the run's validation and test score (any value where absent).
+    test : shape (P, S)
+        Per point and seed index: the run's test score (any value where absent).
     present : shape (P, S), bool
         Whether the run of that point and seed exists.
     items : shape (P, S, N) of 0/1, or None
@@ -353,176 +441,41 @@ def paired_resample_means(val: np.ndarray, test: np.ndarray, present: np.ndarray
 
     Returns
     -------
-    val_b, test_b : shape (P, B)
-        NaN where none of the drawn seeds of a point has a run.
+    counts : shape (B, S)
+        How often each seed index was drawn.
+    runs : shape (P, S, B)
+        Each run's test score on the drawn items (``test`` where ``items`` is None).
     """
-    n_points, n_seeds = val.shape
-    mask = present.astype(float)
-    seeds = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=resamples).astype(float)  # (B, S)
+    n_points, n_seeds = test.shape
+    counts = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=resamples)
+    if items is None:
+        return counts, np.repeat(np.where(present, test, 0.0)[..., None], resamples, axis=2)
+    n_items = items.shape[2]
+    flat = np.where(present[..., None], items, 0).reshape(n_points * n_seeds, n_items).astype(np.uint8)
+    cols, inverse = np.unique(flat, axis=1, return_inverse=True)
+    n_cols = cols.shape[1]
+    cols = cols.astype(float)
+    inverse = inverse.ravel()
+    runs = np.empty((n_points, n_seeds, resamples))
+    step = max(1, _CHUNK // (n_cols + n_points * n_seeds + n_items))
+    for start in range(0, resamples, step):
+        stop = min(resamples, start + step)
+        drawn = inverse[rng.integers(0, n_items, size=(stop - start, n_items))]  # (b, N): each drawn item's column
+        drawn += n_cols * np.arange(stop - start)[:, None]
+        draw = np.bincount(drawn.ravel(), minlength=(stop - start) * n_cols).reshape(stop - start, n_cols)
+        runs[:, :, start:stop] = (cols @ draw.T.astype(float) / n_items).reshape(n_points, n_seeds, stop - start)
+    return counts, runs
+
+
+def seed_means(values: np.ndarray, present: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Each point's mean over the drawn seeds it has: ``values`` (P, S) or (P, S, B) with
+    ``counts`` (S,) or (B, S); NaN where a point has none of the drawn seeds."""
+    m = present.astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
-        den = mask @ seeds.T  # (P, B)
-        val_b = (np.where(present, val, 0.0) @ seeds.T) / den
-        if items is None:
-            test_b = (np.where(present, test, 0.0) @ seeds.T) / den
-        else:
-            n_items = items.shape[2]
-            flat = np.where(present[..., None], items, 0).reshape(n_points * n_seeds, n_items).astype(np.uint8)
-            cols, inverse = np.unique(flat, axis=1, return_inverse=True)
-            n_cols = cols.shape[1]
-            cols = cols.astype(float)
-            inverse = inverse.ravel()
-            test_b = np.empty((n_points, resamples))
-            step = max(1, _CHUNK // (n_cols + n_points * n_seeds + n_items))
-            for start in range(0, resamples, step):
-                stop = min(resamples, start + step)
-                drawn = inverse[rng.integers(0, n_items, size=(stop - start, n_items))]  # (b, N) column of each item
-                drawn += n_cols * np.arange(stop - start)[:, None]
-                draw = np.bincount(drawn.ravel(), minlength=(stop - start) * n_cols).reshape(stop - start, n_cols)
-                run_scores = (cols @ draw.T.astype(float) / n_items).reshape(n_points, n_seeds, stop - start)
-                weights = mask[:, :, None] * seeds[start:stop].T[None]  # (P, S, b)
-                test_b[:, start:stop] = (run_scores * weights).sum(axis=1) / den[:, start:stop]
-    return val_b, test_b
-
-
-@dataclass(frozen=True)
-class Noise:
-    """The noise of a point's mean scores that pairing does not cancel, for the null simulation.
-
-    ``se_val`` and ``se_test``: standard errors of a point's mean validation and test score;
-    ``corr``: their correlation (the seed part they share).  Estimated by :func:`_estimate_noise`
-    from the differences of neighbouring points, so that what all points share (a lucky seed, an
-    easy test set) is left out, as it cancels in the paired comparison.
-    """
-
-    se_val: float
-    se_test: float
-    corr: float
-
-    def to_dict(self) -> dict[str, float]:
-        return dict(self.__dict__)
-
-
-def _pair_noise(a: int, b: int, val: np.ndarray, test: np.ndarray, present: np.ndarray,
-                items: np.ndarray | None) -> tuple[float, float, float] | None:
-    """Half the variances (val, test) and covariance of the difference of points a and b's means
-    over their common seeds: seed part var_seeds(d) / n, test-item part var_items(z_a - z_b) / N."""
-    k = present[a] & present[b]
-    n = int(k.sum())
-    if n == 0:
-        return None
-    dv, dt = val[a, k] - val[b, k], test[a, k] - test[b, k]
-    var_v = float(dv.var(ddof=1)) / n if n >= 2 else 0.0
-    var_t = float(dt.var(ddof=1)) / n if n >= 2 else 0.0
-    cov = float(np.cov(dv, dt)[0, 1]) / n if n >= 2 else 0.0
-    if items is not None:
-        z = items[a, k].mean(axis=0) - items[b, k].mean(axis=0)
-        var_t += float(z.var()) / items.shape[2]
-    return var_v / 2, var_t / 2, cov / 2
-
-
-def _estimate_noise(val: np.ndarray, test: np.ndarray, present: np.ndarray, items: np.ndarray | None,
-                    pairs: Sequence[tuple[int, int]]) -> Noise:
-    """The :class:`Noise` of a task: medians over ``pairs`` (neighbouring points of one family) of
-    the standard errors and correlation of :func:`_pair_noise`; ``se_val`` falls back to
-    ``se_test`` when the validation scores show no spread (one seed)."""
-    se_v, se_t, corr = [], [], []
-    for a, b in pairs:
-        got = _pair_noise(a, b, val, test, present, items)
-        if got is None:
-            continue
-        vv, vt, cv = got
-        se_v.append(math.sqrt(vv))
-        se_t.append(math.sqrt(vt))
-        corr.append(cv / math.sqrt(vv * vt) if vv > 0 and vt > 0 else 0.0)
-    st = float(np.median(se_t)) if se_t else 0.0
-    sv = float(np.median(se_v)) if se_v else 0.0
-    return Noise(sv if sv > 0 else st, st, float(np.clip(np.median(corr), -1.0, 1.0)) if corr else 0.0)
-
-
-def _true_curve(p_env: np.ndarray, s_env: np.ndarray, params: np.ndarray) -> np.ndarray:
-    """LoRA's envelope as a function of parameters: linear in log parameters, extended past its
-    ends with the end segments' slopes, clipped to [0, 1]."""
-    x = np.log(np.asarray(params, dtype=float))
-    lp = np.log(p_env)
-    if len(lp) == 1:
-        return np.clip(np.full(x.shape, s_env[0]), 0.0, 1.0)
-    y = np.interp(x, lp, s_env)
-    lo, hi = x < lp[0], x > lp[-1]
-    y[lo] = s_env[0] + (x[lo] - lp[0]) * (s_env[1] - s_env[0]) / (lp[1] - lp[0])
-    y[hi] = s_env[-1] + (x[hi] - lp[-1]) * (s_env[-1] - s_env[-2]) / (lp[-1] - lp[-2])
-    return np.clip(y, 0.0, 1.0)
-
-
-def _band(gains: np.ndarray, draws: int) -> dict[str, float | None]:
-    ok = gains[np.isfinite(gains)]
-    if not len(ok):
-        return {"median": None, "p95": None, "defined": 0.0}
-    return {"median": float(np.median(ok)), "p95": float(np.percentile(ok, 95)), "defined": len(ok) / draws}
-
-
-def null_band(lora_params: Sequence[float], family_params: Sequence[float], curve: tuple[Sequence[float],
-              Sequence[float]], levels: Sequence[float], *, noise: Noise, draws: int = 1000, seed: int = 0,
-              r1: bool = True) -> list[dict[str, float | None]]:
-    """The identical-curve null: the "gain" the estimator reports when the family's true curve is
-    LoRA's.
-
-    In each of ``draws`` draws every LoRA point and every family point (at their own parameter
-    counts) scores ``f(params)`` plus noise, ``f`` being ``curve`` (LoRA's envelope, linear in log
-    parameters, extended with its end slopes, clipped to [0, 1]); the noise of a point's mean
-    validation and test score is normal with standard deviations ``noise.se_val``,
-    ``noise.se_test`` and correlation ``noise.corr``, independent between points.  The gain at each
-    level is computed as in :func:`summarise_task` (envelopes chosen on validation, read on test).
-
-    Parameters
-    ----------
-    lora_params, family_params : shape (n_lora,), (n_family,)
-        Parameter counts (> 0) of the points.
-    curve : (params, scores)
-        The true curve's points, counts increasing, scores non-decreasing.
-    levels : shape (k,)
-        Fixed score levels.
-    noise : Noise
-    draws : int
-    seed : int
-    r1 : bool
-        Also the ``lora_r1`` level (appended last): the drawn test score of LoRA's smallest point.
-
-    Returns
-    -------
-    One dict per level: ``median`` and ``p95`` (95th percentile) of the defined null gains and
-    ``defined``, the share of draws in which the gain is defined.
-    """
-    lp_all = np.asarray(lora_params, dtype=float)
-    fp_all = np.asarray(family_params, dtype=float)
-    if not len(lp_all) or not len(fp_all) or np.any(~(lp_all > 0)) or np.any(~(fp_all > 0)):
-        raise ValueError("lora_params and family_params must be non-empty and positive")
-    if not isinstance(draws, int) or draws < 1:
-        raise ValueError(f"draws must be a positive int, got {draws!r}")
-    cp, cs = (np.asarray(c, dtype=float) for c in curve)
-    fixed = np.asarray(levels, dtype=float)
-    rng = np.random.default_rng(seed)
-    mu_l, mu_f = _true_curve(cp, cs, lp_all), _true_curve(cp, cs, fp_all)
-    n_l, n_f = len(lp_all), len(fp_all)
-    z = rng.standard_normal((draws, 2, n_l + n_f))
-    c = noise.corr
-    e_val = noise.se_val * z[:, 0]
-    e_test = noise.se_test * (c * z[:, 0] + math.sqrt(max(0.0, 1.0 - c * c)) * z[:, 1])
-    mu = np.r_[mu_l, mu_f]
-    val_d, test_d = mu + e_val, mu + e_test
-    smallest = int(np.argmin(lp_all))
-    k = len(fixed) + (1 if r1 else 0)
-    params = np.r_[lp_all, fp_all].tolist()
-    order_l = np.argsort(lp_all, kind="stable").tolist()
-    order_f = (n_l + np.argsort(fp_all, kind="stable")).tolist()
-    gains = np.full((draws, k), np.nan)
-    fixed_l = fixed.tolist()
-    for d in range(draws):
-        v, t = val_d[d].tolist(), test_d[d].tolist()
-        lpe, lse, _ = _select(order_l, params, v, t)
-        fpe, fse, _ = _select(order_f, params, v, t)
-        for j, level in enumerate([*fixed_l, t[smallest]] if r1 else fixed_l):
-            gains[d, j] = _need(lpe, lse, level)[0] / _need(fpe, fse, level)[0]
-    return [_band(gains[:, j], draws) for j in range(k)]
+        if values.ndim == 2:
+            return (np.where(present, values, 0.0) @ counts) / (m @ counts)
+        w = m[:, :, None] * counts.T[None]  # (P, S, B)
+        return (values * w).sum(axis=1) / w.sum(axis=1)
 
 
 # --- the records of a task --------------------------------------------------------------------
@@ -637,11 +590,6 @@ class _Table:
                    present, items, [float(np.mean(fids[n])) if n in fids else None for n in order],
                    [sett.get(n) for n in order])
 
-    def means(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean validation and test score of each point over the seeds it has, shape (P,) each."""
-        n = self.present.sum(axis=1)
-        return np.where(self.present, self.val, 0.0).sum(1) / n, np.where(self.present, self.test, 0.0).sum(1) / n
-
 
 # --- the curves compared with LoRA ------------------------------------------------------------
 @dataclass
@@ -690,19 +638,22 @@ class _Curves:
 
     entries: list[_Entry]
     params: list[float]
+    val: np.ndarray               # (P, S) the runs' validation scores
+    present: np.ndarray           # (P, S)
     fixed: list[float]            # the levels at fractions of LoRA's range
     r1: int                       # LoRA r = 1: LoRA's smallest point
 
-    def needs(self, val: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[list, ...]]]:
-        """For one set of point means, shape (P,): parameters needed (E, K), bounded (E, K), and the
-        envelopes; the levels are ``fixed`` and then ``test[r1]``."""
-        v, s = val.tolist(), test.tolist()
-        levels = [*self.fixed, s[self.r1]]
+    def needs(self, runs: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[list, ...]]]:
+        """For the runs' test scores ``runs`` (P, S) and the seed counts ``counts`` (S,):
+        parameters needed (E, K), bounded (E, K) and the envelopes, every curve taken with the
+        leave-one-seed-out folds; the levels are ``fixed`` and LoRA r = 1's mean test score."""
+        folds = _folds(self.val, runs, self.present, counts)
+        levels = [*self.fixed, float(seed_means(runs, self.present, counts)[self.r1])]
         need = np.full((len(self.entries), len(levels)), np.nan)
         bound = np.zeros(need.shape, dtype=bool)
         envs = []
         for e, ent in enumerate(self.entries):
-            env = _select(ent.idx, self.params, v, s)
+            env = _curve(ent.idx, self.params, *folds)
             envs.append(env)
             for k, level in enumerate(levels):
                 need[e, k], bound[e, k] = _need(env[0], env[1], level)
@@ -837,18 +788,22 @@ def _contrasts(points: list[dict[str, Any]], test_m: np.ndarray, test_b: np.ndar
 
 
 def _family(t: _Table, curves: _Curves, e: int, keys: list[str], levels: list[float], est: tuple[Any, ...],
-            boot: tuple[np.ndarray, ...], lora_env: tuple[list, ...], noise: Noise, draws: int, seed: int,
-            confidence: float) -> dict[str, Any]:
+            boot: tuple[np.ndarray, ...], noise: Any, draws: int, seed: int, confidence: float) -> dict[str, Any]:
     """The section of entry ``e``: its envelope, and its gains beside their null band."""
+    from .null import null_band  # null builds on this module's estimator: imported when used
+
     ent = curves.entries[e]
+    lora_env = est[2][0]
     band = None if not draws else null_band(
         t.params[curves.entries[0].idx], t.params[ent.idx], (lora_env[0], lora_env[1]), curves.fixed, noise=noise,
-        draws=draws, seed=zlib.crc32(f"{seed}:{ent.name}".encode()))
-    env = est[2][e]
+        seeds=len(t.seeds), draws=draws, seed=zlib.crc32(f"{seed}:{ent.name}".encode()))
     return {"kind": ent.kind, "members": ent.members, "groups": ent.groups, "ceiling": ent.ceiling,
-            "min_params": int(min(curves.params[i] for i in ent.idx)),
-            "envelope": {"points": [t.labels[i] for i in env[2]], "params": [int(p) for p in env[0]], "test": env[1]},
+            "min_params": int(min(curves.params[i] for i in ent.idx)), "envelope": _envelope(t, est[2][e]),
             "gains": _gains(curves, e, keys, levels, est[:2], boot, band, confidence)}
+
+
+def _envelope(t: _Table, env: tuple[list, ...]) -> dict[str, Any]:
+    return {"points": [t.labels[i] for i in env[2]], "params": env[0], "test": env[1]}
 
 
 def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family: str = "lora",
@@ -889,7 +844,7 @@ def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family:
     -------
     dict
         ``task``, ``L``, ``resamples``, ``null_draws``, ``confidence``, ``seeds`` (indices),
-        ``test_items`` (N or None), ``noise`` (:class:`Noise`), ``lora_r1`` (``point``,
+        ``test_items`` (N or None), ``noise`` (:class:`~tensoradapt.demo.study.null.Noise`), ``lora_r1`` (``point``,
         ``params``, ``test``), ``levels`` (``[{key, value}]``: ``"25%"``, ``"50%"``, ``"75%"``,
         ``"lora_r1"``), ``lora`` (LoRA's envelope), ``families`` (name -> curve: ``kind`` in
         family / groups / union, ``members``, ``groups``, ``ceiling``, ``min_params``,
@@ -901,6 +856,8 @@ def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family:
         :func:`~tensoradapt.demo.study.claims.contrast_pairs`) and ``points`` (per point means
         and test intervals).
     """
+    from .null import estimate_noise
+
     _check_args(L, resamples, seed, null_draws, fractions, confidence, union)
     t = _Table.from_records(records)
     for name in union or {}:
@@ -908,32 +865,33 @@ def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family:
             raise ValueError(f"union name {name!r} is also a family name")
     entries = _entries(t, lora_family, union, L, ceiling_families)
     draws = max(resamples, 200) if null_draws is None else null_draws
-    val_m, test_m = t.means()
     lora = entries[0].idx
     r1 = lora[0]
     params = t.params.tolist()
-    lora_env = _select(lora, params, val_m.tolist(), test_m.tolist())
+    ones = np.ones(len(t.seeds))
+    val_m, test_m = seed_means(t.val, t.present, ones), seed_means(t.test, t.present, ones)
+    lora_env = _curve(lora, params, *_folds(t.val, t.test, t.present, ones))
     lo, hi = float(test_m[lora].min()), lora_env[1][-1]
-    curves = _Curves(entries, params, [lo + f * (hi - lo) for f in fractions], r1)
+    curves = _Curves(entries, params, t.val, t.present, [lo + f * (hi - lo) for f in fractions], r1)
     keys = [level_key(f) for f in fractions] + ["lora_r1"]
     levels = [*curves.fixed, float(test_m[r1])]
 
-    need0, bound0, envs0 = curves.needs(val_m, test_m)
-    val_b, test_b = paired_resample_means(t.val, t.test, t.present, t.items, resamples, np.random.default_rng(seed))
-    boot = [curves.needs(val_b[:, b], test_b[:, b])[:2] for b in range(resamples)]
+    need0, bound0, envs0 = curves.needs(t.test, ones)
+    counts, runs = paired_resamples(t.test, t.present, t.items, resamples, np.random.default_rng(seed))
+    boot = [curves.needs(runs[:, :, b], counts[b])[:2] for b in range(resamples)]
     need_b = np.stack([b[0] for b in boot], axis=-1) if boot else np.zeros((*need0.shape, 0))
     bound_b = np.stack([b[1] for b in boot], axis=-1) if boot else np.zeros((*need0.shape, 0), dtype=bool)
+    test_b = seed_means(runs, t.present, counts)
     pairs = [(i, j) for ent in entries if ent.kind in ("lora", "family") for i, j in itertools.pairwise(ent.idx)]
-    noise = _estimate_noise(t.val, t.test, t.present, t.items, pairs)
+    noise = estimate_noise(t.val, t.test, t.present, t.items, pairs)
 
-    families = {ent.name: _family(t, curves, e, keys, levels, (need0, bound0, envs0), (need_b, bound_b), lora_env,
-                                  noise, draws, seed, confidence) for e, ent in enumerate(entries) if e}
+    families = {ent.name: _family(t, curves, e, keys, levels, (need0, bound0, envs0), (need_b, bound_b), noise,
+                                  draws, seed, confidence) for e, ent in enumerate(entries) if e}
     points = _point_rows(t, val_m, test_m, test_b, confidence)
     return {"task": t.task, "L": L, "resamples": resamples, "null_draws": draws, "confidence": confidence,
             "seeds": t.seeds, "test_items": None if t.items is None else t.items.shape[2], "noise": noise.to_dict(),
             "lora_r1": {"point": t.labels[r1], "params": int(params[r1]), "test": float(test_m[r1])},
             "levels": [{"key": k, "value": float(v)} for k, v in zip(keys, levels, strict=True)],
-            "lora": {"envelope": {"points": [t.labels[i] for i in envs0[0][2]], "params": [int(p) for p in envs0[0][0]],
-                                  "test": envs0[0][1]}},
+            "lora": {"envelope": _envelope(t, envs0[0])},
             "families": families, "group_order": _group_order(entries, keys, need0, need_b, confidence),
             "contrasts": _contrasts(points, test_m, test_b, confidence), "points": points}
