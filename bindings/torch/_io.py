@@ -1,6 +1,6 @@
-"""Temporary re-export shim (issue 23): the names of the old ``_io`` module, now in :mod:`.files`
-(and :mod:`.methods` for ``check_file``, :mod:`.targets` for ``check_model_targets``).  Removed
-once nothing imports it."""
+"""The old private name of :mod:`.files` that ``tensoradapt.demo`` still imports (``write_bytes`` in
+demo/report.py, demo/plot.py and demo/resume.py): a re-export of the file layer, nothing else.  Remove
+it once those import :mod:`tensoradapt.torch.files.write`."""
 
 from .files.layout import (
     CONFIG_FILE,
@@ -26,11 +26,8 @@ from .files.read import (
     read_metadata,
 )
 from .files.write import canonical_header, write_adapter, write_bytes
-from .methods import check_file
-from .targets import check_model_targets
 
 __all__ = ["CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "LIBRARY", "MAX_CONFIG_BYTES", "MAX_METADATA_DEPTH",
            "PARAM_DTYPES", "README_FILE", "AdapterFileError", "adapter_path", "adapter_subfolders", "canonical_header",
-           "check_config_file", "check_file", "check_model_targets", "check_saved_modules", "glob_escape",
-           "locate_adapter", "parse_metadata", "read_adapter", "read_json_file", "read_metadata", "write_adapter",
-           "write_bytes"]
+           "check_config_file", "check_saved_modules", "glob_escape", "locate_adapter", "parse_metadata",
+           "read_adapter", "read_json_file", "read_metadata", "write_adapter", "write_bytes"]
