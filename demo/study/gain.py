@@ -871,7 +871,8 @@ def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family:
     ones = np.ones(len(t.seeds))
     val_m, test_m = seed_means(t.val, t.present, ones), seed_means(t.test, t.present, ones)
     lora_env = _curve(lora, params, *_folds(t.val, t.test, t.present, ones))
-    lo, hi = float(test_m[lora].min()), lora_env[1][-1]
+    lo = float(test_m[lora].min())
+    hi = max(lo, lora_env[1][-1])
     curves = _Curves(entries, params, t.val, t.present, [lo + f * (hi - lo) for f in fractions], r1)
     keys = [level_key(f) for f in fractions] + ["lora_r1"]
     levels = [*curves.fixed, float(test_m[r1])]
