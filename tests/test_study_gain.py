@@ -102,7 +102,7 @@ def test_known_gain_on_log_linear_curves():
     r1 = _gain(sec, "f", "lora_r1")  # the family's smallest point (25 params) already scores 0.5
     assert r1["gain"] == pytest.approx(4.0) and r1["bounded"] and r1["cap"] == pytest.approx(4.0)
     assert sec["families"]["f"]["ceiling"] is None and r1["ceiling"] is None
-    json.dumps(sec)  # JSON-ready
+    json.dumps(sec, allow_nan=False)  # JSON-ready, no NaN
 
 
 def test_gain_between_points_is_the_geometric_interpolation():
@@ -437,6 +437,7 @@ def test_claims_on_a_measured_section_and_the_markdown_table():
     recs += _noisy(rng, "lokr", [("lokr-r1-f4", 400)])
     sec = G.summarise_task(recs, L=24, union={"superlora-all": ["2d-reshape", "lonkr", "proj-2d"]}, resamples=60,
                            null_draws=40)
+    json.dumps(sec, allow_nan=False)  # JSON-ready, no NaN
     assert [c["name"] for c in sec["contrasts"]] == ["rho:proj-2d", "lonkr-vs-lokr"]
     assert sec["contrasts"][1]["a"] == "lonkr-K4-f2" and sec["contrasts"][1]["b"] == "lokr-r1-f4"
     rows = study_claims.claims({"tasks": {"digits": sec}})
