@@ -58,9 +58,11 @@ from typing import Any
 
 import numpy as np
 
+from tensoradapt._validate import check_int, is_int
+
 __all__ = ["CEILING_FAMILIES", "LEVEL_FRACTIONS", "Gain", "bootstrap_gain", "crossfit_envelope", "envelope",
-           "gain_at", "gain_text", "isotonic", "level_key", "levels_from", "needed", "paired_resamples", "params_at",
-           "seed_means", "selected_envelope", "summarise_task"]
+           "fold_envelope", "gain_at", "gain_text", "isotonic", "level_key", "levels_from", "need_at", "needed",
+           "paired_resamples", "params_at", "seed_folds", "seed_means", "selected_envelope", "summarise_task"]
 
 Curve = Sequence[tuple[float, Sequence[float]]]
 """``(parameters, seed scores)`` per point."""
@@ -240,14 +242,27 @@ def _pick(order: list[int], p: list[float], v: list[float], t: list[float]) -> l
     return picked
 
 
-def _curve(order: list[int], p: list[float], vals: Sequence[list[float]], tests: Sequence[list[float]],
-           weights: Sequence[float]) -> tuple[list[float], list[float], list[int]]:
-    """The envelope over folds: fold ``j`` picks on ``vals[j]`` and reads ``tests[j]``.
+def fold_envelope(order: list[int], p: list[float], vals: Sequence[list[float]], tests: Sequence[list[float]],
+                  weights: Sequence[float]) -> tuple[list[float], list[float], list[int]]:
+    """The envelope over folds (the estimator's core, on lists): fold ``j`` picks on ``vals[j]``
+    and reads ``tests[j]``.
 
     At every count some fold picks, the curve is the ``weights``-weighted mean over the folds of
     the test score of each fold's pick at that budget; then isotonic regression, each pooled
-    block one point at its geometric-mean count.  Returns the envelope's counts and scores and
-    the points any fold picked (by count)."""
+    block one point at its geometric-mean count.
+
+    Parameters
+    ----------
+    order : the curve's point indices, by ascending count (ties in a fixed order)
+    p : every point's count (indexed by point)
+    vals, tests : per fold, every point's selection score and test score (NaN: absent)
+    weights : per fold
+
+    Returns
+    -------
+    counts, scores, picked : the envelope (counts increasing, scores non-decreasing) and the
+    points any fold picked, by count.
+    """
     folds = [_pick(order, p, v, t) for v, t in zip(vals, tests, strict=True)]
     budgets = sorted({p[i] for f in folds for i in f})
     at = [0] * len(folds)
@@ -273,8 +288,8 @@ def _curve(order: list[int], p: list[float], vals: Sequence[list[float]], tests:
     return centres, means, sorted({i for f in folds for i in f}, key=lambda i: (p[i], i))
 
 
-def _folds(val: np.ndarray, test: np.ndarray, present: np.ndarray,
-           counts: np.ndarray) -> tuple[list[list[float]], list[list[float]], list[float]]:
+def seed_folds(val: np.ndarray, test: np.ndarray, present: np.ndarray,
+               counts: np.ndarray) -> tuple[list[list[float]], list[list[float]], list[float]]:
     """Leave-one-seed-out folds: for each seed ``j`` drawn (``counts[j] > 0``), the points' mean
     validation score over the *other* drawn seeds (weighted by ``counts``) and their test score of
     seed ``j``; fold weight ``counts[j]``.  With one distinct seed drawn, the one fold picks on
@@ -327,7 +342,7 @@ def selected_envelope(params: Sequence[float], val: Sequence[float],
     v = np.asarray(val, dtype=float)
     t = np.asarray(test, dtype=float)
     p = _check_params(params, v.shape, t.shape)
-    pe, se, picked = _curve(np.argsort(p, kind="stable").tolist(), p.tolist(), [v.tolist()], [t.tolist()], [1.0])
+    pe, se, picked = fold_envelope(np.argsort(p, kind="stable").tolist(), p.tolist(), [v.tolist()], [t.tolist()], [1.0])
     return np.asarray(pe, dtype=float), np.asarray(se, dtype=float), np.asarray(picked, dtype=int)
 
 
@@ -364,8 +379,8 @@ def crossfit_envelope(params: Sequence[float], val: np.ndarray, test: np.ndarray
     m = np.ones(v.shape, dtype=bool) if present is None else np.asarray(present, dtype=bool)
     if m.shape != v.shape:
         raise ValueError(f"present must be of shape {v.shape}, got {m.shape}")
-    folds = _folds(v, t, m, np.ones(v.shape[1]))
-    pe, se, picked = _curve(np.argsort(p, kind="stable").tolist(), p.tolist(), *folds)
+    folds = seed_folds(v, t, m, np.ones(v.shape[1]))
+    pe, se, picked = fold_envelope(np.argsort(p, kind="stable").tolist(), p.tolist(), *folds)
     return np.asarray(pe, dtype=float), np.asarray(se, dtype=float), np.asarray(picked, dtype=int)
 
 
@@ -378,8 +393,8 @@ def _check_params(params: Sequence[float], *shapes: tuple[int, ...]) -> np.ndarr
     return p
 
 
-def _need(pe: list[float], se: list[float], level: float) -> tuple[float, bool]:
-    """:func:`needed` for one level on lists."""
+def need_at(pe: list[float], se: list[float], level: float) -> tuple[float, bool]:
+    """:func:`needed` for one level on the envelope's lists ``pe`` (counts) and ``se`` (scores)."""
     if not pe or not level <= se[-1]:  # empty, above the best, or NaN
         return math.nan, False
     if level <= se[0]:
@@ -414,7 +429,7 @@ def needed(p_env: Sequence[float], s_env: Sequence[float],
     """
     pe = np.asarray(p_env, dtype=float).tolist()
     se = np.asarray(s_env, dtype=float).tolist()
-    out = [_need(pe, se, lv) for lv in np.atleast_1d(np.asarray(levels, dtype=float)).tolist()]
+    out = [need_at(pe, se, lv) for lv in np.atleast_1d(np.asarray(levels, dtype=float)).tolist()]
     return np.array([n for n, _ in out], dtype=float), np.array([b for _, b in out], dtype=bool)
 
 
@@ -482,10 +497,6 @@ def seed_means(values: np.ndarray, present: np.ndarray, counts: np.ndarray) -> n
 _RECORD_KEYS = ("task", "family", "point", "params", "groups", "seed", "val", "test")
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
 def _is_real(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -500,11 +511,11 @@ def _check_record(k: int, r: Any) -> np.ndarray | None:
     name, fam = r["point"], r["family"]
     if not isinstance(name, str) or not name or not isinstance(fam, str) or not fam:
         raise ValueError(f"record {k}: family and point must be non-empty strings")
-    if not _is_int(r["params"]) or r["params"] < 0:
+    if not is_int(r["params"]) or r["params"] < 0:
         raise ValueError(f"record {k} ({name}): params must be an int >= 0, got {r['params']!r}")
-    if r["groups"] is not None and (not _is_int(r["groups"]) or r["groups"] < 1):
+    if r["groups"] is not None and (not is_int(r["groups"]) or r["groups"] < 1):
         raise ValueError(f"record {k} ({name}): groups must be None or an int >= 1, got {r['groups']!r}")
-    if not _is_int(r["seed"]) or r["seed"] < 0:
+    if not is_int(r["seed"]) or r["seed"] < 0:
         raise ValueError(f"record {k} ({name}): seed must be an int >= 0, got {r['seed']!r}")
     for key in ("val", "test"):
         if not _is_real(r[key]):
@@ -647,16 +658,16 @@ class _Curves:
         """For the runs' test scores ``runs`` (P, S) and the seed counts ``counts`` (S,):
         parameters needed (E, K), bounded (E, K) and the envelopes, every curve taken with the
         leave-one-seed-out folds; the levels are ``fixed`` and LoRA r = 1's mean test score."""
-        folds = _folds(self.val, runs, self.present, counts)
+        folds = seed_folds(self.val, runs, self.present, counts)
         levels = [*self.fixed, float(seed_means(runs, self.present, counts)[self.r1])]
         need = np.full((len(self.entries), len(levels)), np.nan)
         bound = np.zeros(need.shape, dtype=bool)
         envs = []
         for e, ent in enumerate(self.entries):
-            env = _curve(ent.idx, self.params, *folds)
+            env = fold_envelope(ent.idx, self.params, *folds)
             envs.append(env)
             for k, level in enumerate(levels):
-                need[e, k], bound[e, k] = _need(env[0], env[1], level)
+                need[e, k], bound[e, k] = need_at(env[0], env[1], level)
         return need, bound, envs
 
 
@@ -701,14 +712,11 @@ def _ratio_stats(point: float, boot: np.ndarray, confidence: float) -> dict[str,
 
 def _check_args(L: int, resamples: int, seed: int, null_draws: int | None, fractions: Sequence[float],
                 confidence: float, union: Mapping[str, Sequence[str]] | None) -> None:
-    if not _is_int(L) or L < 1:
-        raise ValueError(f"L must be an int >= 1, got {L!r}")
-    if not _is_int(resamples) or resamples < 0:
-        raise ValueError(f"resamples must be an int >= 0, got {resamples!r}")
-    if not _is_int(seed):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    if null_draws is not None and (not _is_int(null_draws) or null_draws < 0):
-        raise ValueError(f"null_draws must be None or an int >= 0, got {null_draws!r}")
+    check_int("L", L, minimum=1)
+    check_int("resamples", resamples, minimum=0)
+    check_int("seed", seed)
+    if null_draws is not None:
+        check_int("null_draws", null_draws, minimum=0)
     if not all(_is_real(f) and 0 <= f <= 1 for f in fractions):
         raise ValueError(f"fractions must lie in [0, 1], got {list(fractions)!r}")
     if not (_is_real(confidence) and 0 < confidence < 1):
@@ -870,7 +878,7 @@ def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family:
     params = t.params.tolist()
     ones = np.ones(len(t.seeds))
     val_m, test_m = seed_means(t.val, t.present, ones), seed_means(t.test, t.present, ones)
-    lora_env = _curve(lora, params, *_folds(t.val, t.test, t.present, ones))
+    lora_env = fold_envelope(lora, params, *seed_folds(t.val, t.test, t.present, ones))
     lo = float(test_m[lora].min())
     hi = max(lo, lora_env[1][-1])
     curves = _Curves(entries, params, t.val, t.present, [lo + f * (hi - lo) for f in fractions], r1)

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .gain import _curve, _folds, _need
+from tensoradapt._validate import check_int
+
+from .gain import fold_envelope, need_at, seed_folds
 
 __all__ = ["Noise", "estimate_noise", "null_band"]
 
@@ -147,9 +149,8 @@ def null_band(lora_params: Sequence[float], family_params: Sequence[float],
     fp = np.asarray(family_params, dtype=float)
     if not len(lp) or not len(fp) or np.any(~(lp > 0)) or np.any(~(fp > 0)):
         raise ValueError("lora_params and family_params must be non-empty and positive")
-    for name, v in (("draws", draws), ("seeds", seeds)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    check_int("draws", draws, minimum=1)
+    check_int("seeds", seeds, minimum=1)
     cp, cs = (np.asarray(c, dtype=float) for c in curve)
     rng = np.random.default_rng(seed)
     n_l = len(lp)
@@ -168,8 +169,8 @@ def null_band(lora_params: Sequence[float], family_params: Sequence[float],
     fixed = [float(x) for x in levels]
     gains = np.full((draws, len(fixed) + (1 if r1 else 0)), np.nan)
     for d in range(draws):
-        folds = _folds(val[d], test[d], present, ones)
-        le, fe = _curve(order_l, params, *folds), _curve(order_f, params, *folds)
+        folds = seed_folds(val[d], test[d], present, ones)
+        le, fe = fold_envelope(order_l, params, *folds), fold_envelope(order_f, params, *folds)
         for j, level in enumerate([*fixed, float(test[d, smallest].mean())] if r1 else fixed):
-            gains[d, j] = _need(le[0], le[1], level)[0] / _need(fe[0], fe[1], level)[0]
+            gains[d, j] = need_at(le[0], le[1], level)[0] / need_at(fe[0], fe[1], level)[0]
     return [_band(gains[:, j], draws) for j in range(gains.shape[1])]
