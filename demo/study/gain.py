@@ -681,8 +681,8 @@ def gain_text(g: Mapping[str, Any]) -> str:
     text = f"{'≥ ' if g['bounded'] else ''}{g['gain']:.2f}×"
     if g["low"] is not None:
         text += f" [{g['low']:.2f}, {g['high']:.2f}]"
-    if g.get("null") and g["null"]["p95"] is not None:
-        text += f", null p95 {g['null']['p95']:.2f}×"
+    if g.get("null"):  # no p95: the family never reaches the level on LoRA's own curve
+        text += f", null p95 {g['null']['p95']:.2f}×" if g["null"]["p95"] is not None else ", null p95 —"
     if g.get("ceiling") is not None:
         text += f", ceiling {g['ceiling']:.2f}×"
     return text
