@@ -455,6 +455,14 @@ def test_claims_on_a_measured_section_and_the_markdown_table():
         study_claims.claims({})
 
 
+def test_gain_text():
+    assert G.gain_text(_g(gain=3.5, low=3.1, high=4.0, p95=1.3)) == "3.50× [3.10, 4.00], null p95 1.30×, ceiling 4.90×"
+    bounded = dict(_g(gain=2.0, bounded=True, ceiling=None), null={"median": None, "p95": None, "defined": 0.0})
+    assert G.gain_text(bounded) == "≥ 2.00× [3.10, 4.00], null p95 —"
+    assert G.gain_text(_g(gain=None, low=None, high=None)) == "not reached"
+    assert G.gain_text(dict(_g(gain=None), lora_params=None)) == "undefined"
+
+
 def test_rho_is_read_from_settings_or_label():
     assert study_claims.rho_of({"point": "proj-dense-ff0.01"}) == 0.01
     assert study_claims.rho_of({"point": "proj-2d-shuffle"}) is None
