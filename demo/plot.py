@@ -87,7 +87,7 @@ def plot_pareto(result: DemoResult, path: str | os.PathLike[str]) -> Path:
 
     from matplotlib.figure import Figure
 
-    from tensoradapt.torch._io import write_bytes
+    from tensoradapt.torch.files.write import write_bytes
 
     path = Path(path)
     fig = Figure(figsize=(9, 5.5), dpi=120)

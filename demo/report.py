@@ -298,7 +298,7 @@ def write_results(result: DemoResult, out: str | os.PathLike[str], *, plot: bool
     Each file is replaced atomically (a temporary file, then ``os.replace``): a run stopped while
     writing leaves the previous version of each file, never a torn one.
     """
-    from tensoradapt.torch._io import write_bytes
+    from tensoradapt.torch.files.write import write_bytes
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """What a demo run in an output folder has finished, kept as it finishes, so that a stopped run resumes.
 
 Everything lives under ``OUT/demo-progress/`` (:data:`PROGRESS_DIR`), each file written atomically
-(:func:`tensoradapt.torch._io.write_bytes`: a temporary file, then ``os.replace``):
+(:func:`tensoradapt.torch.files.write.write_bytes`: a temporary file, then ``os.replace``):
 
 * ``run.json`` — the settings every result depends on (:func:`run_key`: the :class:`DemoSettings`,
   the seed, the torch thread count, the torch and tensoradapt versions, the buffer generator),
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import tensoradapt as ta
-from tensoradapt.torch._io import write_bytes
+from tensoradapt.torch.files.write import write_bytes
 
 from .model import TinyViT
 from .report import MethodResult

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from tensoradapt.torch.cli import progress_bar
+from tensoradapt.torch.progress import progress_bar
 
 from .catalog import DEFAULT_METHODS, QUICK_METHODS, Method, methods
 from .data import Split, load_tasks

@@ -226,8 +226,7 @@ TORCH_LAYERS: tuple[tuple[str, ...], ...] = (
     ("modules", "distributed", "progress"),         # what a base layer is; DDP/FSDP2/DTensor; the progress bar
     ("functional", "target_forward", "bypass", "memory"),  # autograd Functions and the forwards built on them
     ("container",),                                 # model.tensoradapt and the model's save hook
-    ("files", "_io"),                               # our safetensors files and folders (_io: the old name the
-                                                    # demo still imports write_bytes by; to be removed)
+    ("files",),                                     # our safetensors files and folders
     ("targets", "lifecycle"),                       # which modules are targets; the adapter base
     ("methods",),                                   # the registry of methods
     ("api",),                                       # attach / load: choose a method through the registry
