@@ -34,7 +34,7 @@ def _gain_cell(g: dict[str, Any]) -> str:
 
 
 def gain_table(summary: dict[str, Any]) -> list[str]:
-    """Markdown rows: one per family (and union), one column per level, plus the ceiling."""
+    """Markdown rows: one per family (and union; not the baselines), one column per level, plus the ceiling."""
     levels = summary.get("levels", [])
     if not levels or not summary.get("families"):
         return ["(no LoRA curve: no gains)"]
@@ -42,6 +42,8 @@ def gain_table(summary: dict[str, Any]) -> list[str]:
                                                       for lv in levels) + " | ceiling √(L/G) |")
     lines = [head, "|---|---:|" + "---:|" * len(levels) + "---:|"]
     for name, fam in summary["families"].items():
+        if name == "baseline":  # head only / dense: references, not a family with a curve
+            continue
         cells = " | ".join(_gain_cell(g) for g in fam["gains"])
         lines.append(f"| {name} | {fam['min_params']:,} | {cells} | {_x(fam.get('ceiling'))} |")
     return lines
