@@ -234,6 +234,8 @@ TORCH_LAYERS: tuple[tuple[str, ...], ...] = (
     ("peft", "lycoris"),                            # other libraries' formats, one codec per format
     ("hf",),                                        # transformers: Trainer checkpoints
     ("cli",),                                       # tensoradapt export-peft
+    ("_pickle_compat",),                            # old module paths for pickles of earlier versions (imports
+                                                    # the modules that now hold the names; imported by __init__ only)
     ("__init__",),                                  # re-exports only
 )
 

@@ -19,6 +19,7 @@ except ImportError as error:  # pragma: no cover - exercised only without torch
     ) from error
 
 from . import functional, glora, hf
+from ._pickle_compat import *  # noqa: F403  (defines no name: registers earlier versions' module paths for old pickles)
 from .api import TORCH_VERSION, attach, default_config, load
 from .container import AdapterContainer
 from .files.layout import FORMAT_VERSION, AdapterFileError

@@ -122,9 +122,19 @@ class Fastfood(Frozen, ABC):
     def _build(self, n_in: int, n_out: int, length: int, order: str, seed: int, group: int) -> None:
         """Set the implementation's state from checked arguments."""
 
-    def __setstate__(self, state: Any) -> None:
-        super().__setstate__(state)
+    # the cache of device copies / computed maps is not pickled (Frozen._TRANSIENT)
+    _TRANSIENT = ("_cache",)
+
+    def _restore_transient(self) -> None:
+        """After unpickling: the class that implements the object's generator id (a pickle names
+        the class it was made by, ``Fastfood`` itself before the split) and a fresh, empty cache."""
         object.__setattr__(self, "__class__", Fastfood.implementation(self.generator))
+        object.__setattr__(self, "_cache", self._new_cache())
+
+    @staticmethod
+    @abstractmethod
+    def _new_cache() -> Any:
+        """An empty cache of the implementation's maps (:mod:`.map_store`)."""
 
     @staticmethod
     def _check_order(order: Any) -> str:

@@ -46,6 +46,10 @@ class CounterFastfood(Fastfood, generator=buffers.GENERATOR_V2):
     __slots__ = ()
     ACCEPTS_PADDED = True
 
+    @staticmethod
+    def _new_cache() -> CounterCache:
+        return CounterCache()
+
     def _build(self, n_in: int, n_out: int, length: int, order: str, seed: int, group: int) -> None:
         """Three counter keys, no buffers; ``c = 1/sqrt(N·L)`` (docs/math.md §3.8)."""
         buffers.check_counter_length(length)
@@ -53,7 +57,7 @@ class CounterFastfood(Fastfood, generator=buffers.GENERATOR_V2):
                 for name in ("signs", "permutation", "gaussian")}
         self._freeze(n_in=n_in, n_out=n_out, length=length, order=order, seed=seed, group=group,
                      scale=1.0 / math.sqrt(n_out * length), generator=buffers.GENERATOR_V2,
-                     _keys=keys, _cache=CounterCache())
+                     _keys=keys, _cache=self._new_cache())
 
     @property
     def buffers(self) -> dict[str, np.ndarray]:

@@ -28,6 +28,10 @@ class StoredFastfood(Fastfood, generator=buffers.GENERATOR_V1):
 
     __slots__ = ()
 
+    @staticmethod
+    def _new_cache() -> HostBufferCache:
+        return HostBufferCache()
+
     def _build(self, n_in: int, n_out: int, length: int, order: str, seed: int, group: int) -> None:
         self._init(
             n_in, n_out, order,
@@ -51,7 +55,7 @@ class StoredFastfood(Fastfood, generator=buffers.GENERATOR_V1):
             array.setflags(write=False)
         values = {"n_in": n_in, "n_out": n_out, "length": int(perm.shape[0]), "order": order,
                   "seed": seed, "group": group, "scale": 1.0 / math.sqrt(n_out * total),
-                  "_cache": HostBufferCache(), "generator": buffers.GENERATOR_V1, **arrays}
+                  "_cache": self._new_cache(), "generator": buffers.GENERATOR_V1, **arrays}
         self._freeze(**values)
 
     @classmethod

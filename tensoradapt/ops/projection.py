@@ -36,6 +36,11 @@ from .map_store import (
 
 __all__ = ["CounterFastfood", "Fastfood", "Shuffle", "StoredFastfood", "device_buffer_budget"]
 
+# The names pickles made by version 48104a3 and earlier give the caches (the caches are no longer
+# pickled, Frozen._TRANSIENT; these names only let such pickles resolve the objects they hold).
+_BufferCache = HostBufferCache
+_CounterCache = CounterCache
+
 #: Entries per chunk of a generator-2 Shuffle's walked permutation (the walk's rounds shrink, so
 #: larger chunks than Fastfood's keep the per-round overhead small).
 WALK_CHUNK = 1 << 16
@@ -70,6 +75,8 @@ class Shuffle(Frozen):
     """
 
     __slots__ = ("_cache", "_inverse", "_key", "_permutation", "generator", "group", "n", "seed")
+    # the cache of device copies / computed indices is not pickled (Frozen._TRANSIENT)
+    _TRANSIENT = ("_cache",)
 
     def __init__(self, n: int, seed: int, group: int = 0, *, generator: str | None = None) -> None:
         n = check_int("n", n, minimum=1)
@@ -87,6 +94,11 @@ class Shuffle(Frozen):
         perm, inverse = read_only_permutation_pair(perm)
         self._freeze(n=int(perm.shape[0]), seed=seed, group=group, generator=buffers.GENERATOR_V1, _key=None,
                      _permutation=perm, _inverse=inverse, _cache=HostBufferCache())
+
+    def _restore_transient(self) -> None:
+        """After unpickling: a fresh, empty cache of the generator's kind."""
+        cache = CounterCache() if self._key is not None else HostBufferCache()
+        object.__setattr__(self, "_cache", cache)
 
     @classmethod
     def from_permutation(cls, permutation: Any) -> Shuffle:
