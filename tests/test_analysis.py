@@ -321,6 +321,27 @@ def test_shapes_from_model():
         "0.value.weight"]
 
 
+def test_shapes_from_model_without_the_entry_point(monkeypatch):
+    """Stale install metadata (no ``tensoradapt.model_shapes`` entry point): the torch binding's
+    reader is found by its module name; an ImportError, naming the fix, only when that fails."""
+    torch = pytest.importorskip("torch")
+    import importlib.metadata
+    import importlib.util
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kwargs: [])
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    assert [(t.name, t.shape) for t in shapes_from_model(model)] == [("0.weight", (2, 3))]
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
+        shapes_from_model(object())
+    monkeypatch.setitem(sys.modules, "tensoradapt.torch.targets", None)  # the binding does not import
+    with pytest.raises(ImportError, match="reinstall tensoradapt"):
+        shapes_from_model(model)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else find_spec(name, *a))
+    with pytest.raises(ImportError, match=r"none is installed \(pip install tensoradapt\[torch\]\)"):
+        shapes_from_model(model)
+
+
 def test_core_does_not_import_torch_tensorly_or_matplotlib():
     code = ("import sys, tensoradapt.analysis, tensoradapt.cli; "
             "bad = [m for m in ('torch', 'tensorly', 'matplotlib', 'safetensors') if m in sys.modules]; "

@@ -295,12 +295,14 @@ def shapes_from_model(model: Any, targets: str | Sequence[str] | Callable[[str, 
 
     The reader is the binding's (for torch: :func:`tensoradapt.torch.targets.shapes_from_model`,
     which documents ``targets``, ``min_ndim``, the shapes and the errors), found through the
-    :data:`MODEL_SHAPES_GROUP` entry points by the framework of the model's class.
+    :data:`MODEL_SHAPES_GROUP` entry points by the framework of the model's class (with no such
+    entry point, as in an install whose metadata predates it, the torch binding by its module name).
 
     Raises
     ------
     ImportError
-        No binding is installed (``pip install tensoradapt[torch]``).
+        No binding is installed (``pip install tensoradapt[torch]``), or PyTorch is but the binding
+        does not import (reinstall tensoradapt).
     TypeError, ShapeSourceError
         As the binding's reader raises them (a model it cannot read, no module matching ``targets``).
     """
@@ -309,18 +311,37 @@ def shapes_from_model(model: Any, targets: str | Sequence[str] | Callable[[str, 
 
 def _model_reader(model: Any) -> Callable[..., list[Target]]:
     """The installed binding's ``shapes_from_model`` for ``model``: the one named after a top-level
-    package of the model's class hierarchy (``torch`` for an ``nn.Module``), else the only one."""
+    package of the model's class hierarchy (``torch`` for an ``nn.Module``), else the only one; with
+    no entry point at all (stale install metadata), the torch binding's if it imports."""
     from importlib.metadata import entry_points
 
     readers = {ep.name: ep for ep in entry_points(group=MODEL_SHAPES_GROUP)}
     if not readers:
-        raise ImportError("shapes_from_model reads a model through a framework binding, and none is installed "
-                          "(pip install tensoradapt[torch])")
+        return _torch_reader()
     frameworks = [cls.__module__.split(".")[0] for cls in type(model).__mro__]
     name = next((f for f in frameworks if f in readers), None)
     if name is None and len(readers) > 1:
         raise TypeError(f"model must be a model of one of {sorted(readers)}, got {type(model).__name__}")
     return readers[name if name is not None else next(iter(readers))].load()
+
+
+def _torch_reader() -> Callable[..., list[Target]]:
+    """The torch binding's reader found without its entry point: the package's metadata can lack the
+    entry point (an editable install made before it was declared) while the binding imports fine.
+    Looked up by name at call time, so the core still imports no binding (docs/architecture.md)."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise ImportError("shapes_from_model reads a model through a framework binding, and none is installed "
+                          "(pip install tensoradapt[torch])")
+    try:
+        module = importlib.import_module("tensoradapt.torch.targets")
+    except ImportError as error:
+        raise ImportError("shapes_from_model found no framework binding: PyTorch is installed but tensoradapt.torch "
+                          f"is not importable ({error}); reinstall tensoradapt (pip install --force-reinstall "
+                          "tensoradapt[torch])") from error
+    return module.shapes_from_model
 
 
 # the parameter tables live in .counts; importable from here as before (docs/analysis.md lists them here)
