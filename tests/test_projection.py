@@ -226,3 +226,19 @@ def test_a_fastfood_unpickled_under_the_public_class_takes_its_generators_class(
         ops.Fastfood(2, 5, 0, generator=3)
     with pytest.raises(ValueError, match="generator must be one of"):
         ops.Fastfood(2, 5, 0, generator="tensoradapt.buffers/9")
+
+
+def test_fastfood_signature_is_the_documented_one() -> None:
+    """``inspect.signature(Fastfood)`` (help, IDEs, autodoc) shows the constructor's parameters as
+    before the factory split, in the docstring's order, not ``__new__``'s ``(*args, **kwargs)``."""
+    import inspect
+    import re
+
+    signature = inspect.signature(ops.Fastfood)
+    assert str(signature) == ("(n_in: 'int', n_out: 'int', seed: 'int', group: 'int' = 0, *, order: 'str' = 'li', "
+                              "allow_shrink: 'bool' = False, generator: 'str | None' = None) -> 'None'")
+    doc = ops.Fastfood.__doc__.split("Parameters\n    ----------\n")[1].split("\n\n    Notes")[0]
+    documented = [name for line in re.findall(r"^    (\w[\w, ]*) :", doc, re.MULTILINE) for name in line.split(", ")]
+    assert list(signature.parameters) == documented
+    for implementation in (ops.Fastfood.implementation(g) for g in buffers.GENERATORS):
+        assert inspect.signature(implementation) == signature

@@ -12,6 +12,7 @@ implementation registers itself with its generator id (``class X(Fastfood, gener
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -254,3 +255,9 @@ class Fastfood(Frozen, ABC):
     @abstractmethod
     def _adjoint(self, xp: Any, y: Any, work: Any, padded: bool, overwrite: bool) -> Any:
         """``Fᵀ y`` of ``y`` in ``work`` (``padded``: of length ``L``; ``overwrite``: ``y`` is scratch)."""
+
+
+# ``Fastfood(...)`` reads as its ``__init__`` (the documented parameters): ``__new__`` takes
+# ``*args, **kwargs`` only to pick the implementation class, and unpickling calls it with none.
+Fastfood.__signature__ = inspect.signature(Fastfood.__init__).replace(  # type: ignore[attr-defined]
+    parameters=list(inspect.signature(Fastfood.__init__).parameters.values())[1:])
