@@ -124,3 +124,13 @@ def test_console_script_runs(tmp_path: Path) -> None:
                            str(tmp_path / "peft")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+
+
+def test_the_cli_progress_bar_is_the_one_the_export_reads():
+    """``tensoradapt.torch.cli.progress_bar`` (importable as before) is the function itself, and the
+    module documents where the export looks it up, which is where a replacement must go."""
+    from tensoradapt.torch import cli, progress
+
+    assert cli.progress_bar is progress.progress_bar
+    assert ":func:`tensoradapt.torch.progress.progress_bar`" in cli.__doc__
+    assert "replace it there" in cli.__doc__

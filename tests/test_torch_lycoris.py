@@ -178,7 +178,7 @@ def test_lycoris_kohya_loader_applies_our_unet_files(unet, tmp_path, kohya_prese
     algos = set(result.algorithms.values())
     # LoKr blocks of a conv laid out apart from LyCORIS's go out as an exact LoCon
     assert algos == {"lora", "locon"} if algo == "lora" else algo in algos
-    assert max(result.errors.values()) <= tat.peft.EXACT_TOLERANCE
+    assert max(result.errors.values()) <= tat.peft.svd.EXACT_TOLERANCE
     peer = copy.deepcopy(unet)
     network, _ = create_network_from_weights(1.0, str(result.path), None, None, peer)
     network.apply_to(None, peer, apply_text_encoder=False, apply_unet=True)
@@ -233,7 +233,7 @@ def test_grouped_and_projected_adapters_export_as_lora_with_errors(tmp_path):
     want = net_out(model)
     exact = tat.export_lycoris(adapter, tmp_path / "exact.safetensors", prefix="lycoris")
     assert set(exact.algorithms.values()) == {"lora", "locon"}
-    assert max(exact.errors.values()) <= tat.peft.EXACT_TOLERANCE
+    assert max(exact.errors.values()) <= tat.peft.svd.EXACT_TOLERANCE
     peer = Net()
     network, _ = lycoris.create_lycoris_from_weights(1.0, str(exact.path), peer)
     network.apply_to()
@@ -281,7 +281,7 @@ def test_glora_exports_as_lora_and_reports_dropped_bias(tmp_path):
     want = mlp_out(model)
     result = tat.export_lycoris(adapter, tmp_path / "glora.safetensors", prefix="lycoris")
     assert set(result.algorithms.values()) == {"lora"}
-    assert max(result.errors.values()) <= tat.peft.EXACT_TOLERANCE
+    assert max(result.errors.values()) <= tat.peft.svd.EXACT_TOLERANCE
     peer = MLP()
     network, _ = lycoris.create_lycoris_from_weights(1.0, str(result.path), peer)
     network.apply_to()

@@ -895,3 +895,34 @@ def test_fsdp2_export_is_a_collective_written_by_rank0(tmp_path):
     with torch.no_grad():
         loaded = peft.PeftModel.from_pretrained(_fsdp_model().eval(), str(tmp_path / "out-exact")).eval()
         assert rel(loaded(x), model(x)) <= 1e-5
+
+
+def test_settings_are_documented_and_exported_where_they_are_read():
+    """A setting patched where the documentation points must change what the code does: every
+    ``:data:`tensoradapt.torch.….NAME``` of the bindings whose value is a number (a setting one
+    tunes) names the module that defines ``NAME`` (a module-level assignment there, not an imported
+    copy), and the package ``peft`` copies none of the SVD export's settings, which ``peft.svd``
+    reads at each call."""
+    import ast
+    import importlib
+    import inspect
+    import re
+    from pathlib import Path
+
+    root = Path(tat.__file__).resolve().parent
+    references = {ref for path in root.rglob("*.py")
+                  for ref in re.findall(r":data:`~?(tensoradapt\.torch\.[\w.]+)`", path.read_text(encoding="utf-8"))}
+    assert "tensoradapt.torch.peft.svd.EXACT_TOLERANCE" in references
+    for reference in sorted(references):
+        module_name, name = reference.rsplit(".", 1)
+        module = importlib.import_module(module_name)
+        if not isinstance(getattr(module, name), (int, float)):
+            continue  # e.g. lycoris.KOHYA_PREFIXES: a documented constant, not a setting
+        assigned = {target.id for node in ast.parse(inspect.getsource(module)).body
+                    if isinstance(node, (ast.Assign, ast.AnnAssign))
+                    for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                    if isinstance(target, ast.Name)}
+        assert name in assigned, f":data:`{reference}`: {module_name} does not define {name} (a copy?)"
+    for name in ("EXACT_TOLERANCE", "ONE_THREAD_SVD_SIDE", "PROGRESS_MIN_TARGETS"):
+        assert hasattr(tat.peft.svd, name)
+        assert not hasattr(tat.peft, name), f"tensoradapt.torch.peft.{name}: a copy that patching would not reach"

@@ -13,8 +13,10 @@ Examples
 
 Bad input (no such file, not an adapter, a rank the targets cannot have, an output path that is a
 file) exits with status 2 and one line on stderr.  An SVD export of many targets draws a progress
-bar on stderr when stderr is a terminal (:func:`progress_bar`, the bar ``tensoradapt demo`` and
-``tensoradapt study`` draw too).
+bar on stderr when stderr is a terminal (:func:`tensoradapt.torch.progress.progress_bar`, the bar
+``tensoradapt demo`` and ``tensoradapt study`` draw too; ``progress_bar`` here is the same function,
+importable from here as before, but the export looks it up in :mod:`tensoradapt.torch.progress` at
+each call, so replace it there).
 """
 
 from __future__ import annotations

@@ -171,7 +171,7 @@ def export_lycoris(adapter: BaseAdapter | str | os.PathLike[str], path: str | os
     rank : None, int or "exact"
         ``None``: LoRA, LoKr and LoHa targets natively (exact: LoRA/LoCon, LoKr in LyCORIS's block
         layout, LoHa), every other target as the LoRA/LoCon of smallest rank within
-        :data:`tensoradapt.torch.peft.EXACT_TOLERANCE` (``"exact"``).  ``r`` or ``"exact"``:
+        :data:`tensoradapt.torch.peft.svd.EXACT_TOLERANCE` (``"exact"``).  ``r`` or ``"exact"``:
         every target as a LoRA/LoCon of its truncated SVD (rank ``r``, or the smallest exact one).
     prefix : str, optional
         The key prefix of every target (``"lora_unet"``, ``"lora_te1"``, …).  Default: per model,

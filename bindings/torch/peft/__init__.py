@@ -29,7 +29,11 @@ Modules: one codec per PEFT type holding its encode and decode side by side (:mo
 :mod:`.loha`, :mod:`.lokr`, :mod:`.glora`; the table in :mod:`.codecs`), :mod:`.svd` (the rank-r
 export), :mod:`.config` (reading ``adapter_config.json``), :mod:`.source` (the export source),
 :mod:`.layout` (what every PEFT folder shares), :mod:`.folder` (the folder on disk),
-:mod:`.decoded`, and the two entry points :mod:`.export` and :mod:`.load`.
+:mod:`.decoded`, and the two entry points :mod:`.export` and :mod:`.load`.  The SVD export's
+settings (:data:`~tensoradapt.torch.peft.svd.EXACT_TOLERANCE`,
+:data:`~tensoradapt.torch.peft.svd.ONE_THREAD_SVD_SIDE`,
+:data:`~tensoradapt.torch.peft.svd.PROGRESS_MIN_TARGETS`) live in :mod:`.svd`, which reads them at
+each call: read or change them there.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from __future__ import annotations
 from .export import PeftExport, export_peft
 from .layout import PEFT_CONFIG_FILE
 from .load import import_peft
-from .svd import EXACT_TOLERANCE, ONE_THREAD_SVD_SIDE, PROGRESS_MIN_TARGETS
 
-__all__ = ["EXACT_TOLERANCE", "ONE_THREAD_SVD_SIDE", "PEFT_CONFIG_FILE", "PROGRESS_MIN_TARGETS", "PeftExport",
-           "export_peft", "import_peft"]
+# The SVD export's settings (EXACT_TOLERANCE, ONE_THREAD_SVD_SIDE, PROGRESS_MIN_TARGETS) are not
+# re-exported: they are read from .svd at each call, so a copy here would be a patch point that does nothing.
+__all__ = ["PEFT_CONFIG_FILE", "PeftExport", "export_peft", "import_peft"]

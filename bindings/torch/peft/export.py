@@ -176,7 +176,7 @@ def export_peft(adapter_or_path: BaseAdapter | str | os.PathLike[str], folder: s
         ``None``: the exact export in the adapter's own PEFT method (LoRA, LoKr, LoHa, GLoRA),
         anything else refused (pass ``rank=``).  ``r`` (``1 <= r <= min(o, n)`` for every target):
         a PEFT LoRA of rank ``r`` holding each target's truncated SVD of ``ΔW``.  ``"exact"``: per
-        target the smallest rank whose relative error is at most :data:`EXACT_TOLERANCE`
+        target the smallest rank whose relative error is at most :data:`tensoradapt.torch.peft.svd.EXACT_TOLERANCE`
         (``rank_pattern``; scaling 1 everywhere).
     base_model_name_or_path : str, optional
         Written to the config (default: the model's ``config._name_or_path`` or what our folder
@@ -187,7 +187,7 @@ def export_peft(adapter_or_path: BaseAdapter | str | os.PathLike[str], folder: s
         CUDA, ``"meta"``) is a ``ValueError``.
     progress : bool
         Draw a progress bar over the targets of a ``rank=r`` / ``"exact"`` export on stderr when
-        stderr is a terminal and there are at least :data:`PROGRESS_MIN_TARGETS` targets
+        stderr is a terminal and there are at least :data:`tensoradapt.torch.peft.svd.PROGRESS_MIN_TARGETS` targets
         (``False``: never).
 
     Returns
@@ -211,7 +211,7 @@ def export_peft(adapter_or_path: BaseAdapter | str | os.PathLike[str], folder: s
     The SVD export takes time proportional to its targets' SVDs (``O(o n min(o, n))`` each): the
     28 projections of a 4-layer, 256-wide Llama take about half a second of SVDs on one CPU core,
     about a second for the whole export.  When every target has ``min(o, n) <=``
-    :data:`ONE_THREAD_SVD_SIDE` and the work is on the CPU, the SVDs run on one torch thread
+    :data:`tensoradapt.torch.peft.svd.ONE_THREAD_SVD_SIDE` and the work is on the CPU, the SVDs run on one torch thread
     (``torch.set_num_threads(1)`` for the call, restored after): small SVDs gain little from more
     threads and, on cores shared with other processes, lose many times over waiting for each other.
 
