@@ -105,9 +105,8 @@ def test_views_and_selection_come_from_the_core(monkeypatch) -> None:
     assert issubclass(torch_modules.WeightView, _targets.TargetView)
     assert torch_targets.target_view is _targets.target_view and torch_targets.select_targets is _targets.select_targets
     assert torch_modules.target_view is _targets.target_view
-    # the torch-side view and matching (what bindings/torch/_targets.py held before issue 23)
-    source = inspect.getsource(torch_modules) + "".join(inspect.getsource(f) for f in (
-        torch_targets.match_targets, torch_targets.diffusers_targets, torch_targets.diffusers_default_targets))
+    # the torch-side view and matching: all of the modules that hold what bindings/torch/_targets.py held
+    source = inspect.getsource(torch_targets) + inspect.getsource(torch_modules)
     assert "math.prod" not in source and "fullmatch" not in source and "endswith" not in source
     calls = {"view": 0, "select": 0}
     view, select = _targets.target_view, _targets.select_targets
@@ -177,9 +176,10 @@ def test_count_params_takes_shapes_from_model_directly_and_selection_matches_att
 
 def test_core_finds_the_model_reader_through_its_entry_point(monkeypatch) -> None:
     """``tensoradapt.analysis.shapes_from_model`` is the binding's reader, found by name (the core imports
-    neither torch nor the bindings): no binding installed is an ImportError, and with several the
-    model's framework chooses."""
+    neither torch nor the bindings): no binding installed is an ImportError (without the entry point, the
+    torch reader by module name when torch imports), and with several the model's framework chooses."""
     import importlib.metadata
+    import importlib.util
 
     from tensoradapt.analysis import shapes as core_shapes
 
@@ -196,6 +196,11 @@ def test_core_finds_the_model_reader_through_its_entry_point(monkeypatch) -> Non
             return self.value
 
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
+    # no entry point (stale install metadata): the torch reader by its module name while torch imports
+    assert core_shapes.shapes_from_model(model) == torch_targets.shapes_from_model(model)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "torch" else find_spec(name, *args))
     with pytest.raises(ImportError, match="none is installed"):
         core_shapes.shapes_from_model(model)
     readers = [Reader("jax", lambda *args, **kwargs: "jax's"), Reader("torch", lambda *args, **kwargs: "torch's")]

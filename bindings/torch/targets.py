@@ -147,7 +147,8 @@ def resolve_targets(model: nn.Module, targets: Any, exclude: Any) -> list[tuple[
         names = _all_linear(model)
     else:
         names = [name for name, _ in match_targets(model, targets)]
-        names = [n for n in names if not n.endswith(".base_layer") or n[:-11] not in names]
+        wrapped = {f"{name}.base_layer" for name in names}  # a matched wrapper stands for its base layer
+        names = [n for n in names if n not in wrapped]
     if exclude is not None:
         dropped = {name for name, _ in match_targets_or_empty(model, exclude)}
         names = [n for n in names if n not in dropped]
@@ -373,7 +374,7 @@ def shapes_from_model(model: Any, targets: str | Sequence[str] | Callable[[str, 
         Module selection, as for :func:`tensoradapt.torch.attach`: a sequence of names, each
         matching a module whose qualified name equals it or ends with ``"." + name`` (PEFT's
         ``target_modules`` rule, e.g. ``["query", "value"]``), one string used as a regular
-        expression (``re.fullmatch`` on the qualified name), or ``callable(name, module) -> bool``.
+        expression (matched against the whole qualified name), or ``callable(name, module) -> bool``.
         Default: every module with a weight of at least ``min_ndim`` dimensions.
     min_ndim : int
         Skip weights with fewer dimensions (default 2; norms and biases are not targets).
