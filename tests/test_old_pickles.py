@@ -87,3 +87,32 @@ def test_old_whole_model_pickles_load_and_compute_what_they_did(method: str) -> 
         out = record["model"](record["x"])
     torch.testing.assert_close(out, record["y"], rtol=0, atol=0)
     assert type(record["model"].tensoradapt).__module__.startswith("tensoradapt.torch.")
+
+
+def test_every_name_old_model_pickles_refer_to_resolves() -> None:
+    """The names a whole-model pickle of 48104a3 can refer to (its adapters' classes, hooks and
+    state holders) resolve as pickle resolves them, to the objects that now hold them."""
+    pytest.importorskip("torch")
+    import io
+
+    from tensoradapt.torch import container, hf, modules
+    from tensoradapt.torch.superlora import adapter, layer, passes
+
+    unpickler = pickle.Unpickler(io.BytesIO(b""))
+    expected = {
+        ("tensoradapt.torch._shared", "AdapterContainer"): container.AdapterContainer,
+        ("tensoradapt.torch._shared", "accept_base_keys"): modules.accept_base_keys,
+        ("tensoradapt.torch._shared", "report_base_keys"): modules.report_base_keys,
+        ("tensoradapt.torch._shared", "ThreadState"): modules.ThreadState,
+        ("tensoradapt.torch._targets", "WeightView"): modules.WeightView,
+        ("tensoradapt.torch.adapter", "SuperLoRAAdapter"): adapter.SuperLoRAAdapter,
+        ("tensoradapt.torch.adapter", "SuperLoRALayer"): layer.SuperLoRALayer,
+        ("tensoradapt.torch.adapter", "_ForwardState"): passes.ForwardState,
+    }
+    for (module, name), obj in expected.items():
+        assert unpickler.find_class(module, name) is obj, (module, name)
+    hook = unpickler.find_class("tensoradapt.torch.adapter", "_report_original_weight")
+    assert hook.__module__ == layer.__name__ and hook.__name__ == "_report_original_weight"
+    save = unpickler.find_class("tensoradapt.torch.hf", "_SavePretrained")
+    assert save.__module__ == container.__name__ and save.__name__ == "_SavePretrained"
+    assert unpickler.find_class("tensoradapt.torch.hf", "use_adapter_checkpoints") is hf.use_adapter_checkpoints
