@@ -32,13 +32,15 @@ class Frozen:
     def __deepcopy__(self, memo: dict[int, Any]) -> Frozen:
         return self
 
-    def __getstate__(self) -> tuple[None, dict[str, Any]]:
+    def __getstate__(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """``(instance dict or None, slot values)`` as Python's default, less :attr:`_TRANSIENT`."""
         slots: dict[str, Any] = {}
         for klass in type(self).__mro__:
             for name in klass.__dict__.get("__slots__", ()):
                 if name not in self._TRANSIENT and hasattr(self, name):
                     slots[name] = getattr(self, name)
-        return None, slots
+        instance = {k: v for k, v in getattr(self, "__dict__", {}).items() if k not in self._TRANSIENT}
+        return instance or None, slots
 
     def __setstate__(self, state: Any) -> None:
         if isinstance(state, tuple):  # (instance dict or None, slot values)
