@@ -13,8 +13,8 @@ from torch import nn  # noqa: E402
 
 import tensoradapt.torch as tat  # noqa: E402
 from tensoradapt import presets  # noqa: E402
-from tensoradapt.torch.superlora import adapter as adapter_module  # noqa: E402
 from tensoradapt.torch.memory import lora_step_memory  # noqa: E402
+from tensoradapt.torch.superlora import adapter as adapter_module  # noqa: E402
 
 CONFIGS = {
     "lorta-G1": presets.lorta(3, 2, groups=1),
