@@ -468,3 +468,57 @@ def test_rho_is_read_from_settings_or_label():
     assert study_claims.rho_of({"point": "proj-2d-shuffle"}) is None
     assert study_claims.rho_of({"point": "x", "settings": {"projection": "fastfood", "rho": 0.5}}) == 0.5
     assert study_claims.rho_of({"point": "x-ff1", "settings": {"projection": "shuffle", "rho": 1.0}}) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# the curve functions kept public from the first study (envelope, params_at, gain_at, bootstrap_gain,
+# levels_from): the known answers tests/test_study.py held before study v2
+# ---------------------------------------------------------------------------------------------
+def _loglinear(params, spread=0.0):
+    """score = 0.5 + 0.2 log10(p / 100), three seeds ± spread."""
+    return [(p, [0.5 + 0.2 * math.log10(p / 100) + d for d in (-spread, 0.0, spread)]) for p in params]
+
+
+def test_gain_is_the_known_parameter_ratio():
+    lora = _loglinear([100, 1000, 10000])
+    family = [(p / 4, s) for p, s in lora]  # the same scores with 4x fewer parameters
+    for level in (0.6, 0.75, 0.85):
+        g = G.gain_at(lora, family, level)
+        assert g.gain == pytest.approx(4.0) and not g.bounded
+        assert g.lora_params == pytest.approx(100 * 10 ** ((level - 0.5) / 0.2))
+
+
+def test_gain_interpolates_in_log_parameters_between_points():
+    lora = [(100, [0.5]), (10000, [0.9])]
+    family = [(10, [0.5]), (1000, [0.9])]
+    g = G.gain_at(lora, family, 0.7)  # half-way: geometric means 1000 and 100
+    assert g.lora_params == pytest.approx(1000) and g.family_params == pytest.approx(100)
+    assert g.gain == pytest.approx(10.0)
+
+
+def test_envelope_is_monotone_and_levels_outside_are_undefined_or_bounded():
+    p, s = G.envelope([10, 20, 40, 20], [0.6, 0.5, 0.8, 0.55])
+    assert list(p) == [10, 20, 40] and list(s) == [0.6, 0.6, 0.8]
+    lora = [(100, [0.5]), (1000, [0.7])]
+    assert G.gain_at(lora, [(10, [0.9])], 0.8).gain is None  # above LoRA's best
+    assert G.gain_at(lora, [(10, [0.55])], 0.6).gain is None  # family never reaches it
+    bounded = G.gain_at(lora, [(10, [0.65])], 0.6)  # reached at the family's smallest point
+    assert bounded.bounded and bounded.gain == pytest.approx(math.sqrt(100 * 1000) / 10)
+    with pytest.raises(ValueError):
+        G.envelope([0, 1], [0.1, 0.2])
+
+
+def test_bootstrap_interval_contains_the_truth_and_is_deterministic():
+    lora = _loglinear([100, 1000, 10000], spread=0.01)
+    family = [(p / 3, s) for p, s in _loglinear([100, 1000, 10000], spread=0.01)]
+    a = G.bootstrap_gain(lora, family, 0.7, resamples=300, seed=5)
+    b = G.bootstrap_gain(lora, family, 0.7, resamples=300, seed=5)
+    assert a == b and a.gain == pytest.approx(3.0)
+    assert a.low < 3.0 < a.high and a.defined_fraction == 1.0
+    exact = G.bootstrap_gain(_loglinear([100, 1000]), [(p / 2, s) for p, s in _loglinear([100, 1000])],
+                                      0.6, resamples=50)
+    assert exact.low == pytest.approx(2.0) and exact.high == pytest.approx(2.0)  # no spread: no uncertainty
+
+
+def test_levels_from_the_lora_range():
+    assert G.levels_from([(1, [0.8, 0.8]), (2, [0.9]), (4, [1.0])]) == [0.85, 0.9, 0.95]

@@ -243,9 +243,14 @@ def _ten(task: str, sec: Mapping[str, Any]) -> dict[str, str]:
     if all(v[2][0] == "refuted" for v in verdicts):
         return _row(_C_TEN, task, paper, ours, "refuted", "every 95 % interval lies below 10× and no gain is capped "
                     "by the sweep")
-    open_ = [(g, v[1]) for _, g, v in verdicts if v[0] == "not testable"]
-    caps = [g["cap"] for g, why in open_ if why.startswith("the sweep's smallest point") and g["cap"] is not None]
-    why = (f"the sweep's smallest point caps the measurable gain at {max(caps):.2f}×" if caps else open_[0][1])
+    open_ = [(n, g, v[1]) for n, g, v in verdicts if v[0] == "not testable"]
+    caps = [g["cap"] for _, g, why in open_ if why.startswith("the sweep's smallest point") and g["cap"] is not None]
+    if caps:
+        return _row(_C_TEN, task, paper, ours, "not testable",
+                    f"the sweep's smallest point caps the measurable gain at {max(caps):.2f}×")
+    n, g, why = max(open_, key=lambda o: o[1]["gain"])  # quote the undecided gain the reason is about
+    if g is not best:
+        ours = f"{ours}; undecided: {n} at {g['key']}: {gain_text(g)}"
     return _row(_C_TEN, task, paper, ours, "not testable", why)
 
 
