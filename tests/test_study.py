@@ -210,6 +210,24 @@ def test_missing_fashion_mnist_names_the_package(tmp_path, monkeypatch, capsys):
     assert err.count("\n") == 1 and "apt-get install dataset-fashion-mnist" in err
 
 
+def test_partial_or_damaged_fashion_mnist_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    """One of the four files only: not available; four damaged files: exit 2 naming the reinstall."""
+    monkeypatch.setenv("TENSORADAPT_FASHION_MNIST", str(tmp_path))
+    _idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((2, 28, 28), dtype=np.uint8))
+    assert not datasets.fashion_available()
+    assert study.main(["--quick", "--tasks", "vit", "--out", str(tmp_path / "out")]) == 2
+    assert "dataset-fashion-mnist" in capsys.readouterr().err
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (tmp_path / f"{stem}.gz").write_bytes(b"not a gzip file")
+    assert datasets.fashion_available()
+    with pytest.raises(datasets.DataMissing, match="--reinstall"):
+        datasets.fashion_mnist()
+    assert study.main(["--quick", "--tasks", "vit", "--serial", "--no-plot", "--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--reinstall" in err
+
+
 def test_unusable_out_folder(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -239,5 +257,10 @@ def test_quick_study_end_to_end(tmp_path, monkeypatch):
         assert "superlora-all" in data["tasks"][name]["families"]
     assert all(r["fid"] is None for r in data["runs"]["vit"]["records"])
     assert all(r["fid"] is not None for r in data["runs"]["flow"]["records"])
+    # L and the weights' shape follow the settings (q and v of every block; a 3x3 conv as out x 9 in)
+    depth, width = TINY_VIT["depth"], TINY_VIT["width"]
+    assert data["runs"]["vit"]["L"] == 2 * depth and data["runs"]["vit"]["weight_shape"] == [width, width]
+    channels = data["runs"]["flow"]["settings"]["settings"]["channels"]
+    assert data["runs"]["flow"]["weight_shape"] == [channels, 9 * channels]
     text = (out / "results.md").read_text()
     assert "The paper's claims" in text and (out / "pareto-vit.png").is_file()

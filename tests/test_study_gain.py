@@ -120,7 +120,30 @@ def test_unreached_and_undefined_levels():
     recs = _exact("lora", LORA) + [dict(r, val=0.3, test=0.3) for r in _exact("weak", [("w", 50)])]
     sec = G.summarise_task(recs, L=1, resamples=20, null_draws=10)
     g = _gain(sec, "weak", "lora_r1")
-    assert g["gain"] is None and g["lora_params"] == 100 and g["defined"] == 0.0 and g["low"] is None
+    # never reaching the level is an outcome of every resample (a gain of 0), not an undefined draw
+    assert g["gain"] is None and g["lora_params"] == 100 and g["defined"] == 1.0
+    assert g["low"] == 0.0 and g["high"] == 0.0
+
+
+def test_resamples_where_the_family_falls_short_pull_the_interval_down():
+    """A draw where the family does not reach the level is ranked as a gain of 0 (not dropped):
+    with a quarter of such draws the 2.5 % end of the interval is 0."""
+    gains = np.array([0.0] * 25 + [2.0] * 75)
+    low, high = G._percentiles(gains, 0.95, log=True)
+    assert low == 0.0 and high == pytest.approx(2.0)
+    assert G._percentiles(np.array([2.0] * 100), 0.95, log=True) == pytest.approx((2.0, 2.0))
+
+
+def test_the_ceiling_of_non_square_weights():
+    """LoRA on L weights m x n pays (m + n) / (2 sqrt(m n)) more than on square ones of the same size."""
+    rng = np.random.default_rng(1)
+    recs = _noisy(rng, "lora", LORA) + _noisy(rng, "2d-reshape", [("g1", 40, 1)], shift=2.0)
+    sq = _gain(G.summarise_task(recs, L=4, resamples=0, null_draws=0), "2d-reshape", "lora_r1")
+    rect = _gain(G.summarise_task(recs, L=4, resamples=0, null_draws=0, weight_shape=(32, 288)), "2d-reshape",
+                 "lora_r1")
+    assert sq["ceiling"] == pytest.approx(2.0) and rect["ceiling"] == pytest.approx(2.0 * 320 / (2 * 96))
+    with pytest.raises(ValueError, match="weight_shape"):
+        G.summarise_task(recs, L=4, resamples=0, null_draws=0, weight_shape=(32,))
 
 
 def test_ceiling_beside_grouped_reshape_gains_and_group_sub_curves():

@@ -115,10 +115,15 @@ def _at_least(g: Mapping[str, Any] | None, x: float) -> tuple[str, str]:
             return "refuted", "the family never reaches LoRA r = 1's score"
         return "not testable", "the gain is undefined at this level"
     if g["gain"] >= x:
-        if g.get("beyond_null") is False:
-            return "not testable", (f"{g['gain']:.2f}× is inside the bias band of identical curves "
-                                    f"(null p95 {_x(g['null']['p95'])})")
-        return "holds", f"{g['gain']:.2f}× ≥ {x:g}× and above the null band"
+        null = g.get("null") or {}
+        if g.get("beyond_null") is not True:
+            return "not testable", (f"{g['gain']:.2f}× is not above the bias band of identical curves "
+                                    f"(null p95 {_x(null.get('p95'))})")
+        if g["low"] is None or g["low"] < x:
+            return "not testable", (f"inconclusive: {g['gain']:.2f}× ≥ {x:g}× but the 95 % interval "
+                                    f"[{_x(g['low'])}, {_x(g['high'])}] reaches below {x:g}×")
+        return "holds", (f"the 95 % interval [{g['low']:.2f}, {g['high']:.2f}] lies at or above {x:g}× and the "
+                         f"gain above the null band")
     if g["bounded"] or (g["cap"] is not None and g["cap"] < x):
         return "not testable", f"the sweep's smallest point caps the measurable gain at {_x(g['cap'])}"
     if g.get("ceiling") is not None and g["ceiling"] < x:

@@ -102,8 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = StudySettings.quick_settings() if args.quick else StudySettings()
     if args.seeds is not None:
         settings = replace(settings, seeds=args.seeds)
-    result = run_study(out, tasks=tasks, families=args.families, settings=settings, seed=args.seed,
-                       threads=args.threads, parallel=not args.serial)
+    from .datasets import DataMissing
+
+    try:
+        result = run_study(out, tasks=tasks, families=args.families, settings=settings, seed=args.seed,
+                           threads=args.threads, parallel=not args.serial)
+    except DataMissing as e:  # a damaged data install found while loading it
+        return _error(str(e))
     write_report(result, out, plot=not args.no_plot)
     for name, summary in result["tasks"].items():
         print(f"\n{name}: gains over LoRA")

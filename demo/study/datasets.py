@@ -41,15 +41,20 @@ def _fashion_dir() -> Path:
 def _read_idx(path: Path) -> np.ndarray:
     """An IDX file (optionally gzipped): magic ``0 0 dtype ndim``, big-endian int32 sizes, data."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise DataMissing(f"{path} cannot be read ({e}); reinstall it with `{_FASHION_INSTALL} --reinstall`") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+        raise DataMissing(f"{path} is not an unsigned-byte IDX file (a damaged install? reinstall it with "
+                          f"`{_FASHION_INSTALL} --reinstall`)")
     ndim = raw[3]
     dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4).astype(int)
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: {data.size} bytes of data for the shape {tuple(dims)}")
+        raise DataMissing(f"{path}: {data.size} bytes of data for the shape {tuple(dims)} (a truncated file? "
+                          f"reinstall it with `{_FASHION_INSTALL} --reinstall`)")
     return data.reshape(tuple(dims))
 
 
@@ -62,9 +67,11 @@ def _find(folder: Path, stem: str) -> Path:
 
 
 def fashion_available() -> bool:
-    """Whether the Fashion-MNIST files are installed."""
+    """Whether the four Fashion-MNIST files are installed."""
     try:
-        _find(_fashion_dir(), "train-images-idx3-ubyte")
+        for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                     "t10k-labels-idx1-ubyte"):
+            _find(_fashion_dir(), stem)
     except DataMissing:
         return False
     return True

@@ -689,12 +689,31 @@ def gain_text(g: Mapping[str, Any]) -> str:
 
 
 def _percentiles(x: np.ndarray, confidence: float, log: bool) -> tuple[float | None, float | None]:
-    ok = x[np.isfinite(x)]
+    """Percentile interval of the defined resamples (NaN = undefined).  A ratio of 0 or +inf (one
+    side never reaches the level) is an outcome: it is ranked, not dropped, and an end of the
+    interval that falls on it is 0 or inf."""
+    ok = x[~np.isnan(x)]
     if not len(ok):
         return None, None
     tail = 100 * (1 - confidence) / 2
-    lo, hi = np.percentile(np.log(ok) if log else ok, [tail, 100 - tail])
-    return (math.exp(lo), math.exp(hi)) if log else (float(lo), float(hi))
+    if log:
+        ok = np.log(np.clip(ok, 1e-300, 1e300))
+    lo, hi = np.percentile(ok, [tail, 100 - tail])
+    if not log:
+        return float(lo), float(hi)
+    return tuple(0.0 if v < -690 else math.inf if v > 690 else math.exp(v) for v in (lo, hi))  # type: ignore[return-value]
+
+
+def outcome_ratio(num: np.ndarray | float, den: np.ndarray | float, *,
+                  unreached_num: float = math.nan) -> np.ndarray:
+    """``num / den`` of two parameter needs, where a need of NaN is "never reaches the level":
+    ``den`` unreached with ``num`` reached is 0 (the denominator's curve loses), ``num`` unreached
+    with ``den`` reached is ``unreached_num``; both unreached is NaN."""
+    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = num / den
+    r = np.where(np.isnan(den) & ~np.isnan(num), 0.0, r)
+    return np.where(np.isnan(num) & ~np.isnan(den), unreached_num, r)
 
 
 def _fin(x: float) -> float | None:
@@ -703,8 +722,8 @@ def _fin(x: float) -> float | None:
 
 def _ratio_stats(point: float, boot: np.ndarray, confidence: float) -> dict[str, Any]:
     """A ratio's point value, its bootstrap interval (when defined in half the resamples or more)
-    and the share of resamples defining it."""
-    ok = np.isfinite(boot)
+    and the share of resamples defining it (0 and inf count as defined outcomes)."""
+    ok = ~np.isnan(boot)
     defined = float(ok.mean()) if len(boot) else 0.0
     low, high = _percentiles(boot, confidence, log=True) if len(boot) and defined >= 0.5 else (None, None)
     return {"value": _fin(point), "low": low, "high": high, "defined": defined}
@@ -739,9 +758,9 @@ def _gains(curves: _Curves, e: int, keys: list[str], levels: list[float], est: t
     rows = []
     for k, key in enumerate(keys):
         g0 = need0[0, k] / need0[e, k]
-        gb = need_b[0, k] / need_b[e, k]
+        gb = outcome_ratio(need_b[0, k], need_b[e, k])  # the family not reaching the level: gain 0
         stats = _ratio_stats(g0, gb, confidence)
-        ok = np.isfinite(gb)
+        ok = np.isfinite(gb) & (gb > 0)
         null = band[k] if band is not None else None
         p95 = None if null is None else null["p95"]
         rows.append({"key": key, "level": levels[k], "gain": stats["value"], "lora_params": _fin(need0[0, k]),
@@ -754,9 +773,11 @@ def _gains(curves: _Curves, e: int, keys: list[str], levels: list[float], est: t
 
 
 def _group_order(entries: list[_Entry], keys: list[str], need0: np.ndarray, need_b: np.ndarray,
-                 confidence: float) -> dict[str, list[dict[str, Any]]]:
+                 confidence: float, bound0: np.ndarray | None = None) -> dict[str, list[dict[str, Any]]]:
     """Per grouped family, for every pair G < G' of its per-G curves and every level: the gain of
-    G over G' (``ratio`` = needed(G') / needed(G))."""
+    G over G' (``ratio`` = needed(G') / needed(G)).  A level where either curve's need is censored
+    at its smallest point (``bound0``) measures the sweep, not the curves: its ratio is None
+    (``censored``)."""
     out: dict[str, list[dict[str, Any]]] = {}
     for parent in dict.fromkeys(ent.members[0] for ent in entries if ent.kind == "groups"):
         subs = sorted((ent.groups, e) for e, ent in enumerate(entries)
@@ -765,8 +786,14 @@ def _group_order(entries: list[_Entry], keys: list[str], need0: np.ndarray, need
         for a, (ga, ea) in enumerate(subs):
             for gb, eb in subs[a + 1:]:
                 for k, key in enumerate(keys):
-                    stats = _ratio_stats(need0[eb, k] / need0[ea, k], need_b[eb, k] / need_b[ea, k], confidence)
-                    rows.append({"small": ga, "large": gb, "key": key, "ratio": stats.pop("value"), **stats})
+                    censored = bound0 is not None and bool(bound0[ea, k] or bound0[eb, k])
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        point, boot = need0[eb, k] / need0[ea, k], need_b[eb, k] / need_b[ea, k]
+                    stats = _ratio_stats(math.nan if censored else point, boot, confidence)
+                    if censored:
+                        stats.update(low=None, high=None)
+                    rows.append({"small": ga, "large": gb, "key": key, "ratio": stats.pop("value"),
+                                 "censored": censored, **stats})
         out[parent] = rows
     return out
 
@@ -814,10 +841,22 @@ def _envelope(t: _Table, env: tuple[list, ...]) -> dict[str, Any]:
     return {"points": [t.labels[i] for i in env[2]], "params": env[0], "test": env[1]}
 
 
+def _shape_factor(weight_shape: Sequence[int] | None) -> float:
+    """``(m + n) / (2 sqrt(m n))``: how much more LoRA pays on an ``m x n`` weight than on a square
+    one of the same size (1 for square weights)."""
+    if weight_shape is None:
+        return 1.0
+    if len(weight_shape) != 2 or not all(isinstance(d, int) and d > 0 for d in weight_shape):
+        raise ValueError(f"weight_shape must be two positive ints (m, n), got {weight_shape!r}")
+    m, n = weight_shape
+    return (m + n) / (2 * math.sqrt(m * n))
+
+
 def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family: str = "lora",
                    union: Mapping[str, Sequence[str]] | None = None, resamples: int = 1000, seed: int = 0,
                    null_draws: int | None = None, fractions: Sequence[float] = LEVEL_FRACTIONS,
-                   ceiling_families: Sequence[str] = CEILING_FAMILIES, confidence: float = 0.95) -> dict[str, Any]:
+                   ceiling_families: Sequence[str] = CEILING_FAMILIES, confidence: float = 0.95,
+                   weight_shape: Sequence[int] | None = None) -> dict[str, Any]:
     """The gains of every family of one task over LoRA, JSON-ready (docs/study-method.md).
 
     Parameters
@@ -847,6 +886,10 @@ def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family:
     fractions : the levels' fractions of LoRA's range
     ceiling_families : families whose gains carry the ceiling ``sqrt(L / G)``
     confidence : the intervals' coverage
+    weight_shape : (m, n), optional
+        The shape of each adapted weight (default square).  At equal rank LoRA on ``L`` weights
+        ``m x n`` has ``r L (m + n)`` parameters and a reshape of ``G`` square groups of ``L m n / G``
+        entries ``2 r sqrt(G L m n)``, so the ceiling is ``(m + n) / (2 sqrt(m n)) * sqrt(L / G)``.
 
     Returns
     -------
@@ -871,7 +914,7 @@ def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family:
     for name in union or {}:
         if name in t.families or name == lora_family:
             raise ValueError(f"union name {name!r} is also a family name")
-    entries = _entries(t, lora_family, union, L, ceiling_families)
+    entries = _entries(t, lora_family, union, L * _shape_factor(weight_shape) ** 2, ceiling_families)
     draws = max(resamples, 200) if null_draws is None else null_draws
     lora = entries[0].idx
     r1 = lora[0]
@@ -902,5 +945,5 @@ def summarise_task(records: Sequence[Mapping[str, Any]], *, L: int, lora_family:
             "lora_r1": {"point": t.labels[r1], "params": int(params[r1]), "test": float(test_m[r1])},
             "levels": [{"key": k, "value": float(v)} for k, v in zip(keys, levels, strict=True)],
             "lora": {"envelope": _envelope(t, envs0[0])},
-            "families": families, "group_order": _group_order(entries, keys, need0, need_b, confidence),
+            "families": families, "group_order": _group_order(entries, keys, need0, need_b, confidence, bound0),
             "contrasts": _contrasts(points, test_m, test_b, confidence), "points": points}

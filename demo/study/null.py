@@ -105,8 +105,8 @@ def _true_curve(p_env: np.ndarray, s_env: np.ndarray, params: np.ndarray) -> np.
 
 def _band(gains: np.ndarray, draws: int) -> dict[str, float | None]:
     ok = gains[np.isfinite(gains)]
-    if not len(ok):
-        return {"median": None, "p95": None, "defined": 0.0}
+    if len(ok) < draws / 2:  # a band from a handful of draws is no band (as the bootstrap's intervals)
+        return {"median": None, "p95": None, "defined": len(ok) / draws if draws else 0.0}
     return {"median": float(np.median(ok)), "p95": float(np.percentile(ok, 95)), "defined": len(ok) / draws}
 
 

@@ -143,7 +143,8 @@ def run_task(task: Task, selected: Sequence[Point], store: Store, settings: Stud
         flag = " (lr at the grid's edge)" if searches.get(point.name, {}).get("edge") else ""
         emit(f"[{task.name}] [{n:>2}/{len(selected)}] {point.name:<22} {runs[0]['params']:>7,} params  lr {lr:<6g} "
              f"test {100 * mean:5.1f}%{flag}")
-    return {"description": TASKS[task.name], "L": task.L, "info": task.info, "settings": task.payload(),
+    return {"description": TASKS[task.name], "L": task.L,
+            "weight_shape": list(task.weight_shape), "info": task.info, "settings": task.payload(),
             "learning_rates": searches, "records": records, "runs_done": runner.ran,
             "wall_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0}
 
@@ -224,5 +225,6 @@ def summarise(section: dict[str, Any], settings: StudySettings) -> dict[str, Any
     from .gain import summarise_task
     from .points import SUPERLORA_UNION
 
-    return summarise_task(section["records"], L=section["L"], union={"superlora-all": list(SUPERLORA_UNION)},
+    return summarise_task(section["records"], L=section["L"], weight_shape=section.get("weight_shape"),
+                          union={"superlora-all": list(SUPERLORA_UNION)},
                           resamples=settings.bootstrap, seed=0)

@@ -38,6 +38,7 @@ class Task:
 
     name: str = ""
     L: int = 0  # adapted weights
+    weight_shape: tuple[int, int] = (0, 0)  # (out, in) of each adapted weight, as the adapter sees it
 
     def __init__(self, settings: Any, seed: int, out: Path, emit: Log) -> None:
         self.settings, self.seed, self.out, self.emit = settings, seed, Path(out), emit
@@ -80,6 +81,8 @@ class ViTTask(Task):
         from . import vit
 
         super().__init__(settings, seed, out, emit)
+        self.L = 2 * settings.depth  # q and v of every block (24 at the default depth 12; 4 with --quick)
+        self.weight_shape = (settings.width, settings.width)
         self.cuts = vit.target_cuts(settings, seed)
         self.backbone = self._backbone()
 
@@ -118,6 +121,7 @@ class FlowTask(Task):
         from . import flow
 
         super().__init__(settings, seed, out, emit)
+        self.weight_shape = (settings.channels, 9 * settings.channels)  # a 3x3 Conv2d as (out, in * 3 * 3)
         self.cuts = flow.target_cuts(settings, seed)
         self.backbone, self.judge = self._models()
 
