@@ -28,6 +28,9 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 """Where Debian's ``dataset-fashion-mnist`` installs the IDX files."""
 
 _FASHION_INSTALL = "apt-get install dataset-fashion-mnist"
+#: The package's four IDX files (each ``.gz`` or plain), in the order fashion_mnist reads them.
+_FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                  "t10k-labels-idx1-ubyte")
 
 
 class DataMissing(RuntimeError):
@@ -69,8 +72,7 @@ def _find(folder: Path, stem: str) -> Path:
 def fashion_available() -> bool:
     """Whether the four Fashion-MNIST files are installed."""
     try:
-        for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                     "t10k-labels-idx1-ubyte"):
+        for stem in _FASHION_FILES:
             _find(_fashion_dir(), stem)
     except DataMissing:
         return False
@@ -101,8 +103,7 @@ def fashion_mnist(side: int = 28) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
         When the Debian package's files are not installed.
     """
     folder = _fashion_dir()
-    parts = [_read_idx(_find(folder, stem)) for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                                                          "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
+    parts = [_read_idx(_find(folder, stem)) for stem in _FASHION_FILES]
     return (_scaled(parts[0], 255.0, side), parts[1].astype(np.int64),
             _scaled(parts[2], 255.0, side), parts[3].astype(np.int64))
 

@@ -689,31 +689,28 @@ def gain_text(g: Mapping[str, Any]) -> str:
 
 
 def _percentiles(x: np.ndarray, confidence: float, log: bool) -> tuple[float | None, float | None]:
-    """Percentile interval of the defined resamples (NaN = undefined).  A ratio of 0 or +inf (one
-    side never reaches the level) is an outcome: it is ranked, not dropped, and an end of the
-    interval that falls on it is 0 or inf."""
+    """Percentile interval of the defined resamples (NaN = undefined).  A ratio of 0 (the family
+    never reaches the level) is an outcome: it is ranked, not dropped, and an end of the interval
+    that falls on it is 0."""
     ok = x[~np.isnan(x)]
     if not len(ok):
         return None, None
     tail = 100 * (1 - confidence) / 2
     if log:
-        ok = np.log(np.clip(ok, 1e-300, 1e300))
+        ok = np.log(np.maximum(ok, 1e-300))  # a gain of 0 ranks lowest and comes back as 0
     lo, hi = np.percentile(ok, [tail, 100 - tail])
     if not log:
         return float(lo), float(hi)
-    return tuple(0.0 if v < -690 else math.inf if v > 690 else math.exp(v) for v in (lo, hi))  # type: ignore[return-value]
+    return (0.0 if lo < -690 else math.exp(lo)), (0.0 if hi < -690 else math.exp(hi))
 
 
-def outcome_ratio(num: np.ndarray | float, den: np.ndarray | float, *,
-                  unreached_num: float = math.nan) -> np.ndarray:
-    """``num / den`` of two parameter needs, where a need of NaN is "never reaches the level":
-    ``den`` unreached with ``num`` reached is 0 (the denominator's curve loses), ``num`` unreached
-    with ``den`` reached is ``unreached_num``; both unreached is NaN."""
-    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+def _gain_outcomes(lora_need: np.ndarray, family_need: np.ndarray) -> np.ndarray:
+    """LoRA's need over the family's per resample, where a need of NaN is "never reaches the
+    level": the family falling short of a level LoRA reaches is a gain of 0; the level undefined
+    for LoRA stays NaN."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        r = num / den
-    r = np.where(np.isnan(den) & ~np.isnan(num), 0.0, r)
-    return np.where(np.isnan(num) & ~np.isnan(den), unreached_num, r)
+        gain = lora_need / family_need
+    return np.where(np.isnan(family_need) & ~np.isnan(lora_need), 0.0, gain)
 
 
 def _fin(x: float) -> float | None:
@@ -722,7 +719,7 @@ def _fin(x: float) -> float | None:
 
 def _ratio_stats(point: float, boot: np.ndarray, confidence: float) -> dict[str, Any]:
     """A ratio's point value, its bootstrap interval (when defined in half the resamples or more)
-    and the share of resamples defining it (0 and inf count as defined outcomes)."""
+    and the share of resamples defining it (a gain of 0 counts as a defined outcome)."""
     ok = ~np.isnan(boot)
     defined = float(ok.mean()) if len(boot) else 0.0
     low, high = _percentiles(boot, confidence, log=True) if len(boot) and defined >= 0.5 else (None, None)
@@ -758,7 +755,7 @@ def _gains(curves: _Curves, e: int, keys: list[str], levels: list[float], est: t
     rows = []
     for k, key in enumerate(keys):
         g0 = need0[0, k] / need0[e, k]
-        gb = outcome_ratio(need_b[0, k], need_b[e, k])  # the family not reaching the level: gain 0
+        gb = _gain_outcomes(need_b[0, k], need_b[e, k])
         stats = _ratio_stats(g0, gb, confidence)
         ok = np.isfinite(gb) & (gb > 0)
         null = band[k] if band is not None else None
